@@ -1,0 +1,183 @@
+"""The compiled plan: everything the runtime needs and nothing it must decide.
+
+Per (layer, KV head): a kind bitmask and the slots each component may use (sinks, special and
+punctuation slots, heavy hitters, recent window), whose sum is the head's static capacity; the
+per-layer offsets of a flat memory layout; the token-class bitmap; the target it was compiled
+for and the model fingerprint. Stored as one safetensors file (tensors plus a JSON header),
+written atomically and loaded in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvc.policies.errors import KvcError
+from kvc.policies.kinds import KIND_BITS
+from kvc.policies.schema import atomic_write_bytes
+
+PLAN_VERSION = 1
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+SCORE_BYTES = 4  # one float32 accumulated-attention score per slot of a frequency head
+
+# (layers, kv_heads) int32 tables, in the order they are stored.
+_HEAD_TABLES = ("kind_codes", "sinks", "class_slots", "heavy", "window", "full_slots")
+
+
+@dataclass
+class Target:
+    max_len: int
+    batch: int = 1
+    dtype: str = "bfloat16"
+    budget_bytes: int = 0
+    fraction: float = 1.0
+
+
+@dataclass
+class Plan:
+    """Static per-head budgets for one model and one deployment target.
+
+    Head tables are int32 tensors of shape (layers, kv_heads). A head's capacity is
+    sinks + class_slots + heavy + window + full_slots; full heads use only full_slots (= max_len).
+    """
+
+    model_name: str
+    fingerprint: str
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    target: Target
+    kind_codes: torch.Tensor
+    sinks: torch.Tensor
+    class_slots: torch.Tensor
+    heavy: torch.Tensor
+    window: torch.Tensor
+    full_slots: torch.Tensor
+    token_classes: torch.Tensor  # (vocab,) uint8: bit 1 special, bit 2 punctuation
+    expected_recovery: torch.Tensor  # (layers, kv_heads) float32, from the policy's curves
+    strategy: str = ""
+    observation_window: int = 32
+    pool_kernel: int = 7
+    notes: dict = field(default_factory=dict)
+
+    # ------------------------------------------------------------ derived layout
+    @property
+    def capacity(self) -> torch.Tensor:
+        """(layers, kv_heads) slots per head."""
+        return self.sinks + self.class_slots + self.heavy + self.window + self.full_slots
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        """(layers, kv_heads) first slot of each head in its layer's flat buffer."""
+        capacity = self.capacity.to(torch.int64)
+        return torch.cumsum(capacity, dim=1) - capacity
+
+    @property
+    def layer_slots(self) -> torch.Tensor:
+        """(layers,) total slots of each layer's flat buffer."""
+        return self.capacity.to(torch.int64).sum(dim=1)
+
+    def has(self, component: str) -> torch.Tensor:
+        """(layers, kv_heads) bool: which heads include a basic kind."""
+        return (self.kind_codes & KIND_BITS[component]) != 0
+
+    # ------------------------------------------------------------ memory accounting
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values the cache holds, for the whole batch."""
+        width = DTYPE_BYTES[self.target.dtype]
+        return int(self.layer_slots.sum()) * self.head_dim * 2 * width * self.target.batch
+
+    @property
+    def score_bytes(self) -> int:
+        """Bytes of accumulated-attention scores kept for frequency heads."""
+        slots = int((self.capacity * self.has("frequency")).sum())
+        return slots * SCORE_BYTES * self.target.batch
+
+    @property
+    def cache_bytes(self) -> int:
+        """Everything the runtime allocates for this plan; `CompressedCache.nbytes()` equals it."""
+        return self.kv_bytes + self.score_bytes
+
+    @property
+    def full_cache_bytes(self) -> int:
+        """What a full cache of max_len tokens would take in the same dtype and batch."""
+        width = DTYPE_BYTES[self.target.dtype]
+        return self.num_layers * self.num_kv_heads * self.target.max_len * self.head_dim * 2 * width * self.target.batch
+
+    @property
+    def compression(self) -> float:
+        return self.cache_bytes / self.full_cache_bytes
+
+    # ------------------------------------------------------------ checks
+    def check_model(self, model_fingerprint: str) -> None:
+        if model_fingerprint != self.fingerprint:
+            raise KvcError(
+                f"this plan was compiled for {self.model_name} (fingerprint {self.fingerprint}), "
+                f"not for the model given (fingerprint {model_fingerprint}); profile and compile for this model"
+            )
+
+    def check_length(self, length: int) -> None:
+        if length > self.target.max_len:
+            raise KvcError(
+                f"the sequence needs {length} tokens but the plan was compiled for --max-len {self.target.max_len}; "
+                f"recompile with `kvc compile POLICY --max-len {length}` or more"
+            )
+
+    # ------------------------------------------------------------ files
+    def header(self) -> dict:
+        return {
+            "kvc_plan": PLAN_VERSION,
+            "model": {
+                "name": self.model_name, "fingerprint": self.fingerprint, "num_layers": self.num_layers,
+                "num_attention_heads": self.num_attention_heads, "num_kv_heads": self.num_kv_heads,
+                "head_dim": self.head_dim,
+            },
+            "target": vars(self.target),
+            "strategy": self.strategy,
+            "observation_window": self.observation_window,
+            "pool_kernel": self.pool_kernel,
+            "notes": self.notes,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        tables = {name: getattr(self, name).to(torch.int32).contiguous() for name in _HEAD_TABLES}
+        tables["token_classes"] = self.token_classes.to(torch.uint8).contiguous()
+        tables["expected_recovery"] = self.expected_recovery.to(torch.float32).contiguous()
+        return tables
+
+    def save(self, path) -> Path:
+        from safetensors.torch import save
+
+        return atomic_write_bytes(path, save(self.tensors(), metadata={"kvc_plan": json.dumps(self.header())}))
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise KvcError(f"{path}: no such plan file")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                header = json.loads((handle.metadata() or {})["kvc_plan"])
+            tensors = load_file(str(path))
+        except (SafetensorError, KeyError, ValueError, OSError):
+            raise KvcError(f"{path}: not a kvc plan (compile one with `kvc compile POLICY --out PLAN`)") from None
+        if header.get("kvc_plan") != PLAN_VERSION:
+            raise KvcError(f"{path}: unsupported plan version {header.get('kvc_plan')!r} (this kvc reads {PLAN_VERSION})")
+        model = header["model"]
+        return cls(
+            model_name=model["name"], fingerprint=model["fingerprint"], num_layers=model["num_layers"],
+            num_attention_heads=model["num_attention_heads"], num_kv_heads=model["num_kv_heads"],
+            head_dim=model["head_dim"], target=Target(**header["target"]),
+            strategy=header.get("strategy", ""), observation_window=header.get("observation_window", 32),
+            pool_kernel=header.get("pool_kernel", 7), notes=header.get("notes", {}),
+            token_classes=tensors["token_classes"], expected_recovery=tensors["expected_recovery"],
+            **{name: tensors[name] for name in _HEAD_TABLES},
+        )

@@ -1,0 +1,442 @@
+"""The policy artifact: what was measured about a model's attention heads.
+
+A policy records measurements, never deployment wishes: the model it belongs to (with a
+fingerprint), how it was profiled, the token classes, and per layer and KV head the
+FastGen choice, its recovery and recovery curves. It is YAML (JSON accepted), versioned
+(`kvc_policy: 1`), validated with path-qualified messages and written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from kvc.policies.errors import KvcError
+from kvc.policies.kinds import FASTGEN_POLICIES, kind_components
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    fingerprint: str
+    num_layers: int
+    num_attention_heads: int
+    num_kv_heads: int
+    head_dim: int
+    source: str = ""
+    architecture: str = ""
+    max_position_embeddings: int = 0
+    vocab_size: int = 0
+
+
+@dataclass
+class ProfileInfo:
+    prompt_set: str = ""
+    prompt_count: int = 0
+    token_counts: list[int] = field(default_factory=list)
+    prompt_hash: str = ""
+    threshold: float = 0.95
+    local_ratio: float = 0.3
+    frequency_ratio: float = 0.3
+    sinks: int = 4
+    probe_scheme: str = ""
+    dtype: str = ""
+    device: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class TokenSets:
+    special: list[int] = field(default_factory=list)
+    punctuation: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Curve:
+    """Recovery at budget points: fractions of the length, or token counts for windows."""
+
+    points: list[float]
+    recovery: list[float]
+
+
+@dataclass
+class QueryHeadProfile:
+    index: int
+    kind: str
+    recovery: float
+    fastgen: dict[str, float] = field(default_factory=dict)
+    sink_mass: float = 0.0
+
+
+@dataclass
+class HeadProfile:
+    """One KV head: its FastGen choice and what every alternative would recover."""
+
+    index: int
+    kind: str
+    components: list[str]
+    recovery: float
+    fastgen: dict[str, float] = field(default_factory=dict)
+    curves: dict[str, Curve] = field(default_factory=dict)
+    window_curves: dict[str, Curve] = field(default_factory=dict)
+    sink_mass: float = 0.0
+    punct_fraction: float = 0.0
+    special_fraction: float = 0.0
+    query_heads: list[QueryHeadProfile] = field(default_factory=list)
+
+
+@dataclass
+class LayerProfile:
+    index: int
+    funnel: float
+    heads: list[HeadProfile]
+    funnel_curve: Curve | None = None
+
+
+@dataclass
+class Policy:
+    model: ModelInfo
+    profile: ProfileInfo
+    tokens: TokenSets
+    layers: list[LayerProfile]
+    kvc_policy: int = SCHEMA_VERSION
+    kvc_version: str = ""
+    created: str = ""
+
+    def to_dict(self) -> dict:
+        body = asdict(self)
+        ordered = {"kvc_policy": body.pop("kvc_policy"), "kvc_version": body.pop("kvc_version"), "created": body.pop("created")}
+        ordered.update(body)
+        return ordered
+
+    @classmethod
+    def from_dict(cls, data) -> "Policy":
+        return _parse_policy(data)
+
+    def save(self, path) -> Path:
+        return save_policy(self, path)
+
+    @classmethod
+    def load(cls, path) -> "Policy":
+        return load_policy(path)
+
+    def head(self, layer: int, kv_head: int) -> HeadProfile:
+        return self.layers[layer].heads[kv_head]
+
+
+# ---------------------------------------------------------------- validation
+
+class _Reader:
+    """Reads typed values out of nested mappings, naming the path in every error."""
+
+    def __init__(self, data, path: str):
+        if not isinstance(data, dict):
+            raise KvcError(f"{path or 'policy'}: expected a mapping, got {type(data).__name__}")
+        self.data = data
+        self.path = path
+
+    def _where(self, key) -> str:
+        return f"{self.path}.{key}" if self.path else str(key)
+
+    def _get(self, key, default):
+        if key in self.data:
+            return self.data[key]
+        if default is _REQUIRED:
+            raise KvcError(f"{self._where(key)}: missing required key")
+        return default
+
+    def integer(self, key, default=None, minimum=0) -> int:
+        value = self._get(key, _REQUIRED if default is None else default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise KvcError(f"{self._where(key)}: expected an integer, got {value!r}")
+        if value < minimum:
+            raise KvcError(f"{self._where(key)}: must be at least {minimum}, got {value}")
+        return value
+
+    def number(self, key, default=None, low=None, high=None) -> float:
+        value = self._get(key, _REQUIRED if default is None else default)
+        return _check_number(value, self._where(key), low, high)
+
+    def string(self, key, default=None) -> str:
+        value = self._get(key, _REQUIRED if default is None else default)
+        if not isinstance(value, str):
+            raise KvcError(f"{self._where(key)}: expected a string, got {value!r}")
+        return value
+
+    def sequence(self, key, default=None) -> list:
+        value = self._get(key, _REQUIRED if default is None else default)
+        if not isinstance(value, list):
+            raise KvcError(f"{self._where(key)}: expected a list, got {type(value).__name__}")
+        return value
+
+    def mapping(self, key, default=None) -> "_Reader":
+        value = self._get(key, _REQUIRED if default is None else default)
+        return _Reader(value, self._where(key))
+
+    def optional(self, key):
+        return self.data.get(key)
+
+
+_REQUIRED = object()
+
+
+def _check_number(value, where: str, low=None, high=None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise KvcError(f"{where}: expected a number, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise KvcError(f"{where}: {value} is outside [{low}, {high}]")
+    return float(value)
+
+
+def _integer_list(values, where: str) -> list[int]:
+    if not isinstance(values, list):
+        raise KvcError(f"{where}: expected a list of token ids, got {type(values).__name__}")
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise KvcError(f"{where}[{i}]: expected a token id (integer >= 0), got {value!r}")
+    return list(values)
+
+
+def _parse_curve(data, where: str, recovery_range=(0.0, 1.0)) -> Curve:
+    reader = _Reader(data, where)
+    points = [_check_number(p, f"{where}.points[{i}]", 0) for i, p in enumerate(reader.sequence("points"))]
+    recovery = [_check_number(r, f"{where}.recovery[{i}]", *recovery_range) for i, r in enumerate(reader.sequence("recovery"))]
+    if len(points) != len(recovery):
+        raise KvcError(f"{where}: {len(points)} points but {len(recovery)} recovery values")
+    if any(b <= a for a, b in zip(points, points[1:])):
+        raise KvcError(f"{where}.points: must be strictly increasing")
+    return Curve(points=points, recovery=recovery)
+
+
+def _parse_curves(reader: _Reader, key: str) -> dict[str, Curve]:
+    curves = reader.mapping(key, default={})
+    result = {}
+    for kind, curve in curves.data.items():
+        where = curves._where(kind)
+        _checked_kind(kind, where)
+        result[kind] = _parse_curve(curve, where)
+    return result
+
+
+def _checked_kind(kind, where: str) -> tuple[str, ...]:
+    try:
+        return kind_components(kind)
+    except KvcError as error:
+        raise KvcError(f"{where}: {error}") from None
+
+
+def _parse_fastgen(reader: _Reader) -> dict[str, float]:
+    table = reader.mapping("fastgen", default={})
+    result = {}
+    for kind, value in table.data.items():
+        where = table._where(kind)
+        if kind not in FASTGEN_POLICIES:
+            raise KvcError(f"{where}: not a FastGen policy (expected one of {', '.join(FASTGEN_POLICIES)})")
+        result[kind] = _check_number(value, where, 0.0, 1.0)
+    return result
+
+
+def _parse_query_head(data, where: str) -> QueryHeadProfile:
+    reader = _Reader(data, where)
+    kind = reader.string("kind")
+    _checked_kind(kind, f"{where}.kind")
+    return QueryHeadProfile(
+        index=reader.integer("index"),
+        kind=kind,
+        recovery=reader.number("recovery", low=0.0, high=1.0),
+        fastgen=_parse_fastgen(reader),
+        sink_mass=reader.number("sink_mass", default=0.0, low=0.0, high=1.0),
+    )
+
+
+def _parse_head(data, where: str, group: int) -> HeadProfile:
+    reader = _Reader(data, where)
+    kind = reader.string("kind")
+    components = _checked_kind(kind, f"{where}.kind")
+    listed = reader.sequence("components", default=list(components))
+    if sorted(listed) != sorted(components):
+        raise KvcError(f"{where}.components: {listed} does not match kind {kind!r} (expected {list(components)})")
+    query_heads = [_parse_query_head(q, f"{where}.query_heads[{i}]") for i, q in enumerate(reader.sequence("query_heads", default=[]))]
+    if query_heads and len(query_heads) != group:
+        raise KvcError(f"{where}.query_heads: expected {group} query heads per KV head, got {len(query_heads)}")
+    return HeadProfile(
+        index=reader.integer("index"),
+        kind=kind,
+        components=list(components),
+        recovery=reader.number("recovery", low=0.0, high=1.0),
+        fastgen=_parse_fastgen(reader),
+        curves=_parse_curves(reader, "curves"),
+        window_curves=_parse_curves(reader, "window_curves"),
+        sink_mass=reader.number("sink_mass", default=0.0, low=0.0, high=1.0),
+        punct_fraction=reader.number("punct_fraction", default=0.0, low=0.0, high=1.0),
+        special_fraction=reader.number("special_fraction", default=0.0, low=0.0, high=1.0),
+        query_heads=query_heads,
+    )
+
+
+def _parse_layer(data, where: str, model: ModelInfo) -> LayerProfile:
+    reader = _Reader(data, where)
+    heads_data = reader.sequence("heads")
+    if len(heads_data) != model.num_kv_heads:
+        raise KvcError(f"{where}.heads: expected {model.num_kv_heads} KV heads for this model, got {len(heads_data)}")
+    group = model.num_attention_heads // model.num_kv_heads
+    heads = [_parse_head(h, f"{where}.heads[{i}]", group) for i, h in enumerate(heads_data)]
+    for i, head in enumerate(heads):
+        if head.index != i:
+            raise KvcError(f"{where}.heads[{i}].index: expected {i}, got {head.index}")
+    curve = reader.optional("funnel_curve")
+    return LayerProfile(
+        index=reader.integer("index"),
+        funnel=reader.number("funnel", low=0.0, high=1.0),
+        heads=heads,
+        funnel_curve=None if curve is None else _parse_curve(curve, f"{where}.funnel_curve"),
+    )
+
+
+def _parse_model(reader: _Reader) -> ModelInfo:
+    model = ModelInfo(
+        name=reader.string("name"),
+        fingerprint=reader.string("fingerprint"),
+        num_layers=reader.integer("num_layers", minimum=1),
+        num_attention_heads=reader.integer("num_attention_heads", minimum=1),
+        num_kv_heads=reader.integer("num_kv_heads", minimum=1),
+        head_dim=reader.integer("head_dim", minimum=1),
+        source=reader.string("source", default=""),
+        architecture=reader.string("architecture", default=""),
+        max_position_embeddings=reader.integer("max_position_embeddings", default=0),
+        vocab_size=reader.integer("vocab_size", default=0),
+    )
+    if model.num_attention_heads % model.num_kv_heads:
+        raise KvcError(
+            f"model.num_attention_heads: {model.num_attention_heads} is not a multiple of num_kv_heads {model.num_kv_heads}"
+        )
+    return model
+
+
+def _parse_profile(reader: _Reader) -> ProfileInfo:
+    counts = reader.sequence("token_counts", default=[])
+    return ProfileInfo(
+        prompt_set=reader.string("prompt_set", default=""),
+        prompt_count=reader.integer("prompt_count", default=0),
+        token_counts=[_Reader({"n": c}, reader._where(f"token_counts[{i}]")).integer("n") for i, c in enumerate(counts)],
+        prompt_hash=reader.string("prompt_hash", default=""),
+        threshold=reader.number("threshold", default=0.95, low=0.0, high=1.0),
+        local_ratio=reader.number("local_ratio", default=0.3, low=0.0, high=1.0),
+        frequency_ratio=reader.number("frequency_ratio", default=0.3, low=0.0, high=1.0),
+        sinks=reader.integer("sinks", default=4),
+        probe_scheme=reader.string("probe_scheme", default=""),
+        dtype=reader.string("dtype", default=""),
+        device=reader.string("device", default=""),
+        seconds=reader.number("seconds", default=0.0, low=0.0),
+    )
+
+
+def _parse_policy(data) -> Policy:
+    reader = _Reader(data, "")
+    version = reader._get("kvc_policy", _REQUIRED)
+    if version != SCHEMA_VERSION:
+        raise KvcError(f"kvc_policy: unsupported schema version {version!r} (this kvc reads version {SCHEMA_VERSION})")
+    model = _parse_model(reader.mapping("model"))
+    tokens = reader.mapping("tokens")
+    layers_data = reader.sequence("layers")
+    if len(layers_data) != model.num_layers:
+        raise KvcError(f"layers: expected {model.num_layers} layers (model.num_layers), got {len(layers_data)}")
+    layers = [_parse_layer(layer, f"layers[{i}]", model) for i, layer in enumerate(layers_data)]
+    for i, layer in enumerate(layers):
+        if layer.index != i:
+            raise KvcError(f"layers[{i}].index: expected {i}, got {layer.index}")
+    return Policy(
+        kvc_policy=SCHEMA_VERSION,
+        kvc_version=str(reader._get("kvc_version", "")),
+        created=str(reader._get("created", "")),
+        model=model,
+        profile=_parse_profile(reader.mapping("profile", default={})),
+        tokens=TokenSets(
+            special=_integer_list(tokens._get("special", _REQUIRED), "tokens.special"),
+            punctuation=_integer_list(tokens._get("punctuation", _REQUIRED), "tokens.punctuation"),
+        ),
+        layers=layers,
+    )
+
+
+# ---------------------------------------------------------------- files
+
+def read_structured(path, what: str = "file") -> dict:
+    """Read a YAML or JSON file into a mapping, with one clear error for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise KvcError(f"{path}: no such {what}")
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise KvcError(f"{path}: the {what} is empty")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise KvcError(f"{path}: not a text file (binary data); expected YAML or JSON") from None
+    if "\x00" in text:
+        raise KvcError(f"{path}: not a text file (binary data); expected YAML or JSON")
+    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
+    try:
+        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+    except json.JSONDecodeError as error:
+        raise KvcError(f"{path}: not valid JSON (line {error.lineno}); is the file truncated?") from None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise KvcError(f"{path}: not valid YAML{where}; is the file truncated?") from None
+    if not isinstance(data, dict):
+        raise KvcError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` through a temporary file in the same folder, then rename:
+    a reader never sees half a file, and an interruption leaves nothing behind."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise KvcError(f"{path}: the folder {path.parent} does not exist")
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def dump_policy(policy: Policy, fmt: str = "yaml") -> str:
+    data = policy.to_dict()
+    if fmt == "json":
+        return json.dumps(data, indent=1) + "\n"
+    return yaml.safe_dump(data, sort_keys=False, width=120)
+
+
+def save_policy(policy: Policy, path) -> Path:
+    """Save as JSON if the name ends in .json, YAML otherwise; atomically."""
+    path = Path(path)
+    _parse_policy(policy.to_dict())
+    return atomic_write_text(path, dump_policy(policy, "json" if path.suffix.lower() == ".json" else "yaml"))
+
+
+def load_policy(path) -> Policy:
+    """Load and validate a policy; errors name the file and the path inside it."""
+    data = read_structured(path, "policy file")
+    try:
+        return _parse_policy(data)
+    except KvcError as error:
+        raise KvcError(f"{path}: {error}") from None
+

@@ -1,0 +1,1 @@
+"""kvc.profiler"""

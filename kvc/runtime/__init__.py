@@ -1,0 +1,1 @@
+"""Runtime: executes a compiled KV-cache memory plan (flat per-layer cache, kernels)."""

