@@ -22,6 +22,7 @@ from kvc.policies.schema import atomic_write_bytes
 PLAN_VERSION = 1
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SCORE_BYTES = 4  # one float32 accumulated-attention score per slot of a frequency head
+POSITION_BYTES = 4  # one int32 token position per slot of every head (ring order, eviction, masks)
 
 # (layers, kv_heads) int32 tables, in the order they are stored.
 _HEAD_TABLES = ("kind_codes", "sinks", "class_slots", "heavy", "window", "full_slots")
@@ -99,9 +100,14 @@ class Plan:
         return slots * SCORE_BYTES * self.target.batch
 
     @property
+    def position_bytes(self) -> int:
+        """Bytes of the per-slot token positions every head keeps."""
+        return int(self.layer_slots.sum()) * POSITION_BYTES * self.target.batch
+
+    @property
     def cache_bytes(self) -> int:
         """Everything the runtime allocates for this plan; `CompressedCache.nbytes()` equals it."""
-        return self.kv_bytes + self.score_bytes
+        return self.kv_bytes + self.score_bytes + self.position_bytes
 
     @property
     def full_cache_bytes(self) -> int:

@@ -153,7 +153,7 @@ def render_plan(plan: Plan, console) -> None:
     console.print(table)
     console.print(
         f"cache {human_bytes(plan.cache_bytes)} (keys and values {human_bytes(plan.kv_bytes)}, "
-        f"scores {human_bytes(plan.score_bytes)}) against {human_bytes(plan.full_cache_bytes)} full: "
+        f"scores {human_bytes(plan.score_bytes)}, positions {human_bytes(plan.position_bytes)}) against {human_bytes(plan.full_cache_bytes)} full: "
         f"{100 * plan.compression:.1f}% · expected recovery {float(plan.expected_recovery.mean()):.3f}"
     )
 

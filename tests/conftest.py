@@ -1,7 +1,11 @@
-"""Shared fixtures: the embedded model, loaded once per test session; the `gpu` marker."""
+"""Shared fixtures: the embedded model (loaded once per session), a small hand-made policy; the `gpu` marker."""
 
 import pytest
 import torch
+
+from kvc.policies.schema import Curve, HeadProfile, LayerProfile, ModelInfo, Policy, ProfileInfo, QueryHeadProfile, TokenSets
+
+POINTS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -19,3 +23,43 @@ def smollm():
     from kvc import models
 
     return models.load("smollm2-135m", dtype="float32", device="cpu")
+
+
+def make_policy(num_layers=3, num_kv_heads=2, group=2, kinds=("special+punct", "full")) -> Policy:
+    layers = []
+    for layer in range(num_layers):
+        heads = []
+        for head in range(num_kv_heads):
+            kind = kinds[(layer + head) % len(kinds)]
+            heads.append(HeadProfile(
+                index=head, kind=kind, components=kind.split("+"), recovery=0.9 + 0.01 * head,
+                fastgen={"special": 0.5, "special+punct": 0.91, "full": 1.0},
+                curves={"local": Curve(POINTS, [0.1, 0.2, 0.3, 0.5, 0.7, 0.8, 0.9, 1.0])},
+                window_curves={"local": Curve([16, 64], [0.4, 0.6])},
+                sink_mass=0.3, punct_fraction=0.08, special_fraction=0.01,
+                query_heads=[QueryHeadProfile(index=head * group + q, kind=kind, recovery=0.9, sink_mass=0.25)
+                             for q in range(group)],
+            ))
+        layers.append(LayerProfile(index=layer, funnel=0.5 - 0.1 * layer, heads=heads,
+                                   funnel_curve=Curve([0.5, 0.9], [0.1, 0.4])))
+    return Policy(
+        model=ModelInfo(name="tiny", fingerprint="sha256:0123456789abcdef", num_layers=num_layers,
+                        num_attention_heads=num_kv_heads * group, num_kv_heads=num_kv_heads, head_dim=16),
+        profile=ProfileInfo(prompt_set="builtin", prompt_count=2, token_counts=[300, 500], prompt_hash="abc",
+                            threshold=0.95, probe_scheme="last 32 + 32 sampled", dtype="float32", device="cpu",
+                            seconds=1.5),
+        tokens=TokenSets(special=[0, 1, 2], punctuation=[13, 30]),
+        layers=layers,
+        kvc_version="0.1.0",
+        created="2026-11-23T10:00:00+00:00",
+    )
+
+
+@pytest.fixture
+def policy():
+    return make_policy()
+
+
+@pytest.fixture(scope="session")
+def policy_factory():
+    return make_policy

@@ -1,0 +1,83 @@
+"""The CLI's foundation commands and its error contract: one line, exit code 2, no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvc.cli import main
+from kvc.policies.schema import save_policy
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as done:
+        main(list(args))
+    captured = capsys.readouterr()
+    return done.value.code, captured.out, captured.err
+
+
+def test_version(capsys):
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.strip().startswith("kvc 0.")
+
+
+def test_models_lists_aliases_and_availability(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    assert "smollm2-135m" in out and "llama-3-8b" in out and "qwen2.5-7b-instruct" in out
+    assert "yes" in out and "no" in out
+
+
+def test_show_and_validate_a_policy(capsys, policy, tmp_path):
+    path = save_policy(policy, tmp_path / "policy.yaml")
+    code, out, _ = run(capsys, "validate", str(path))
+    assert code == 0 and "valid policy for tiny" in out
+    png = tmp_path / "kinds.png"
+    code, out, _ = run(capsys, "show", str(path), "--png", str(png))
+    assert code == 0
+    assert "special+punct" in out and "mean recovery" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b"\x00\x01\x02garbage\xff", "not a text file"),
+        (b"kvc_policy: 1\nmodel: [", "not valid YAML"),
+        (b"kvc_policy: 1\n", "model: missing required key"),
+    ],
+)
+def test_validate_errors_are_one_line_exit_2(capsys, tmp_path, content, message):
+    path = tmp_path / "broken.yaml"
+    path.write_bytes(content)
+    code, out, err = run(capsys, "validate", str(path))
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_show_png_into_missing_folder_writes_nothing(capsys, policy, tmp_path):
+    path = save_policy(policy, tmp_path / "policy.yaml")
+    code, _, err = run(capsys, "show", str(path), "--png", str(tmp_path / "nope" / "k.png"))
+    assert code == 2 and "does not exist" in err
+    assert not (tmp_path / "nope").exists()
+
+
+def test_missing_file_and_bad_option(capsys, tmp_path):
+    code, _, err = run(capsys, "show", str(tmp_path / "absent.yaml"))
+    assert code == 2 and "no such file" in err
+    code, _, err = run(capsys, "models", "--bogus")
+    assert code == 2 and "No such option" in err
+
+
+def test_console_script_without_and_with_debug(tmp_path):
+    kvc = os.path.join(os.path.dirname(sys.executable), "kvc")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kvc_policy: 9\n")
+    plain = subprocess.run([kvc, "validate", str(bad)], capture_output=True, text=True)
+    assert plain.returncode == 2
+    assert "kvc_policy: unsupported schema version 9" in plain.stderr and "Traceback" not in plain.stderr
+    debug = subprocess.run([kvc, "--debug", "validate", str(bad)], capture_output=True, text=True)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
