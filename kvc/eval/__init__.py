@@ -1,1 +1,1 @@
-"""kvc.eval"""
+"""Evaluation: tasks, scorers and the harness that runs every method at equal memory."""

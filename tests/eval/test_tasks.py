@@ -1,0 +1,57 @@
+"""Task builders and scorers on the real tokenizer and on hand-made answers."""
+
+import pytest
+
+from kvc.eval.niah import NEEDLE, QUESTION, needle_sample, needle_score
+from kvc.eval.passkey import INTRO
+from kvc.eval.passkey import QUESTION as PASSKEY_QUESTION
+from kvc.eval.passkey import needle as passkey_needle
+from kvc.eval.passkey import PasskeySample, passkey_correct, passkey_sample
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+def test_passkey_prompt_has_the_key_at_its_depth(smollm, depth):
+    sample = passkey_sample(smollm.tokenizer, 600, depth, seed=7)
+    assert abs(sample.num_tokens - 600) <= 12
+    needle = passkey_needle(sample.passkey)
+    at = sample.text.index(needle) - len(INTRO)
+    filler = len(sample.text) - len(INTRO) - len(needle) - len(PASSKEY_QUESTION)
+    assert abs(at / filler - depth) < 0.03
+    assert sample.text.endswith("The pass key is")
+
+
+@pytest.mark.parametrize(
+    "completion, right",
+    [(" 41190. Remember", True), (" 41 190.", True), (" 41191.", False), (" the pass key.", False), ("", False)],
+)
+def test_passkey_scorer(completion, right):
+    assert passkey_correct(PasskeySample("", "41190", 0.5, 0), completion) is right
+
+
+def test_passkeys_differ_by_seed(smollm):
+    keys = {passkey_sample(smollm.tokenizer, 200, 0.5, seed=s).passkey for s in range(5)}
+    assert len(keys) == 5
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_needle_sits_at_a_sentence_break(smollm, depth):
+    sample = needle_sample(smollm.tokenizer, 400, depth)
+    assert abs(sample.num_tokens - 400) <= 8
+    at = sample.text.index(NEEDLE.strip())
+    haystack = len(sample.text) - len(NEEDLE) - len(QUESTION)
+    assert abs(at / haystack - depth) < 0.05
+    before = sample.text[:at].rstrip()
+    assert before == "" or before.endswith(".")
+
+
+@pytest.mark.parametrize(
+    "completion, score",
+    [
+        (" eat a sandwich and sit in Dolores Park on a sunny day.", 1.0),
+        (" to eat a Sandwich.", 0.5),
+        (" sit in dolores park", 0.5),
+        (" visit the Golden Gate Bridge.", 0.0),
+    ],
+)
+def test_needle_scorer(completion, score):
+    assert needle_score(completion) == score
