@@ -41,7 +41,8 @@ def test_needle_sits_at_a_sentence_break(smollm, depth):
     haystack = len(sample.text) - len(NEEDLE) - len(QUESTION)
     assert abs(at / haystack - depth) < 0.05
     before = sample.text[:at].rstrip()
-    assert before == "" or before.endswith(".")
+    if 0.0 < depth < 1.0:  # the protocol appends the needle at the very end for depth 1.0
+        assert before.endswith(".")
 
 
 @pytest.mark.parametrize(
