@@ -90,6 +90,62 @@ def show(
         console.print(f"wrote {png}")
 
 
+@app.command("generate")
+def generate_command(
+    model: Optional[str] = MODEL_ARGUMENT,
+    plan: Optional[Path] = typer.Option(None, "--plan", help="A compiled plan; without it the full cache runs."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="The prompt text."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+):
+    """Continue a prompt greedily through a plan's compressed cache (or the full cache) and show the bytes."""
+    from kvc.models import load
+    from kvc.plan import Plan
+    from kvc.runtime.generate import generate, read_prompt
+
+    text = read_prompt(prompt, prompt_file)
+    compiled = Plan.load(plan) if plan is not None else None
+    result = generate(load(model, dtype=dtype, device=device), text, compiled, max_new_tokens, chat)
+    console.print(result.texts[0], markup=False, highlight=False)
+    console.print(result.summary(), style="dim", highlight=False, soft_wrap=True)
+
+
+@app.command("compile")
+def compile_command(
+    policy: Path = typer.Argument(..., help="A policy file (.yaml/.json) from `kvc profile`."),
+    target: Optional[float] = typer.Option(None, "--target", help="Share of the full cache's bytes at --max-len the plan may use [default: 0.25]."),
+    memory: Optional[str] = typer.Option(None, "--memory", help="The budget as a size instead of --target: 512MiB, 2GiB, 1.5GB or bytes."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Longest sequence the plan serves [default: the model's limit]."),
+    batch: int = typer.Option(1, "--batch", help="Sequences served together."),
+    dtype: str = typer.Option("bf16", "--dtype", help="Cache dtype: bf16, fp16 or fp32."),
+    strategy: str = typer.Option("knapsack", "--strategy", help="knapsack, fastgen, pyramid or uniform."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the plan [default: POLICY with suffix .plan]."),
+    json_report: Optional[Path] = typer.Option(None, "--json", help="Also write the compile report here as JSON."),
+):
+    """Compile a policy into a static KV-cache plan for a memory target and show what it costs and recovers."""
+    import time
+
+    from kvc.compiler import compile_policy, plan_report, summary_lines
+    from kvc.compiler.outputs import check_destinations, plan_path, write_outputs
+    from kvc.policies.schema import load_policy
+    from kvc.report import render_plan
+
+    out = plan_path(policy, out)
+    check_destinations(out, json_report)
+    loaded = load_policy(policy)
+    started = time.perf_counter()
+    plan = compile_policy(loaded, target, memory=memory, max_len=max_len, batch=batch, dtype=dtype, strategy=strategy)
+    seconds = time.perf_counter() - started
+    report = plan_report(plan)
+    write_outputs(plan, report, out, json_report)
+    render_plan(plan, console)
+    for line in summary_lines(report):
+        console.print(line, highlight=False)
+    console.print(f"compiled in {1000 * seconds:.0f} ms; wrote {out}" + (f" and {json_report}" if json_report else ""))
+
 def main(argv=None):
     """Entry point: run the app, turning user errors into one line and exit code 2.
 

@@ -8,9 +8,11 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from kvc.compiler.report import plan_report
+from kvc.compiler.sizes import format_size as human_bytes
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
-from kvc.policies.kinds import FASTGEN_POLICIES, KIND_BITS
+from kvc.policies.kinds import FASTGEN_POLICIES
 from kvc.policies.schema import Policy, atomic_write_bytes, load_policy
 
 KIND_COLOURS = {
@@ -122,61 +124,78 @@ def draw_policy(policy: Policy, png) -> Path:
 
 # ------------------------------------------------------------------ plans
 
-def plan_kind_names(plan: Plan) -> list[list[str]]:
-    """(layers, kv_heads) kind names decoded from the plan's bitmasks."""
-    names = []
-    for row in plan.kind_codes.tolist():
-        names.append(["+".join(k for k, bit in KIND_BITS.items() if code & bit) for code in row])
-    return names
+KIND_LETTERS = {"special": "s", "punct": "p", "frequency": "f", "local": "l"}
+KIND_LEGEND = "kinds: s special tokens and sinks, p punctuation, f heavy hitters, l recent window, full everything"
+
+
+def short_kind(kind: str) -> str:
+    """'special+punct+frequency' -> 'spf'; 'full' stays; a head without slots is '-'."""
+    if kind in ("full", ""):
+        return kind or "-"
+    return "".join(KIND_LETTERS[part] for part in kind.split("+"))
 
 
 def render_plan(plan: Plan, console) -> None:
     from rich.table import Table
 
-    target = plan.target
+    report, target = plan_report(plan), plan.target
     console.print(
         f"[bold]{plan.model_name}[/] plan · strategy {plan.strategy or '-'} · max len {target.max_len} · "
         f"batch {target.batch} · {target.dtype} · fingerprint {plan.fingerprint}"
     )
     table = Table()
-    for column in ("layer", "kinds (per KV head)", "slots", "bytes", "% of full", "expected recovery"):
-        table.add_column(column)
-    width = plan.head_dim * 2 * {"float32": 4, "bfloat16": 2, "float16": 2}[target.dtype] * target.batch
-    full_layer = plan.num_kv_heads * target.max_len * width
-    kinds = plan_kind_names(plan)
-    for layer in range(plan.num_layers):
-        slots = plan.capacity[layer].tolist()
-        layer_bytes = sum(slots) * width
-        recovery = " ".join(f"{r:.3f}" for r in plan.expected_recovery[layer].tolist())
-        table.add_row(str(layer), "  ".join(kinds[layer]), " ".join(map(str, slots)), human_bytes(layer_bytes),
-                      f"{100 * layer_bytes / full_layer:.1f}", recovery)
+    kinds = [" ".join(short_kind(kind) for kind in layer["kinds"]) for layer in report["layers"]]
+    table.add_column("layer")
+    table.add_column("kinds (per KV head)", max_width=max(10, *map(len, kinds)))
+    table.add_column("slots (per KV head)")
+    for column in ("bytes", "% of full", "expected recovery"):
+        table.add_column(column, justify="right")
+    for layer, layer_kinds in zip(report["layers"], kinds):
+        table.add_row(str(layer["layer"]), layer_kinds, " ".join(map(str, layer["capacity"])), human_bytes(layer["bytes"]),
+                      f"{100 * layer['fraction_of_full']:.1f}", f"{layer['expected_recovery']:.3f}")
     console.print(table)
+    console.print(KIND_LEGEND, style="dim")
     console.print(
         f"cache {human_bytes(plan.cache_bytes)} (keys and values {human_bytes(plan.kv_bytes)}, "
-        f"scores {human_bytes(plan.score_bytes)}, positions {human_bytes(plan.position_bytes)}) against {human_bytes(plan.full_cache_bytes)} full: "
-        f"{100 * plan.compression:.1f}% · expected recovery {float(plan.expected_recovery.mean()):.3f}"
+        f"scores {human_bytes(plan.score_bytes)}, positions {human_bytes(plan.position_bytes)}) "
+        f"against {human_bytes(plan.full_cache_bytes)} full: {100 * plan.compression:.1f}% · "
+        f"expected recovery {report['expected_recovery']:.4f}"
     )
 
 
 def draw_plan(plan: Plan, png) -> Path:
+    """Left: slots per (layer, KV head) as a share of max length, kinds written in when they fit;
+    right: each layer's bytes as a share of its full cache and its expected recovery."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
-    figure, axis = plt.subplots(figsize=(max(4, plan.num_kv_heads * 0.8 + 2), max(4, plan.num_layers * 0.22)))
-    image = axis.imshow((plan.capacity.float() / plan.target.max_len).numpy(), aspect="auto", cmap="viridis",
-                        vmin=0, vmax=1, interpolation="nearest")
-    figure.colorbar(image, ax=axis, label="slots / max length")
-    axis.set_xlabel("KV head")
-    axis.set_ylabel("layer")
-    axis.set_title(f"{plan.model_name}: budget per head ({100 * plan.compression:.1f}% of full)")
+    report, max_len = plan_report(plan), plan.target.max_len
+    share = (plan.capacity.float() / max_len).clamp(min=1 / max_len).numpy()
+    figure, (left, right) = plt.subplots(
+        1, 2, figsize=(max(6, plan.num_kv_heads * 0.7 + 6), max(4, plan.num_layers * 0.25)),
+        gridspec_kw={"width_ratios": [max(2, plan.num_kv_heads), 4]},
+    )
+    image = left.imshow(share, aspect="auto", cmap="viridis", norm=LogNorm(vmin=1 / max_len, vmax=1),
+                        interpolation="nearest")
+    figure.colorbar(image, ax=left, label="slots / max length (log)")
+    if plan.num_kv_heads <= 16 and plan.num_layers <= 48:
+        for layer in report["layers"]:
+            for head, kind in enumerate(layer["kinds"]):
+                left.text(head, layer["layer"], short_kind(kind), ha="center", va="center", fontsize=6,
+                          color="white" if share[layer["layer"], head] < 0.1 else "black")
+    left.set_xlabel("KV head")
+    left.set_ylabel("layer")
+    left.set_title("budget per head")
+    layers = range(plan.num_layers)
+    right.barh(layers, [100 * layer["fraction_of_full"] for layer in report["layers"]], color="#4c72b0")
+    right.invert_yaxis()
+    right.set_xlabel("% of the layer's full cache", color="#4c72b0")
+    recovery = right.twiny()
+    recovery.plot([layer["expected_recovery"] for layer in report["layers"]], layers, color="#c44e52", marker=".")
+    recovery.set_xlabel("expected recovery", color="#c44e52")
+    figure.suptitle(f"{plan.model_name}: {plan.strategy or 'plan'}, {100 * plan.compression:.1f}% of the full cache, "
+                    f"expected recovery {report['expected_recovery']:.3f}")
     return _save_figure(figure, png)
-
-
-def human_bytes(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(count) < 1024 or unit == "TiB":
-            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.2f} {unit}"
-        count /= 1024
-    return f"{count:.2f} TiB"

@@ -1,7 +1,12 @@
 """Shared fixtures: the embedded model (loaded once per session), a small hand-made policy; the `gpu` marker."""
 
-import pytest
-import torch
+import os
+
+# Triton reads this when kernels are imported: set it before any test imports kvc.runtime.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from kvc.policies.schema import Curve, HeadProfile, LayerProfile, ModelInfo, Policy, ProfileInfo, QueryHeadProfile, TokenSets
 

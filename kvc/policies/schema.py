@@ -21,6 +21,8 @@ from kvc.policies.errors import KvcError
 from kvc.policies.kinds import FASTGEN_POLICIES, kind_components
 
 SCHEMA_VERSION = 1
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
 @dataclass
@@ -385,7 +387,7 @@ def read_structured(path, what: str = "file") -> dict:
         raise KvcError(f"{path}: not a text file (binary data); expected YAML or JSON")
     kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
-        data = json.loads(text) if kind == "JSON" else yaml.safe_load(text)
+        data = json.loads(text) if kind == "JSON" else yaml.load(text, Loader=_YAML_LOADER)
     except json.JSONDecodeError as error:
         raise KvcError(f"{path}: not valid JSON (line {error.lineno}); is the file truncated?") from None
     except yaml.YAMLError as error:
@@ -422,7 +424,7 @@ def dump_policy(policy: Policy, fmt: str = "yaml") -> str:
     data = policy.to_dict()
     if fmt == "json":
         return json.dumps(data, indent=1) + "\n"
-    return yaml.safe_dump(data, sort_keys=False, width=120)
+    return yaml.dump(data, Dumper=_YAML_DUMPER, sort_keys=False, width=120)
 
 
 def save_policy(policy: Policy, path) -> Path:

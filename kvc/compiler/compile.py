@@ -1,0 +1,143 @@
+"""`compile_policy`: a policy and a deployment target in, a static plan out.
+
+Checks the request (target or memory, max length against the model's limit, batch, dtype),
+turns it into a byte budget, lets the chosen strategy decide every KV head's kind and slots,
+and assembles the plan's tables. A plan never takes more bytes than its budget.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from kvc.compiler.deployment import Deployment
+from kvc.compiler.knapsack import BudgetTooSmall
+from kvc.compiler.schedules import plan_pyramid, plan_uniform
+from kvc.compiler.sizes import format_size, parse_dtype, parse_size
+from kvc.compiler.strategies import Allocation, plan_fastgen, plan_knapsack
+from kvc.plan import Plan, Target
+from kvc.policies.errors import KvcError
+from kvc.policies.kinds import kind_code
+from kvc.policies.schema import Policy, load_policy
+from kvc.policies.tokens import class_table
+
+STRATEGIES = {"knapsack": plan_knapsack, "fastgen": plan_fastgen, "pyramid": plan_pyramid, "uniform": plan_uniform}
+DEFAULT_TARGET = 0.25
+
+
+def compile_policy(
+    policy: Policy | str | Path,
+    target: float | None = None,
+    *,
+    memory: int | str | None = None,
+    max_len: int | None = None,
+    batch: int = 1,
+    dtype: str = "bf16",
+    strategy: str = "knapsack",
+) -> Plan:
+    """Compile `policy` (or a policy file) into a plan for one deployment.
+
+    target: the share of the full cache's bytes at max_len the plan may use (default 0.25);
+    memory: the same as an absolute size ('2GiB' or bytes), instead of target;
+    max_len: the longest sequence (default: the model's max_position_embeddings);
+    strategy: 'knapsack', 'fastgen', 'pyramid' or 'uniform'.
+    """
+    if not isinstance(policy, Policy):
+        policy = load_policy(policy)
+    if strategy not in STRATEGIES:
+        raise KvcError(f"--strategy: unknown strategy {strategy!r} (expected one of {', '.join(STRATEGIES)})")
+    deployment = deployment_for(policy, max_len, batch, parse_dtype(dtype))
+    goal = target_for(deployment, target, memory)
+    try:
+        allocation = STRATEGIES[strategy](policy, deployment, goal.budget_bytes)
+    except BudgetTooSmall as error:
+        raise below_minimum(strategy, deployment, goal, error.minimum) from None
+    plan = assemble(policy, deployment, goal, strategy, allocation)
+    assert plan.cache_bytes <= goal.budget_bytes, (plan.cache_bytes, goal.budget_bytes)
+    return plan
+
+
+def deployment_for(policy: Policy, max_len: int | None, batch: int, dtype: str) -> Deployment:
+    model = policy.model
+    limit = model.max_position_embeddings
+    if max_len is None:
+        if not limit:
+            raise KvcError("the policy does not record the model's context length; give --max-len")
+        max_len = limit
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise KvcError(f"--max-len: expected a positive number of tokens, got {max_len!r}")
+    if limit and max_len > limit:
+        raise KvcError(f"--max-len {max_len} is above {model.name}'s limit of {limit} positions "
+                       "(model.max_position_embeddings)")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise KvcError(f"--batch: expected a positive number of sequences, got {batch!r}")
+    return Deployment(max_len=max_len, batch=batch, dtype=dtype, head_dim=model.head_dim,
+                      num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, sinks=policy.profile.sinks)
+
+
+def target_for(deployment: Deployment, target: float | None, memory) -> Target:
+    """The budget in bytes from a fraction of the full cache or an absolute memory size."""
+    full = deployment.full_cache_bytes
+    if target is not None and memory is not None:
+        raise KvcError("give --target or --memory, not both")
+    if memory is not None:
+        budget = parse_size(memory)
+        fraction = budget / full
+    else:
+        fraction = DEFAULT_TARGET if target is None else target
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise KvcError(f"--target: expected a share of the full cache in (0, 1], got {fraction!r}")
+        budget = int(fraction * full)
+    return Target(max_len=deployment.max_len, batch=deployment.batch, dtype=deployment.dtype,
+                  budget_bytes=budget, fraction=round(float(fraction), 9))
+
+
+def below_minimum(strategy: str, deployment: Deployment, goal: Target, minimum: int) -> KvcError:
+    fraction = round_up(minimum / deployment.full_cache_bytes)
+    at_least = f"--target {fraction} or --memory {minimum}" if fraction <= 1 else f"--memory {minimum}"
+    return KvcError(
+        f"the target of {format_size(goal.budget_bytes)} ({100 * goal.fraction:.3g}% of the full cache) is below "
+        f"the smallest plan the {strategy} strategy can make for this policy at max length {deployment.max_len}, "
+        f"batch {deployment.batch}, {deployment.dtype}: {format_size(minimum)}, that is {at_least}"
+    )
+
+
+def round_up(fraction: float, digits: int = 3) -> float:
+    """`fraction` rounded up to `digits` significant digits, so a target of it surely fits."""
+    scale = 10 ** (digits - 1 - math.floor(math.log10(fraction)))
+    return math.ceil(fraction * scale) / scale
+
+
+def token_classes(policy: Policy) -> torch.Tensor:
+    special, punctuation = policy.tokens.special, policy.tokens.punctuation
+    vocab_size = policy.model.vocab_size or max(special + punctuation, default=-1) + 1
+    for name, ids in (("special", special), ("punctuation", punctuation)):
+        outside = [i for i in ids if i >= vocab_size]
+        if outside:
+            raise KvcError(f"tokens.{name}: id {outside[0]} is outside the vocabulary (model.vocab_size {vocab_size})")
+    return class_table(vocab_size, special, punctuation)
+
+
+def assemble(policy: Policy, deployment: Deployment, goal: Target, strategy: str, allocation: Allocation) -> Plan:
+    model = policy.model
+    shape = (model.num_layers, model.num_kv_heads)
+
+    def table(values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.int32).reshape(shape)
+
+    heads = allocation.heads
+    return Plan(
+        model_name=model.name, fingerprint=model.fingerprint, num_layers=model.num_layers,
+        num_attention_heads=model.num_attention_heads, num_kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+        target=goal,
+        kind_codes=table([kind_code(h.kind) for h in heads]),
+        sinks=table([h.sinks for h in heads]), class_slots=table([h.class_slots for h in heads]),
+        heavy=table([h.heavy for h in heads]), window=table([h.window for h in heads]),
+        full_slots=table([h.full_slots for h in heads]),
+        token_classes=token_classes(policy),
+        expected_recovery=torch.tensor(allocation.recovery, dtype=torch.float32).reshape(shape),
+        strategy=strategy,
+        notes={"policy": {"created": policy.created, "threshold": policy.profile.threshold}, **allocation.notes},
+    )

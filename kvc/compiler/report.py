@@ -1,0 +1,93 @@
+"""The compile report: what a plan costs against the full cache and what it is expected to
+recover, in total and per layer, as a JSON-ready mapping (`kvc compile --json`) and as the few
+summary lines `kvc compile` prints under the plan's table.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch
+
+from kvc.compiler.sizes import format_size
+from kvc.plan import DTYPE_BYTES, POSITION_BYTES, SCORE_BYTES, Plan
+from kvc.policies.kinds import KIND_BITS
+
+
+def kind_names(plan: Plan) -> list[list[str]]:
+    """(layers, kv_heads) kind names decoded from the plan's bitmasks."""
+    return [["+".join(kind for kind, bit in KIND_BITS.items() if code & bit) for code in row]
+            for row in plan.kind_codes.tolist()]
+
+
+def head_bytes(plan: Plan) -> torch.Tensor:
+    """(layers, kv_heads) int64 bytes each head takes: keys, values, positions and scores; they sum to cache_bytes."""
+    target = plan.target
+    slot = plan.head_dim * 2 * DTYPE_BYTES[target.dtype] + POSITION_BYTES + SCORE_BYTES * plan.has("frequency").to(torch.int64)
+    return plan.capacity.to(torch.int64) * slot * target.batch
+
+
+def plan_report(plan: Plan) -> dict:
+    target = plan.target
+    per_head = head_bytes(plan)
+    full_layer = plan.full_cache_bytes / plan.num_layers
+    kinds = kind_names(plan)
+    layers = [{
+        "layer": layer,
+        "kinds": kinds[layer],
+        "capacity": plan.capacity[layer].tolist(),
+        "bytes": int(per_head[layer].sum()),
+        "fraction_of_full": round(float(per_head[layer].sum()) / full_layer, 6),
+        "expected_recovery": round(float(plan.expected_recovery[layer].mean()), 6),
+        "head_recovery": [round(r, 6) for r in plan.expected_recovery[layer].tolist()],
+    } for layer in range(plan.num_layers)]
+    return {
+        "model": plan.model_name,
+        "fingerprint": plan.fingerprint,
+        "strategy": plan.strategy,
+        "target": vars(target).copy(),
+        "cache_bytes": plan.cache_bytes,
+        "kv_bytes": plan.kv_bytes,
+        "score_bytes": plan.score_bytes,
+        "position_bytes": plan.position_bytes,
+        "full_cache_bytes": plan.full_cache_bytes,
+        "fraction_of_full": round(plan.compression, 6),
+        "compression_ratio": round(1 / plan.compression, 4),
+        "budget_used": round(plan.cache_bytes / target.budget_bytes, 6) if target.budget_bytes else None,
+        "expected_recovery": round(float(plan.expected_recovery.mean()), 6),
+        "kinds": dict(sorted(Counter(kind for row in kinds for kind in row).items())),
+        "notes": plan.notes,
+        "layers": layers,
+    }
+
+
+def summary_lines(report: dict) -> list[str]:
+    """The totals and the strategy's own account of how it met (or could not meet) the target."""
+    target = report["target"]
+    lines = [(
+        f"{report['strategy']} plan: {format_size(report['cache_bytes'])} against {format_size(report['full_cache_bytes'])} "
+        f"for the full cache ({100 * report['fraction_of_full']:.2f}%, {report['compression_ratio']:.2f}x smaller) "
+        f"at max length {target['max_len']}, batch {target['batch']}, {target['dtype']}"
+    )]
+    if report["budget_used"] is not None:
+        lines.append(f"budget {format_size(target['budget_bytes'])}, {100 * report['budget_used']:.2f}% used · "
+                     f"expected recovery {report['expected_recovery']:.4f}")
+    notes = report["notes"]
+    if "knapsack" in notes:
+        bound = notes["knapsack"]["recovery_bound"]
+        lines.append(f"knapsack: no plan within the budget can recover more than {bound:.4f} on average "
+                     f"(this one is {bound - report['expected_recovery']:.5f} below)")
+        if notes["knapsack"].get("saturated"):
+            lines.append("every head already has its best option; more memory would not raise the recovery")
+    if "fastgen" in notes:
+        fastgen = notes["fastgen"]
+        line = f"fastgen: threshold T = {fastgen['threshold']:.4f}"
+        if "next_bytes" in fastgen:
+            line += (f"; FastGen's rule moves in steps: the next one (T = {fastgen['next_threshold']:.4f}) "
+                     f"needs {format_size(fastgen['next_bytes'])}, above the budget")
+        lines.append(line)
+    if "pyramid" in notes:
+        lines.append(f"pyramid: PyramidKV schedule, β = {notes['pyramid']['beta']}, "
+                     f"{notes['pyramid']['alpha']} recent tokens kept per head")
+    lines.append("heads per kind: " + ", ".join(f"{kind} {count}" for kind, count in report["kinds"].items()))
+    return lines

@@ -1,0 +1,87 @@
+"""`kvc compile` and `kvc show PLAN` from the command line: outputs, and one-line errors that write nothing."""
+
+import json
+
+import pytest
+
+from kvc.cli import main
+from kvc.plan import Plan
+
+
+def run(*args) -> int:
+    try:
+        main(list(args))
+    except SystemExit as exit_:
+        return exit_.code or 0
+    return 0
+
+
+def test_compile_writes_the_plan_and_the_report(tmp_path, policy_file, capsys):
+    plan_path, report_path = tmp_path / "out.plan", tmp_path / "report.json"
+    code = run("compile", str(policy_file), "--target", "0.2", "--max-len", "2048", "--batch", "4",
+               "--dtype", "fp16", "--out", str(plan_path), "--json", str(report_path))
+    printed = " ".join(capsys.readouterr().out.split())  # unwrapped
+    assert code == 0
+    plan = Plan.load(plan_path)
+    report = json.loads(report_path.read_text())
+    assert (plan.target.max_len, plan.target.batch, plan.target.dtype) == (2048, 4, "float16")
+    assert report["cache_bytes"] == plan.cache_bytes <= report["target"]["budget_bytes"]
+    assert report["fraction_of_full"] == pytest.approx(plan.compression, abs=1e-6)
+    assert report["compression_ratio"] == pytest.approx(1 / plan.compression, rel=1e-4)
+    assert len(report["layers"]) == plan.num_layers
+    assert sum(layer["bytes"] for layer in report["layers"]) == plan.cache_bytes
+    assert report["expected_recovery"] == pytest.approx(float(plan.expected_recovery.mean()), abs=1e-6)
+    assert "knapsack plan" in printed and "expected recovery" in printed and f"wrote {plan_path}" in printed
+
+
+def test_compile_defaults_the_plan_name_from_the_policy(policy_file):
+    assert run("compile", str(policy_file), "--memory", "1MiB", "--strategy", "uniform") == 0
+    plan = Plan.load(policy_file.with_suffix(".plan"))
+    assert plan.strategy == "uniform" and plan.target.budget_bytes == 2**20
+
+
+@pytest.mark.parametrize("strategy", ["fastgen", "pyramid"])
+def test_show_renders_and_draws_a_compiled_plan(tmp_path, policy_file, capsys, strategy):
+    plan_path, png = tmp_path / "plan.kvc", tmp_path / "plan.png"
+    assert run("compile", str(policy_file), "--strategy", strategy, "--out", str(plan_path)) == 0
+    capsys.readouterr()
+    assert run("show", str(plan_path), "--png", str(png)) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert f"strategy {strategy}" in printed and "% of full" in printed and "expected recovery" in printed
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "0.00001"], "below the smallest plan the knapsack strategy can make"),
+    (["--memory", "2XB"], "'2XB' is not a size"),
+    (["--memory", "-3GiB"], "must be positive"),
+    (["--memory", "0"], "must be positive"),
+    (["--target", "0"], "share of the full cache"),
+    (["--max-len", "999999"], "above synthetic-6x2's limit of 4096 positions"),
+    (["--batch", "-1"], "positive number of sequences"),
+    (["--strategy", "snapkv"], "unknown strategy"),
+    (["--target", "0.1", "--memory", "1GiB"], "not both"),
+    (["--json", "/no/such/folder/report.json"], "does not exist"),
+])
+def test_bad_requests_exit_2_with_one_line_and_write_nothing(tmp_path, policy_file, capsys, args, message):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = run("compile", str(policy_file), "--out", str(tmp_path / "x.plan"), *args)
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert message in " ".join(error.split()) and len(error.splitlines()) <= 3  # one line, wrapped at most by the terminal
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_broken_policy_file_exits_2_and_names_the_path(tmp_path, policy_file, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text(policy_file.read_text().replace("head_dim: 16", "head_dim: -16", 1))
+    assert run("compile", str(broken), "--out", str(tmp_path / "x.plan")) == 2
+    assert "model.head_dim: must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "x.plan").exists()
+
+
+def test_compile_refuses_to_overwrite_the_policy(policy_file, capsys):
+    text = policy_file.read_text()
+    assert run("compile", str(policy_file), "--out", str(policy_file)) == 2
+    assert "that is the policy file" in capsys.readouterr().err
+    assert policy_file.read_text() == text

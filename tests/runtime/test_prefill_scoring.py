@@ -1,0 +1,210 @@
+"""SnapKV scoring and the segment gather: the Triton kernels (interpreted) against the PyTorch references,
+and the references against loop-by-loop computations that are correct by inspection."""
+
+import pytest
+import torch
+
+from kvc.runtime.kernels import (
+    gather_into_segments,
+    gather_into_segments_reference,
+    gather_into_segments_triton,
+    observation_scores,
+    observation_scores_reference,
+    observation_scores_triton,
+)
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+# (key_start per sequence, kv_heads, group, window, seq_len, head_dim, pool_kernel, dtype)
+SCORING_CASES = [
+    ([0], 2, 1, 8, 40, 64, 7, torch.float32),
+    ([0, 5, 33], 1, 3, 6, 37, 80, 5, torch.float32),
+    ([2, 0, 60], 2, 4, 8, 64, 48, 1, torch.float32),
+    ([0, 11, 1], 2, 3, 16, 64, 64, 7, torch.bfloat16),
+    ([7], 3, 4, 5, 23, 48, 3, torch.bfloat16),
+    ([0, 40], 1, 2, 4, 150, 48, 7, torch.float32),  # several key blocks per query row
+]
+
+# (batch, seq_len, head_dim, capacities, dtype)
+GATHER_CASES = [
+    (1, 30, 64, [5, 0, 1, 12], torch.float32),
+    (3, 40, 80, [0, 33, 7], torch.bfloat16),
+    (3, 64, 48, [64, 1], torch.float32),
+]
+
+
+def case_id(case):
+    return "-".join(str(field).replace("torch.", "").replace(" ", "") for field in case)
+
+
+def make_prompt(generator, key_start, kv_heads, group, window, seq_len, head_dim, dtype):
+    batch = len(key_start)
+    query_window = torch.randn(batch, kv_heads * group, window, head_dim, generator=generator).to(dtype)
+    keys = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator).to(dtype)
+    return query_window, keys, torch.tensor(key_start)
+
+
+def loop_scores(query_window, keys, key_start, scale, pool_kernel):
+    """SnapKV scores one query at a time over its visible keys, then a literal sliding-window max."""
+    batch, num_q_heads, window, _ = query_window.shape
+    kv_heads, seq_len = keys.shape[1], keys.shape[2]
+    group = num_q_heads // kv_heads
+    summed = torch.zeros(batch, kv_heads, seq_len)
+    for b in range(batch):
+        start = int(key_start[b])
+        for q_head in range(num_q_heads):
+            for i in range(window):
+                position = seq_len - window + i
+                if position < start:
+                    continue
+                visible = keys[b, q_head // group, start:position + 1].float()
+                summed[b, q_head // group, start:position + 1] += torch.softmax(
+                    visible @ query_window[b, q_head, i].float() * scale, dim=0
+                )
+    pooled = torch.zeros_like(summed)
+    radius = pool_kernel // 2
+    for n in range(seq_len):
+        pooled[..., n] = summed[..., max(0, n - radius):n + radius + 1].amax(dim=-1)
+    for b in range(batch):
+        pooled[b, :, :int(key_start[b])] = 0
+    return pooled
+
+
+@pytest.mark.parametrize("case", SCORING_CASES, ids=case_id)
+def test_scores_triton_matches_reference(generator, case):
+    key_start, kv_heads, group, window, seq_len, head_dim, pool_kernel, dtype = case
+    query_window, keys, key_start = make_prompt(generator, key_start, kv_heads, group, window, seq_len, head_dim, dtype)
+    expected = observation_scores_reference(query_window, keys, key_start, pool_kernel=pool_kernel)
+    actual = observation_scores_triton(query_window, keys, key_start, pool_kernel=pool_kernel)
+    assert actual.dtype == torch.float32 and actual.shape == (len(key_start), kv_heads, seq_len)
+    torch.testing.assert_close(actual, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", SCORING_CASES, ids=case_id)
+def test_scores_reference_matches_loops(generator, case):
+    key_start, kv_heads, group, window, seq_len, head_dim, pool_kernel, dtype = case
+    query_window, keys, key_start = make_prompt(generator, key_start, kv_heads, group, window, seq_len, head_dim, dtype)
+    actual = observation_scores_reference(query_window, keys, key_start, scale=0.2, pool_kernel=pool_kernel)
+    torch.testing.assert_close(actual, loop_scores(query_window, keys, key_start, 0.2, pool_kernel), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", [observation_scores_reference, observation_scores_triton])
+def test_left_padding_is_masked(generator, implementation):
+    """Padding keys may hold anything (here NaN): they score exactly 0, valid keys score > 0,
+    and unpooled scores of a sequence sum to group * (window queries that are not padding)."""
+    group, window, seq_len = 3, 8, 32
+    query_window, keys, key_start = make_prompt(generator, [0, 9, 27], 2, group, window, seq_len, 48, torch.float32)
+    clean = implementation(query_window, keys, key_start, pool_kernel=1)
+    for b, start in enumerate(key_start.tolist()):
+        keys[b, :, :start] = float("nan")
+    scores = implementation(query_window, keys, key_start, pool_kernel=1)
+    torch.testing.assert_close(scores, clean, atol=1e-6, rtol=1e-5)
+    valid = torch.arange(seq_len) >= key_start[:, None, None]  # (batch, 1, seq_len)
+    assert torch.all(scores[~valid.expand_as(scores)] == 0)
+    assert torch.all(scores[valid.expand_as(scores)] > 0)
+    live_queries = (torch.arange(seq_len - window, seq_len) >= key_start[:, None]).sum(dim=1)  # (batch,)
+    torch.testing.assert_close(scores.sum(dim=2), (group * live_queries)[:, None].float().expand(-1, 2))
+    pooled = implementation(query_window, keys, key_start, pool_kernel=7)
+    assert torch.all(pooled[~valid.expand_as(pooled)] == 0)
+
+
+@pytest.mark.parametrize("implementation", [observation_scores_reference, observation_scores_triton])
+def test_scoring_errors(generator, implementation):
+    query_window, keys, key_start = make_prompt(generator, [0, 3], 2, 2, 4, 16, 64, torch.float32)
+    with pytest.raises(ValueError, match="pool_kernel"):
+        implementation(query_window, keys, key_start, pool_kernel=4)
+    with pytest.raises(ValueError, match="key_start"):
+        implementation(query_window, keys, key_start[:1])
+    with pytest.raises(ValueError, match="multiple of kv_heads"):
+        implementation(query_window[:, :3], keys, key_start)
+    with pytest.raises(ValueError, match="window"):
+        implementation(query_window, keys[:, :, :3], key_start)
+
+
+def make_selection(generator, batch, seq_len, head_dim, capacities, dtype):
+    """Prompt K/V and, per (sequence, kv_head), a random subset of up to capacity positions."""
+    kv_heads = len(capacities)
+    capacities = torch.tensor(capacities, dtype=torch.int64)
+    offsets = torch.cumsum(capacities, 0) - capacities
+    keys = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator).to(dtype)
+    values = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator).to(dtype)
+    max_capacity = int(capacities.max())
+    indices = torch.stack([
+        torch.stack([torch.randperm(seq_len, generator=generator)[:max_capacity] for _ in range(kv_heads)])
+        for _ in range(batch)
+    ])  # (batch, kv_heads, max_capacity)
+    counts = (torch.rand(batch, kv_heads, generator=generator) * (capacities + 1)).floor().long()
+    counts[0] = capacities
+    return keys, values, indices, counts, offsets, capacities
+
+
+def sentinel_buffers(batch, total_slots, head_dim, dtype):
+    return (torch.full((batch, total_slots, head_dim), -7.0, dtype=dtype),
+            torch.full((batch, total_slots, head_dim), -9.0, dtype=dtype))
+
+
+@pytest.mark.parametrize("case", GATHER_CASES, ids=case_id)
+def test_gather_triton_matches_reference(generator, case):
+    batch, seq_len, head_dim, capacities, dtype = case
+    selection = make_selection(generator, batch, seq_len, head_dim, capacities, dtype)
+    expected = sentinel_buffers(batch, sum(capacities), head_dim, dtype)
+    actual = sentinel_buffers(batch, sum(capacities), head_dim, dtype)
+    gather_into_segments_reference(*selection, *expected)
+    gather_into_segments_triton(*selection, *actual)
+    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
+
+
+@pytest.mark.parametrize("case", GATHER_CASES, ids=case_id)
+def test_gather_reference_matches_take_along_dim(generator, case):
+    batch, seq_len, head_dim, capacities, dtype = case
+    keys, values, indices, counts, offsets, capacities = make_selection(
+        generator, batch, seq_len, head_dim, capacities, dtype
+    )
+    out_keys, out_values = sentinel_buffers(batch, int(capacities.sum()), head_dim, dtype)
+    gather_into_segments_reference(keys, values, indices, counts, offsets, capacities, out_keys, out_values)
+    picked_keys = torch.take_along_dim(keys, indices[..., None], dim=2)  # (batch, kv_heads, max_capacity, head_dim)
+    picked_values = torch.take_along_dim(values, indices[..., None], dim=2)
+    for kv_head, (offset, capacity) in enumerate(zip(offsets.tolist(), capacities.tolist())):
+        for b in range(batch):
+            count = int(counts[b, kv_head])
+            assert torch.equal(out_keys[b, offset:offset + count], picked_keys[b, kv_head, :count])
+            assert torch.equal(out_values[b, offset:offset + count], picked_values[b, kv_head, :count])
+            assert torch.all(out_keys[b, offset + count:offset + capacity] == -7.0)
+            assert torch.all(out_values[b, offset + count:offset + capacity] == -9.0)
+
+
+def test_dispatch(monkeypatch, generator):
+    selection = make_selection(generator, 2, 20, 48, [6, 3], torch.float32)
+    query_window, keys, key_start = make_prompt(generator, [0, 4], 2, 2, 4, 20, 48, torch.float32)
+    for interpret in ("1", None):
+        if interpret is None:
+            monkeypatch.delenv("TRITON_INTERPRET")
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        scores = observation_scores_triton if interpret else observation_scores_reference
+        gather = gather_into_segments_triton if interpret else gather_into_segments_reference
+        torch.testing.assert_close(
+            observation_scores(query_window, keys, key_start), scores(query_window, keys, key_start)
+        )
+        dispatched, direct = sentinel_buffers(2, 9, 48, torch.float32), sentinel_buffers(2, 9, 48, torch.float32)
+        gather_into_segments(*selection, *dispatched)
+        gather(*selection, *direct)
+        assert torch.equal(dispatched[0], direct[0]) and torch.equal(dispatched[1], direct[1])
+
+
+@pytest.mark.parametrize("implementation", [gather_into_segments_reference, gather_into_segments_triton])
+def test_gather_errors(generator, implementation):
+    keys, values, indices, counts, offsets, capacities = make_selection(generator, 2, 20, 48, [6, 3], torch.float32)
+    out_keys, out_values = sentinel_buffers(2, 9, 48, torch.float32)
+    too_many = counts.clone()
+    too_many[1, 1] = 4
+    with pytest.raises(ValueError, match="counts"):
+        implementation(keys, values, indices, too_many, offsets, capacities, out_keys, out_values)
+    out_of_range = indices.clone()
+    out_of_range[0, 0, 0] = 20
+    with pytest.raises(ValueError, match="indices"):
+        implementation(keys, values, out_of_range, counts, offsets, capacities, out_keys, out_values)
+    with pytest.raises(ValueError, match="total_slots"):
+        implementation(keys, values, indices, counts, offsets, capacities, out_keys[:, :8], out_values[:, :8])
+    with pytest.raises(ValueError, match="int64"):
+        implementation(keys, values, indices.int(), counts, offsets, capacities, out_keys, out_values)
