@@ -197,12 +197,14 @@ def resolve_dtype(dtype: str, device: str):
 def load(name: str | None = None, dtype: str = "auto", device: str = "auto", device_map=None) -> LoadedModel:
     """Load (model, tokenizer) for a model argument, in eval mode, with its fingerprint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     source = resolve(name)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     folder = converted_gguf_dir(Path(source.location)) if source.kind == "gguf" else source.location
     offline = {"local_files_only": True} if source.kind == "hub" else {}
+    hf_logging.disable_progress_bar()  # kvc shows its own progress; a weight-loading bar per load is noise
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, **offline)
         model = AutoModelForCausalLM.from_pretrained(
@@ -210,6 +212,8 @@ def load(name: str | None = None, dtype: str = "auto", device: str = "auto", dev
         )
     except (OSError, ValueError) as error:
         raise KvcError(f"{source.name}: could not load the model ({str(error).splitlines()[0]})") from None
+    finally:
+        hf_logging.enable_progress_bar()
     if device_map is None:
         model.to(device)
     model.eval()
