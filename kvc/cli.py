@@ -146,6 +146,87 @@ def compile_command(
         console.print(line, highlight=False)
     console.print(f"compiled in {1000 * seconds:.0f} ms; wrote {out}" + (f" and {json_report}" if json_report else ""))
 
+
+@app.command("profile")
+def profile_command(
+    model: Optional[str] = MODEL_ARGUMENT,
+    prompts: str = typer.Option("builtin", "--prompts", help="builtin, a .jsonl file ({\"text\": ...} or {\"messages\": [...]} per line), a .txt file, or a folder of them."),
+    threshold: float = typer.Option(0.95, "--threshold", help="FastGen's recovery threshold T, in (0, 1]."),
+    max_tokens: int = typer.Option(4096, "--max-tokens", help="Profile at most this many tokens of a prompt (never more than the model's limit)."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse a prompt over the limit instead of cutting it with a warning."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N; auto on CUDA spreads the model with device_map."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    out: Path = typer.Option(..., "--out", help="Where to write the policy (.yaml, or .json)."),
+):
+    """Profile a model's attention heads on prompts and write the policy: FastGen kinds, recovery curves, funnel."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kvc.models import architecture
+    from kvc.profiler import profile as profiler
+    from kvc.profiler.prompts import load_prompts
+
+    profiler.check_threshold(threshold)
+    profiler.check_output(out)
+    prompt_set = load_prompts(prompts)
+    loaded = profiler.load_model(model, device=device, dtype=dtype)
+    steps = len(prompt_set.prompts) * architecture(loaded.model.config).num_layers
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("profiling", total=steps)
+        try:
+            policy = profiler.profile_model(
+                loaded, prompt_set, threshold, max_tokens=max_tokens, strict=strict,
+                progress=lambda name: bar.update(task, advance=1, description=f"profiling {name}"),
+                warn=lambda message: bar.console.print(f"[yellow]warning:[/] {message}", highlight=False),
+            )
+        except KeyboardInterrupt:
+            raise KvcError(f"interrupted; nothing was written to {out}") from None
+    policy.save(out)
+    for line in profiler.summary_lines(profiler.summarise(policy)):
+        console.print(line, highlight=False)
+    console.print(f"profiled {policy.profile.prompt_count} prompts ({sum(policy.profile.token_counts)} tokens) "
+                  f"in {policy.profile.seconds:.0f} s; wrote {out}")
+
+
+@app.command("eval")
+def eval_command(
+    model: Optional[str] = MODEL_ARGUMENT,
+    policy: Optional[Path] = typer.Option(None, "--policy", help="A policy from `kvc profile` (kvc, kvc-fastgen, snapkv, pyramidkv and adakv need one)."),
+    plan: Optional[Path] = typer.Option(None, "--plan", help="A compiled plan to evaluate as the kvc method instead of compiling one."),
+    tasks: str = typer.Option("passkey,niah,ppl", "--tasks", help="Comma-separated: passkey, niah, ppl."),
+    methods: str = typer.Option("kvc,kvc-fastgen,full,streamingllm,h2o,snapkv,pyramidkv,adakv", "--methods", help="Comma-separated methods."),
+    budgets: str = typer.Option("0.25", "--budgets", help="Comma-separated shares of the full cache's bytes, in (0, 1]."),
+    lengths: str = typer.Option("1024", "--lengths", help="Comma-separated prompt lengths in tokens."),
+    depths: str = typer.Option("0,0.5,1", "--depths", help="Comma-separated needle depths in [0, 1]."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every record and the settings here."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Draw the Pareto plot (cache bytes vs score) here."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+):
+    """Evaluate kvc and the baselines at equal cache bytes on passkey, needle and perplexity."""
+    from kvc.eval import report
+    from kvc.eval.baselines import METHODS
+    from kvc.eval.harness import TASKS, evaluate
+    from kvc.eval.settings import parse_settings
+    from kvc.models import load
+    from kvc.plan import Plan
+    from kvc.policies.schema import load_policy
+
+    settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASKS, known_methods=METHODS,
+                              policy=policy and str(policy), plan=plan and str(plan))
+    needing = [m for m in settings.methods if METHODS[m].needs_policy and not (m == "kvc" and plan)]
+    if needing and policy is None:
+        raise KvcError(f"--policy: {', '.join(needing)} need a policy (from `kvc profile`); give --policy POLICY")
+    loaded_policy = load_policy(policy) if policy is not None else None
+    compiled = Plan.load(plan) if plan is not None else None
+    loaded = load(model, dtype="float32", device=device)
+    settings.model = loaded.source.name
+    results = evaluate(loaded, settings, loaded_policy, compiled)
+    console.print(report.render(results))
+    for path, write in ((json_out, report.write_json), (png, report.draw)):
+        if path is not None:
+            write(results, path)
+            console.print(f"wrote {path}")
+
+
 def main(argv=None):
     """Entry point: run the app, turning user errors into one line and exit code 2.
 

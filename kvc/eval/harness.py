@@ -1,0 +1,178 @@
+"""The evaluation harness: tasks x methods x budgets x lengths x depths, every sample through kvc's runtime.
+
+Passkey and needle prompts are continued greedily by `generate`; perplexity is teacher-forced,
+the prefix prefilled into the method's cache and the continuation fed one token per step. Each
+(task, length) gets one max length (its longest prompt plus the new tokens), the budgets are
+shares of the full cache's bytes there, and `full` runs once as the reference (budget 1).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+from kvc.eval.baselines import full_bytes, method_plan
+from kvc.eval.niah import needle_sample, needle_score
+from kvc.eval.passkey import passkey_correct, passkey_sample
+from kvc.eval.perplexity import perplexity, perplexity_sample
+from kvc.eval.settings import Settings
+from kvc.models import LoadedModel
+from kvc.plan import Plan
+from kvc.policies.errors import KvcError
+from kvc.policies.schema import Policy
+from kvc.runtime.apply import apply
+from kvc.runtime.generate import generate
+
+
+@dataclass(frozen=True)
+class Sample:
+    depth: float | None
+    num_tokens: int  # prompt (or prefix) tokens
+    payload: object  # the prompt text, or a PerplexitySample
+    score: Callable[[str], float] | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    score: float
+    completion: str
+    cache_bytes: int
+
+
+@dataclass(frozen=True)
+class Task:
+    samples: Callable[[object, int, list[float], Settings], list[Sample]]
+    run: Callable[[LoadedModel, Plan, Sample, int], Outcome]
+    higher_is_better: bool = True
+
+
+@dataclass
+class Record:
+    task: str
+    method: str
+    budget: float
+    length: int
+    depth: float | None
+    score: float
+    cache_bytes: int
+    full_bytes: int
+    max_len: int
+    completion: str
+
+
+@dataclass
+class Results:
+    settings: Settings
+    records: list[Record] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"settings": asdict(self.settings), "seconds": round(self.seconds, 1),
+                "records": [asdict(record) for record in self.records]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Results:
+        """Results read back from `to_dict` (the JSON report), to render or plot them again."""
+        return cls(Settings(**data["settings"]), [Record(**record) for record in data["records"]], data["seconds"])
+
+
+def passkey_samples(tokenizer, length, depths, settings) -> list[Sample]:
+    samples = [passkey_sample(tokenizer, length, depth, settings.seed) for depth in depths]
+    return [Sample(s.depth, s.num_tokens, s.text, lambda text, s=s: float(passkey_correct(s, text))) for s in samples]
+
+
+def needle_samples(tokenizer, length, depths, settings) -> list[Sample]:
+    samples = [needle_sample(tokenizer, length, depth) for depth in depths]
+    return [Sample(s.depth, s.num_tokens, s.text, needle_score) for s in samples]
+
+
+def perplexity_samples(tokenizer, length, depths, settings) -> list[Sample]:
+    sample = perplexity_sample(tokenizer, length, settings.continuation)
+    return [Sample(None, len(sample.prefix_ids), sample)]
+
+
+def run_generation(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:
+    result = generate(loaded, sample.payload, plan, max_new_tokens=new_tokens)
+    return Outcome(sample.score(result.texts[0]), result.texts[0], result.cache_bytes)
+
+
+def run_perplexity(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:
+    """Teacher-forced perplexity of the continuation, one decode step per token through the plan's cache."""
+    model, text = loaded.model, sample.payload
+    plan.check_length(len(text.prefix_ids) + len(text.continuation_ids))
+    tokens = torch.tensor([text.prefix_ids + text.continuation_ids], device=model.device)
+    prefix = len(text.prefix_ids)
+    nll = []
+    with torch.no_grad(), apply(loaded, plan) as applied:
+        cache = applied.cache()
+        logits = model(input_ids=tokens[:, :prefix], past_key_values=cache, use_cache=True).logits[0, -1]
+        for step in range(prefix, tokens.shape[1]):
+            nll.append(float(-torch.log_softmax(logits.float(), dim=-1)[tokens[0, step]]))
+            if step + 1 < tokens.shape[1]:
+                logits = model(input_ids=tokens[:, step:step + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+    return Outcome(perplexity(nll), "", cache.nbytes())
+
+
+TASKS: dict[str, Task] = {
+    "passkey": Task(passkey_samples, run_generation),
+    "niah": Task(needle_samples, run_generation),
+    "ppl": Task(perplexity_samples, run_perplexity, higher_is_better=False),
+}
+
+
+def new_tokens(task: str, settings: Settings) -> int:
+    """Tokens after the prompt: the answer's, or the teacher-forced continuation's."""
+    return settings.continuation if task == "ppl" else settings.answer_tokens
+
+
+def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = None, plan: Plan | None = None,
+             show_progress: bool = True) -> Results:
+    """Run every (task, length, method, budget, sample); `plan`, when given, is the `kvc` method's plan."""
+    began = time.perf_counter()
+    results = Results(settings)
+    work = []  # (task, length, method, budget, max_len, plan, samples)
+    for task in settings.tasks:
+        for length in settings.lengths:
+            samples = TASKS[task].samples(loaded.tokenizer, length, settings.depths, settings)
+            max_len = max(sample.num_tokens for sample in samples) + new_tokens(task, settings)
+            for method in settings.methods:
+                for budget in [1.0] if method == "full" else settings.budgets:
+                    built = given_plan(loaded, plan, max_len, budget, settings.dtype) if method == "kvc" and plan \
+                        else method_plan(method, loaded, policy, max_len, budget, settings.dtype)
+                    work.append((task, length, method, budget, max_len, built, samples))
+    total = sum(len(item[-1]) for item in work)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  disable=not show_progress, transient=True) as progress:
+        bar = progress.add_task("eval", total=total)
+        for task, length, method, budget, max_len, built, samples in work:
+            for sample in samples:
+                progress.update(bar, description=f"{task} {length} {method} {budget:g}")
+                outcome = TASKS[task].run(loaded, built, sample, new_tokens(task, settings))
+                results.records.append(Record(task, method, budget, length, sample.depth, outcome.score,
+                                              outcome.cache_bytes, full_bytes(loaded, max_len, settings.dtype),
+                                              max_len, outcome.completion))
+                progress.advance(bar)
+    results.seconds = time.perf_counter() - began
+    return results
+
+
+def given_plan(loaded: LoadedModel, plan: Plan, max_len: int, budget: float, dtype: str) -> Plan:
+    """A user's compiled plan as the `kvc` method: it must serve max_len within the budget."""
+    plan.check_length(max_len)
+    allowed = int(budget * full_bytes(loaded, max_len, dtype))
+    if plan.cache_bytes > allowed:
+        raise KvcError(f"--plan takes {plan.cache_bytes} bytes, more than the budget {budget:g} allows at length "
+                       f"{max_len} ({allowed} bytes); compile it for a smaller target or raise --budgets")
+    if plan.target.dtype != dtype:
+        raise KvcError(f"--plan was compiled for {plan.target.dtype}, the model runs in {dtype}")
+    return plan

@@ -1,0 +1,72 @@
+"""What one evaluation runs, parsed from the command line's comma-separated lists and checked.
+
+Unknown task or method names are refused with the close matches; budgets must lie in (0, 1],
+depths in [0, 1], lengths be positive; no list may be empty. Every refusal is one `KvcError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+from kvc.policies.errors import KvcError
+
+
+@dataclass
+class Settings:
+    tasks: list[str]
+    methods: list[str]
+    budgets: list[float]
+    lengths: list[int]
+    depths: list[float]
+    answer_tokens: int = 12  # decoded after passkey and needle prompts
+    continuation: int = 32  # teacher-forced tokens after the perplexity prefix
+    seed: int = 0
+    dtype: str = "float32"
+    model: str = ""
+    policy: str | None = None
+    plan: str | None = None
+
+
+def items(text: str, option: str) -> list[str]:
+    values = [item.strip() for item in str(text).split(",") if item.strip()]
+    if not values:
+        raise KvcError(f"{option}: give at least one value")
+    return values
+
+
+def names(text: str, known, option: str) -> list[str]:
+    values = items(text, option)
+    for value in values:
+        if value not in known:
+            close = difflib.get_close_matches(value, list(known), n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise KvcError(f"{option}: unknown name {value!r} (expected some of {', '.join(known)}){hint}")
+    return list(dict.fromkeys(values))
+
+
+def numbers(text: str, option: str, convert, low: float, high: float, low_open: bool) -> list:
+    values = []
+    for item in items(text, option):
+        try:
+            value = convert(item)
+        except ValueError:
+            raise KvcError(f"{option}: {item!r} is not a number") from None
+        if value > high or value < low or (low_open and value == low):
+            bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            raise KvcError(f"{option}: {item} is outside {bounds}")
+        values.append(value)
+    return list(dict.fromkeys(values))
+
+
+def parse_settings(tasks: str, methods: str, budgets: str, lengths: str, depths: str, *, known_tasks,
+                   known_methods, **extra) -> Settings:
+    """Settings from the CLI's comma-separated lists, checked; `extra` sets the remaining fields."""
+    return Settings(
+        tasks=names(tasks, known_tasks, "--tasks"),
+        methods=names(methods, known_methods, "--methods"),
+        budgets=numbers(budgets, "--budgets", float, 0.0, 1.0, low_open=True),
+        lengths=numbers(lengths, "--lengths", int, 1, float("inf"), low_open=False),
+        depths=numbers(depths, "--depths", float, 0.0, 1.0, low_open=False),
+        **extra,
+    )

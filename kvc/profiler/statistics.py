@@ -1,0 +1,85 @@
+"""Blockwise attention for one layer that also yields its statistics at the probe queries.
+
+Queries run in blocks: each block's causal softmax gives the layer's output (probabilities ×
+values, as eager attention computes it) and adds its column sums to running per-key totals, the
+accumulated attention, which are snapshotted at every probe. Working memory is one block of
+logits plus O(n) per head, so it grows linearly with the prompt; the statistics come from the
+probe rows (kvc.profiler.recovery).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvc.profiler.measures import DEFAULT_RATIOS, LayerStatistics
+from kvc.profiler.recovery import probe_statistics
+
+# Elements of one block of attention logits (float32): bounds the working memory of a layer.
+BLOCK_ELEMENTS = 1 << 22
+# Query rows per block at most: short blocks skip most of the causal mask's empty upper triangle.
+BLOCK_ROWS = 128
+
+
+def measured_attention(query, key, value, attention_mask, scaling, probes, is_special, is_punct,
+                       ratios=DEFAULT_RATIOS) -> tuple[torch.Tensor, LayerStatistics]:
+    """A layer's attention output and statistics for one prompt, on the layer's device.
+
+    query (heads, n, d), key and value (kv_heads, n, d), post-RoPE; attention_mask: None (causal)
+    or the model's mask (1, 1 | heads, n, n), boolean or additive; probes (P,) sorted positions;
+    is_special, is_punct (n,) bool. Returns the output (n, heads, d) in the query's dtype."""
+    output, attention, scores = blockwise_attention(query, key, value, attention_mask, scaling, probes)
+    device = attention.device
+    stats = probe_statistics(attention, scores, probes.to(device) + 1, is_special.to(device), is_punct.to(device),
+                             query.shape[0] // key.shape[0], ratios)
+    return output, stats
+
+
+def blockwise_attention(query, key, value, attention_mask, scaling, probes):
+    """Output (n, heads, d), and the attention rows (heads, P, n) float32 and accumulated scores
+    (heads, P, n) float64 at the probes, zero beyond each probe's prefix."""
+    heads, length, dim = query.shape
+    kv_heads = key.shape[0]
+    group = heads // kv_heads
+    device = query.device
+    probes = probes.to(device)
+    queries = (query.float() * scaling).view(kv_heads, group, length, dim)
+    keys_t = key.float().transpose(-1, -2)  # (kv_heads, d, n)
+    values = value.float()  # (kv_heads, n, d_v)
+    output = torch.empty(kv_heads, group, length, value.shape[-1], device=device)
+    column_sums = torch.zeros(kv_heads, group, length, dtype=torch.float64, device=device)
+    attention = torch.zeros(kv_heads, group, len(probes), length, device=device)
+    scores = torch.zeros(kv_heads, group, len(probes), length, dtype=torch.float64, device=device)
+    block = max(1, min(BLOCK_ROWS, BLOCK_ELEMENTS // (heads * length)))
+    for start in range(0, length, block):
+        end = min(start + block, length)
+        rows = queries[:, :, start:end].reshape(kv_heads, -1, dim)  # (kv_heads, group·b, d): no repeated keys
+        logits = torch.matmul(rows, keys_t[..., :end]).view(kv_heads, group, end - start, end)
+        _mask_block(logits, attention_mask, start, end)
+        weights = torch.softmax(logits, dim=-1)  # (kv_heads, group, b, end)
+        del logits
+        output[:, :, start:end] = torch.matmul(weights.view(kv_heads, -1, end), values[:, :end]).view(
+            kv_heads, group, end - start, -1)
+        inside = (probes >= start) & (probes < end)
+        if inside.any():
+            index, rows = inside.nonzero().squeeze(-1), probes[inside] - start
+            upto = (torch.arange(end - start, device=device)[None, :] <= rows[:, None]).float()  # (p, b)
+            scores[..., index, :end] = column_sums[..., :end].unsqueeze(-2) + torch.matmul(upto, weights).double()
+            attention[..., index, :end] = weights[..., rows, :]
+        column_sums[..., :end] += weights.sum(-2)
+    output = output.view(heads, length, -1).transpose(0, 1).to(query.dtype)
+    return output, attention.view(heads, len(probes), length), scores.view(heads, len(probes), length)
+
+
+def _mask_block(logits, attention_mask, start: int, end: int) -> None:
+    """Mask a block of logits (kv_heads, group, b, end) in place: causal, or the model's mask."""
+    if attention_mask is None:
+        rows = torch.arange(start, end, device=logits.device)
+        future = torch.arange(start, end, device=logits.device)[None, :] > rows[:, None]  # (b, b)
+        logits[..., start:end].masked_fill_(future, float("-inf"))
+        return
+    rows = attention_mask[0, :, start:end, :end]  # (1 | heads, b, end)
+    rows = rows.reshape(-1, logits.shape[1], *rows.shape[-2:]) if rows.shape[0] > 1 else rows.unsqueeze(0)
+    if rows.dtype == torch.bool:
+        logits.masked_fill_(~rows.to(logits.device), float("-inf"))
+    else:
+        logits.add_(rows.to(device=logits.device, dtype=logits.dtype))

@@ -1,0 +1,85 @@
+"""The harness end to end on the embedded model, its report files, and the `kvc eval` error paths."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from kvc.cli import main
+from kvc.eval import report
+from kvc.eval.baselines import method_plan
+from kvc.eval.harness import Results, Sample, evaluate, given_plan, run_perplexity
+from kvc.eval.perplexity import perplexity_sample
+from kvc.eval.settings import Settings
+from kvc.policies.errors import KvcError
+
+
+@pytest.fixture(scope="module")
+def results(smollm):
+    settings = Settings(tasks=["passkey"], methods=["full", "streamingllm"], budgets=[0.25], lengths=[400],
+                        depths=[0.0, 0.5], answer_tokens=8)
+    return evaluate(smollm, settings, show_progress=False)
+
+
+def test_every_sample_runs_through_every_method_at_its_bytes(results):
+    records = results.records
+    assert [(r.method, r.budget, r.depth) for r in records] == [
+        ("full", 1.0, 0.0), ("full", 1.0, 0.5), ("streamingllm", 0.25, 0.0), ("streamingllm", 0.25, 0.5)]
+    for record in records:
+        assert record.max_len > 400 and record.full_bytes > 0
+        if record.method == "streamingllm":
+            assert record.cache_bytes <= 0.25 * record.full_bytes
+    full = [r for r in records if r.method == "full"]
+    assert all(r.score == 1.0 for r in full)  # the embedded model finds the key with its whole cache
+    assert all(r.score in (0.0, 1.0) and r.completion for r in records)
+
+
+def test_report_table_json_and_png(results, tmp_path):
+    table = report.render(results)
+    assert [column.header for column in table.columns] == ["method", "budget", "cache", "passkey"]
+    data = json.loads(report.write_json(results, tmp_path / "eval.json").read_text())
+    assert data["settings"]["lengths"] == [400] and len(data["records"]) == 4
+    assert {row["method"] for row in data["summary"]} == {"full", "streamingllm"}
+    assert report.summary(Results.from_dict(data)) == data["summary"]
+    png = report.draw(results, tmp_path / "eval.png").read_bytes()
+    assert png.startswith(b"\x89PNG")
+
+
+def test_teacher_forced_perplexity_through_the_full_plan_matches_one_forward(smollm):
+    text = perplexity_sample(smollm.tokenizer, 48, continuation=4)
+    plan = method_plan("full", smollm, None, 52, 1.0)
+    through_cache = run_perplexity(smollm, plan, Sample(None, 48, text), 4).score
+    tokens = torch.tensor([text.prefix_ids + text.continuation_ids])
+    with torch.no_grad():
+        logits = smollm.model(input_ids=tokens).logits[0, 47:51].float()
+    nll = -torch.log_softmax(logits, -1).gather(1, tokens[0, 48:52, None]).squeeze(1)
+    assert through_cache == pytest.approx(math.exp(float(nll.mean())), rel=1e-3)
+
+
+def test_a_given_plan_must_serve_the_length_within_the_budget(smollm):
+    plan = method_plan("streamingllm", smollm, None, 500, 0.25)
+    assert given_plan(smollm, plan, 500, 0.25, "float32") is plan
+    with pytest.raises(KvcError, match="--max-len"):
+        given_plan(smollm, plan, 600, 0.25, "float32")
+    with pytest.raises(KvcError, match="more than the budget"):
+        given_plan(smollm, plan, 500, 0.1, "float32")
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--tasks", "paskey"], "did you mean passkey"),
+    (["--methods", "snapvk"], "did you mean snapkv"),
+    (["--budgets", "0"], "outside (0, 1]"),
+    (["--budgets", "1.5"], "outside (0, 1]"),
+    (["--depths", "2"], "outside [0, 1]"),
+    (["--lengths", ","], "at least one value"),
+    (["--budgets", "half"], "not a number"),
+    (["--methods", "full,kvc"], "need a policy"),
+])
+def test_cli_refuses_bad_input_in_one_line(arguments, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "--methods", "full", *arguments])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert message in error and "\n" not in error
+
