@@ -4,7 +4,7 @@ Each measurement runs in a fresh process: the model is loaded, one warm-up pass 
 tokens, then the timed pass. Peak memory is the highest resident set size sampled during the
 timed pass, less the resident size just before it (the pass's own working memory). Targets
 (issue 3): statistics add at most 50% to the forward time; peak memory at 8K tokens at most
-1.5 × a plain forward's. Prints a table and writes benchmarks/results/bench_profile.json.
+1.5 × a plain forward's. Prints a table and writes benchmarks/results/bench_profile_t{threads}.json.
 
     .venv/bin/python benchmarks/bench_profile.py [--lengths 512 2048 8192] [--threads N]
 """
@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "bench_profile.json"
+RESULTS = Path(__file__).parent / "results"
 MODES = ("forward", "profile")
 
 
@@ -142,9 +142,10 @@ def main() -> None:
         table.add_row(str(row["tokens"]), f"{row['forward_s']:.2f}", f"{row['profile_s']:.2f}", f"{row['time_ratio']:.2f}",
                       f"{row['forward_peak_mib']:.0f}", f"{row['profile_peak_mib']:.0f}", f"{row['memory_ratio']:.2f}")
     Console().print(table)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"benchmark": "bench_profile", "rows": rows}, indent=1) + "\n")
-    print(f"wrote {RESULTS}")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"bench_profile_t{rows[0]['threads']}.json"
+    path.write_text(json.dumps({"benchmark": "bench_profile", "rows": rows}, indent=1) + "\n")
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

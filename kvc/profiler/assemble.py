@@ -58,7 +58,7 @@ def _head(stats: LayerStatistics, kv_head: int, group: int, threshold: float) ->
             for name, row in zip(CURVE_KINDS, stats.curves[kv_head])
         },
         window_curves={
-            name: Curve(points=[float(w) for w in WINDOW_POINTS], recovery=_running_max([_mean(x) for x in row / probes]))
+            name: Curve(points=list(WINDOW_POINTS), recovery=_running_max([_mean(x) for x in row / probes]))
             for name, row in zip(WINDOW_KINDS, stats.window_curves[kv_head])
         },
         sink_mass=_mean(stats.sink_mass[list(members)].mean() / probes),

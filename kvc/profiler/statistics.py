@@ -65,7 +65,7 @@ def blockwise_attention(query, key, value, attention_mask, scaling, probes):
             upto = (torch.arange(end - start, device=device)[None, :] <= rows[:, None]).float()  # (p, b)
             scores[..., index, :end] = column_sums[..., :end].unsqueeze(-2) + torch.matmul(upto, weights).double()
             attention[..., index, :end] = weights[..., rows, :]
-        column_sums[..., :end] += weights.sum(-2)
+        column_sums[..., :end] += torch.matmul(torch.ones(1, end - start, device=device), weights).squeeze(-2)
     output = output.view(heads, length, -1).transpose(0, 1).to(query.dtype)
     return output, attention.view(heads, len(probes), length), scores.view(heads, len(probes), length)
 
