@@ -4,7 +4,7 @@ and the references against loop-by-loop computations that are correct by inspect
 import pytest
 import torch
 
-from kvc.runtime.kernels import (
+from kvc.runtime.kernels.prefill_scoring import (
     gather_into_segments,
     gather_into_segments_reference,
     gather_into_segments_triton,
