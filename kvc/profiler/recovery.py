@@ -42,7 +42,7 @@ CURVE_COLUMNS = len(CURVE_KINDS) * len(CURVE_POINTS)
 # Above this many keys, selecting order statistics row by row beats sorting rows whole (CPU).
 PARTITION_LENGTH = 2048
 # Elements of one chunk of probe rows (heads × probes × keys): bounds the metric stage's memory.
-CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS = 1 << 20
 
 
 def table_configs(length: int, ratios: Ratios, fastgen_only: bool = False) -> list[tuple[str, Budget]]:
