@@ -38,14 +38,6 @@ EXPECTED_WINDOWS = {"llama": [None, None], "mistral": [WINDOW, WINDOW], "qwen2":
                     "gemma3": [WINDOW, None]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
 def tiny(request, smollm):
     torch.manual_seed(0)

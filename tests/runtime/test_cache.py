@@ -21,15 +21,6 @@ PASSAGE = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many small tensor ops per step: on a shared CPU, waking a second thread costs more than it saves."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def greedy(model, input_ids, cache, attention_mask=None, new_tokens=8):
     with torch.no_grad():
         return model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, do_sample=False,

@@ -22,14 +22,6 @@ STORY = (
 PROMPT = STORY * 2 + "\nSummarize the story above in one sentence."
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def small_plan(smollm):
     return handmade_plan(smollm.model.config, smollm.tokenizer, "special+punct+frequency+local", 512,
