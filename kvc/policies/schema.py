@@ -53,6 +53,8 @@ class ProfileInfo:
     dtype: str = ""
     device: str = ""
     seconds: float = 0.0
+    retrieval_scheme: str = ""
+    copy_events: int = 0
 
 
 @dataclass
@@ -76,6 +78,7 @@ class QueryHeadProfile:
     recovery: float
     fastgen: dict[str, float] = field(default_factory=dict)
     sink_mass: float = 0.0
+    retrieval: float | None = None  # attention on the copied token at copy events; None: not measured
 
 
 @dataclass
@@ -92,6 +95,7 @@ class HeadProfile:
     sink_mass: float = 0.0
     punct_fraction: float = 0.0
     special_fraction: float = 0.0
+    retrieval: float | None = None  # the highest of its query heads' retrieval scores
     query_heads: list[QueryHeadProfile] = field(default_factory=list)
 
 
@@ -186,6 +190,10 @@ class _Reader:
     def optional(self, key):
         return self.data.get(key)
 
+    def optional_number(self, key, low=None, high=None) -> float | None:
+        value = self.data.get(key)
+        return None if value is None else _check_number(value, self._where(key), low, high)
+
 
 _REQUIRED = object()
 
@@ -256,6 +264,7 @@ def _parse_query_head(data, where: str) -> QueryHeadProfile:
         recovery=reader.number("recovery", low=0.0, high=1.0),
         fastgen=_parse_fastgen(reader),
         sink_mass=reader.number("sink_mass", default=0.0, low=0.0, high=1.0),
+        retrieval=reader.optional_number("retrieval", low=0.0, high=1.0),
     )
 
 
@@ -280,6 +289,7 @@ def _parse_head(data, where: str, group: int) -> HeadProfile:
         sink_mass=reader.number("sink_mass", default=0.0, low=0.0, high=1.0),
         punct_fraction=reader.number("punct_fraction", default=0.0, low=0.0, high=1.0),
         special_fraction=reader.number("special_fraction", default=0.0, low=0.0, high=1.0),
+        retrieval=reader.optional_number("retrieval", low=0.0, high=1.0),
         query_heads=query_heads,
     )
 
@@ -338,6 +348,8 @@ def _parse_profile(reader: _Reader) -> ProfileInfo:
         dtype=reader.string("dtype", default=""),
         device=reader.string("device", default=""),
         seconds=reader.number("seconds", default=0.0, low=0.0),
+        retrieval_scheme=reader.string("retrieval_scheme", default=""),
+        copy_events=reader.integer("copy_events", default=0),
     )
 
 

@@ -4,6 +4,7 @@ Means are over all probes of all prompts, rounded to 6 decimals. Each FastGen ta
 curve is made non-decreasing with a running maximum (exactly so in theory: every entry keeps a
 superset of the previous one's keys; this only removes rounding noise), and the choice at the
 threshold is read from the stored table, so anyone re-choosing from the artifact agrees.
+Retrieval scores are means over copy events (None when the prompts had none).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def _head(stats: LayerStatistics, kv_head: int, group: int, threshold: float) ->
         sink_mass=_mean(stats.sink_mass[list(members)].mean() / probes),
         punct_fraction=_mean(stats.punct_fraction / probes),
         special_fraction=_mean(stats.special_fraction / probes),
+        retrieval=None if not stats.copy_events else max(_retrieval(stats, head) for head in members),
         query_heads=[_query_head(stats, head, threshold) for head in members],
     )
 
@@ -75,7 +77,12 @@ def _query_head(stats: LayerStatistics, head: int, threshold: float) -> QueryHea
     return QueryHeadProfile(
         index=head, kind=kind, recovery=fastgen[kind], fastgen=fastgen,
         sink_mass=_mean(stats.sink_mass[head] / stats.probes),
+        retrieval=_retrieval(stats, head),
     )
+
+
+def _retrieval(stats: LayerStatistics, head: int) -> float | None:
+    return _mean(stats.copy_mass[head] / stats.copy_events) if stats.copy_events else None
 
 
 def _fastgen_table(row) -> dict[str, float]:

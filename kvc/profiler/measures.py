@@ -6,6 +6,12 @@ its prefix of n = i + 1 keys. Heavy-hitter scores at probe i are H2O/FastGen acc
 attention, Σ_{q ≤ i} A_qj, over all of the prompt's queries up to i. A KV head keeps one set for
 its query group, chosen from the group's summed scores, and recovers the mean of its query heads'
 recoveries with that set (DESIGN.md GQA). Budgets are round(x·n) tokens, at least 1 when x > 0.
+
+Retrieval (DESIGN.md, after the retrieval heads of 2404.15574): a copy event is a query i whose
+last COPY_NGRAM tokens appeared before, ending at j - 1 at least COPY_MIN_DISTANCE tokens back,
+with t_j = t_{i+1}: the next token can be copied from position j. A head's retrieval score is its
+mean attention A_ij over the prompts' copy events; a KV head takes the highest of its query group,
+since one copying query head needs the group's keys.
 """
 
 from __future__ import annotations
@@ -34,6 +40,13 @@ PROBE_SCHEME = (
     f"last {RECENT_PROBES} queries + {SAMPLED_PROBES} sampled without replacement from positions "
     f"[{FIRST_SAMPLED_POSITION}, n-{RECENT_PROBES}) (torch.randperm, seed crc32 of the token ids); "
     "heavy-hitter scores: attention accumulated over all queries <= the probe"
+)
+
+COPY_NGRAM = 3
+COPY_MIN_DISTANCE = 64
+RETRIEVAL_SCHEME = (
+    f"copy events: queries whose last {COPY_NGRAM} tokens occurred before, at least {COPY_MIN_DISTANCE} "
+    "tokens back, followed by the query's next token; score: mean attention on that earlier token"
 )
 
 
@@ -84,6 +97,20 @@ def probe_positions(token_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([sampled, recent]).sort().values
 
 
+def copy_events(token_ids: torch.Tensor) -> torch.Tensor:
+    """(E, 2) long (query, source) pairs of a prompt: see the module docstring. token_ids: (n,)."""
+    ids = token_ids.tolist()
+    latest: dict[tuple[int, ...], int] = {}  # each n-gram's latest end position
+    events = []
+    for query in range(COPY_NGRAM - 1, len(ids) - 1):
+        ngram = tuple(ids[query - COPY_NGRAM + 1:query + 1])
+        end = latest.get(ngram)
+        if end is not None and ids[end + 1] == ids[query + 1] and query - (end + 1) >= COPY_MIN_DISTANCE:
+            events.append((query, end + 1))
+        latest[ngram] = query
+    return torch.tensor(events, dtype=torch.long).view(-1, 2)
+
+
 @dataclass
 class LayerStatistics:
     """A layer's measurements summed over probe queries (float64, CPU); divide by `probes`.
@@ -101,6 +128,8 @@ class LayerStatistics:
     funnel: torch.Tensor  # (heads, levels): key fractions
     special_fraction: float
     punct_fraction: float
+    copy_events: int = 0
+    copy_mass: torch.Tensor | None = None  # (heads,) attention on the sources, summed over copy events
 
     def __add__(self, other: LayerStatistics) -> LayerStatistics:
         return LayerStatistics(
@@ -113,4 +142,6 @@ class LayerStatistics:
             funnel=self.funnel + other.funnel,
             special_fraction=self.special_fraction + other.special_fraction,
             punct_fraction=self.punct_fraction + other.punct_fraction,
+            copy_events=self.copy_events + other.copy_events,
+            copy_mass=self.copy_mass + other.copy_mass,
         )

@@ -27,8 +27,10 @@ from kvc.profiler.capture import capturing
 from kvc.profiler.measures import (
     DEFAULT_RATIOS,
     PROBE_SCHEME,
+    RETRIEVAL_SCHEME,
     LayerStatistics,
     Ratios,
+    copy_events,
     probe_positions,
 )
 from kvc.profiler.prompts import PromptSet, load_prompts, prompt_token_ids
@@ -99,6 +101,7 @@ class StatisticsObserver:
     def start(self, prompt: TokenizedPrompt) -> None:
         self.prompt = prompt
         self.probes = probe_positions(prompt.token_ids)
+        self.copies = copy_events(prompt.token_ids)
         self.is_special = torch.isin(prompt.token_ids, self.special)
         self.is_punct = torch.isin(prompt.token_ids, self.punctuation)
         self.layers_seen = 0
@@ -108,7 +111,7 @@ class StatisticsObserver:
         self.layers_seen += 1
         assert query.shape[0] == 1 and query.shape[2] == key.shape[2], "one prompt at a time, without a cache"
         output, stats = self.attention(query[0], key[0], value[0], attention_mask, scaling, self.probes,
-                                       self.is_special, self.is_punct, self.ratios)
+                                       self.is_special, self.is_punct, self.ratios, self.copies)
         self.totals[layer] = stats if self.totals[layer] is None else self.totals[layer] + stats
         if self.progress is not None:
             self.progress(self.prompt.name)
@@ -164,6 +167,7 @@ def profile_model(
             frequency_ratio=ratios.frequency, sinks=ratios.sinks, probe_scheme=PROBE_SCHEME,
             dtype=str(model.dtype).removeprefix("torch."), device=model_devices(model),
             seconds=round(time.perf_counter() - started, 2),
+            retrieval_scheme=RETRIEVAL_SCHEME, copy_events=observer.totals[0].copy_events,
         ),
         tokens=tokens,
         layers=[layer_profile(i, stats, threshold) for i, stats in enumerate(observer.totals)],

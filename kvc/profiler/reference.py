@@ -7,6 +7,8 @@ probe by probe. The blockwise attention must agree with it; tests check they do.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from kvc.policies.kinds import FASTGEN_POLICIES, keep_set, special_keep
@@ -40,14 +42,17 @@ def eager_attention(query, key, attention_mask, scaling) -> torch.Tensor:
 
 
 def reference_attention(query, key, value, attention_mask, scaling, probes, is_special, is_punct,
-                        ratios=DEFAULT_RATIOS) -> tuple[torch.Tensor, LayerStatistics]:
+                        ratios=DEFAULT_RATIOS, copies=None) -> tuple[torch.Tensor, LayerStatistics]:
     """Same inputs and results as `statistics.measured_attention`, by the definitions."""
+    copies = torch.zeros(0, 2, dtype=torch.long) if copies is None else copies.cpu()
     heads, kv_heads = query.shape[0], key.shape[0]
     group = heads // kv_heads
     attention = eager_attention(query, key, attention_mask, scaling)
     values = value.double().repeat_interleave(group, 0)
     output = torch.matmul(attention, values).transpose(0, 1).to(query.dtype)  # (n, heads, d)
-    return output, reference_statistics(attention.cpu(), probes, is_special.cpu(), is_punct.cpu(), kv_heads, ratios)
+    stats = reference_statistics(attention.cpu(), probes, is_special.cpu(), is_punct.cpu(), kv_heads, ratios)
+    copy_mass = attention.cpu()[:, copies[:, 0], copies[:, 1]].sum(-1)
+    return output, replace(stats, copy_events=len(copies), copy_mass=copy_mass)
 
 
 def reference_statistics(attention, probes, is_special, is_punct, kv_heads: int, ratios=DEFAULT_RATIOS) -> LayerStatistics:

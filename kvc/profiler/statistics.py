@@ -2,12 +2,15 @@
 
 Queries run in blocks: each block's causal softmax gives the layer's output (probabilities ×
 values, as eager attention computes it) and adds its column sums to running per-key totals, the
-accumulated attention, which are snapshotted at every probe. Working memory is one block of
-logits plus O(n) per head, so it grows linearly with the prompt; the statistics come from the
-probe rows (kvc.profiler.recovery).
+accumulated attention, which are snapshotted at every probe, and picks out the attention of
+copy events on their sources (retrieval). Working memory is one block of logits plus O(n) per
+head, so it grows linearly with the prompt; the statistics come from the probe rows
+(kvc.profiler.recovery).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -21,27 +24,30 @@ BLOCK_ROWS = 128
 
 
 def measured_attention(query, key, value, attention_mask, scaling, probes, is_special, is_punct,
-                       ratios=DEFAULT_RATIOS) -> tuple[torch.Tensor, LayerStatistics]:
+                       ratios=DEFAULT_RATIOS, copies=None) -> tuple[torch.Tensor, LayerStatistics]:
     """A layer's attention output and statistics for one prompt, on the layer's device.
 
     query (heads, n, d), key and value (kv_heads, n, d), post-RoPE; attention_mask: None (causal)
     or the model's mask (1, 1 | heads, n, n), boolean or additive; probes (P,) sorted positions;
-    is_special, is_punct (n,) bool. Returns the output (n, heads, d) in the query's dtype."""
-    output, attention, scores = blockwise_attention(query, key, value, attention_mask, scaling, probes)
+    is_special, is_punct (n,) bool; copies (E, 2) copy events (query, source), None for none.
+    Returns the output (n, heads, d) in the query's dtype."""
+    copies = torch.zeros(0, 2, dtype=torch.long) if copies is None else copies
+    output, attention, scores, copy_mass = blockwise_attention(query, key, value, attention_mask, scaling, probes, copies)
     device = attention.device
     stats = probe_statistics(attention, scores, probes.to(device) + 1, is_special.to(device), is_punct.to(device),
                              query.shape[0] // key.shape[0], ratios)
-    return output, stats
+    return output, replace(stats, copy_events=len(copies), copy_mass=copy_mass.cpu())
 
 
-def blockwise_attention(query, key, value, attention_mask, scaling, probes):
-    """Output (n, heads, d), and the attention rows (heads, P, n) float32 and accumulated scores
-    (heads, P, n) float64 at the probes, zero beyond each probe's prefix."""
+def blockwise_attention(query, key, value, attention_mask, scaling, probes, copies):
+    """Output (n, heads, d), the attention rows (heads, P, n) float32 and accumulated scores
+    (heads, P, n) float64 at the probes (zero beyond each probe's prefix), and the attention of the
+    copy events (E, 2) on their sources, summed: (heads,) float64."""
     heads, length, dim = query.shape
     kv_heads = key.shape[0]
     group = heads // kv_heads
     device = query.device
-    probes = probes.to(device)
+    probes, copies = probes.to(device), copies.to(device)
     queries = (query.float() * scaling).view(kv_heads, group, length, dim)
     keys_t = key.float().transpose(-1, -2)  # (kv_heads, d, n)
     values = value.float()  # (kv_heads, n, d_v)
@@ -49,6 +55,7 @@ def blockwise_attention(query, key, value, attention_mask, scaling, probes):
     column_sums = torch.zeros(kv_heads, group, length, dtype=torch.float64, device=device)
     attention = torch.zeros(kv_heads, group, len(probes), length, device=device)
     scores = torch.zeros(kv_heads, group, len(probes), length, dtype=torch.float64, device=device)
+    copy_mass = torch.zeros(kv_heads, group, dtype=torch.float64, device=device)
     block = max(1, min(BLOCK_ROWS, BLOCK_ELEMENTS // (heads * length)))
     for start in range(0, length, block):
         end = min(start + block, length)
@@ -65,9 +72,13 @@ def blockwise_attention(query, key, value, attention_mask, scaling, probes):
             upto = (torch.arange(end - start, device=device)[None, :] <= rows[:, None]).float()  # (p, b)
             scores[..., index, :end] = column_sums[..., :end].unsqueeze(-2) + torch.matmul(upto, weights).double()
             attention[..., index, :end] = weights[..., rows, :]
+        copying = copies[(copies[:, 0] >= start) & (copies[:, 0] < end)]
+        if len(copying):
+            copy_mass += weights[..., copying[:, 0] - start, copying[:, 1]].sum(-1).double()
         column_sums[..., :end] += torch.matmul(torch.ones(1, end - start, device=device), weights).squeeze(-2)
     output = output.view(heads, length, -1).transpose(0, 1).to(query.dtype)
-    return output, attention.view(heads, len(probes), length), scores.view(heads, len(probes), length)
+    return (output, attention.view(heads, len(probes), length), scores.view(heads, len(probes), length),
+            copy_mass.view(heads))
 
 
 def _mask_block(logits, attention_mask, start: int, end: int) -> None:

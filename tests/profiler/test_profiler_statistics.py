@@ -5,9 +5,11 @@ import torch
 
 from kvc.profiler import statistics
 from kvc.profiler.measures import (
+    COPY_MIN_DISTANCE,
     FIRST_SAMPLED_POSITION,
     RECENT_PROBES,
     SAMPLED_PROBES,
+    copy_events,
     probe_positions,
 )
 from kvc.profiler.reference import reference_attention
@@ -27,6 +29,17 @@ def synthetic_layer(heads, kv_heads, length, dim=16, seed=0):
     return query, key, value, probe_positions(token_ids), is_special, is_punct
 
 
+def synthetic_copies(length, seed=0):
+    """Copy events of random tokens whose first tokens repeat at the end, far enough back."""
+    generator = torch.Generator().manual_seed(seed)
+    token_ids = torch.randint(0, 10_000, (length,), generator=generator)
+    repeated = min(40, length - COPY_MIN_DISTANCE - 2)
+    token_ids[-repeated:] = token_ids[:repeated]
+    events = copy_events(token_ids)
+    assert len(events) > 0
+    return events
+
+
 def sliding_mask(length, window, boolean=True):
     rows, columns = torch.arange(length)[:, None], torch.arange(length)[None, :]
     allowed = (columns <= rows) & (columns > rows - window)
@@ -42,14 +55,19 @@ def assert_agree(measured, reference, tolerance=1e-6):
         assert difference < tolerance, field
     assert measured.special_fraction == pytest.approx(reference.special_fraction, abs=1e-9)
     assert measured.punct_fraction == pytest.approx(reference.punct_fraction, abs=1e-9)
+    assert measured.copy_events == reference.copy_events
+    assert (measured.copy_mass - reference.copy_mass).abs().max().item() < 1e-6 * max(1, measured.copy_events)
 
 
 @pytest.mark.parametrize("heads, kv_heads, length", [(4, 4, 90), (6, 2, 300), (8, 1, 150)])
 def test_blockwise_statistics_match_the_reference(heads, kv_heads, length):
     query, key, value, probes, is_special, is_punct = synthetic_layer(heads, kv_heads, length)
-    output, measured = measured_attention(query, key, value, None, 0.25, probes, is_special, is_punct)
-    expected_output, reference = reference_attention(query, key, value, None, 0.25, probes, is_special, is_punct)
+    copies = synthetic_copies(length)
+    output, measured = measured_attention(query, key, value, None, 0.25, probes, is_special, is_punct, copies=copies)
+    expected_output, reference = reference_attention(query, key, value, None, 0.25, probes, is_special, is_punct,
+                                                     copies=copies)
     assert_agree(measured, reference)
+    assert measured.copy_mass.shape == (heads,) and (measured.copy_mass > 0).all()
     assert torch.allclose(output, expected_output, atol=1e-5)
 
 
@@ -57,13 +75,16 @@ def test_blockwise_statistics_match_the_reference(heads, kv_heads, length):
 def test_a_models_mask_is_honoured(boolean):
     query, key, value, probes, is_special, is_punct = synthetic_layer(4, 2, 120)
     mask = sliding_mask(120, 20, boolean)
-    output, measured = measured_attention(query, key, value, mask, 0.25, probes, is_special, is_punct)
-    expected_output, reference = reference_attention(query, key, value, mask, 0.25, probes, is_special, is_punct)
+    copies = synthetic_copies(120)
+    output, measured = measured_attention(query, key, value, mask, 0.25, probes, is_special, is_punct, copies=copies)
+    expected_output, reference = reference_attention(query, key, value, mask, 0.25, probes, is_special, is_punct,
+                                                     copies=copies)
     assert_agree(measured, reference)
     assert torch.allclose(output, expected_output, atol=1e-5)
     local = measured.window_curves[:, 0, 0] / measured.probes  # local, 16 tokens
     wide = measured.window_curves[:, 0, 1] / measured.probes  # local, 64 tokens >= the 20-token window
     assert (local < 0.999).all() and torch.allclose(wide, torch.ones_like(wide))
+    assert measured.copy_mass.abs().max() == 0  # every source lies outside the 20-token window
 
 
 def test_the_output_is_sdpa_attention():
@@ -77,9 +98,11 @@ def test_the_output_is_sdpa_attention():
 
 def test_blocks_do_not_change_the_result(monkeypatch):
     query, key, value, probes, is_special, is_punct = synthetic_layer(4, 2, 160)
-    output, whole = measured_attention(query, key, value, None, 0.25, probes, is_special, is_punct)
+    copies = synthetic_copies(160)
+    output, whole = measured_attention(query, key, value, None, 0.25, probes, is_special, is_punct, copies=copies)
     monkeypatch.setattr(statistics, "BLOCK_ROWS", 7)
-    blocked_output, blocked = measured_attention(query, key, value, None, 0.25, probes, is_special, is_punct)
+    blocked_output, blocked = measured_attention(query, key, value, None, 0.25, probes, is_special, is_punct,
+                                                 copies=copies)
     assert_agree(blocked, whole, tolerance=1e-9)
     assert torch.allclose(output, blocked_output, atol=1e-6)
 
@@ -103,3 +126,15 @@ def test_probe_scheme():
     assert (probes[:SAMPLED_PROBES] >= FIRST_SAMPLED_POSITION).all()
     assert not torch.equal(probes, probe_positions(token_ids + 1))  # seeded by the tokens
     assert probe_positions(torch.arange(20)).tolist() == list(range(20))
+
+
+def test_copy_events_by_definition():
+    filler = list(range(100, 100 + COPY_MIN_DISTANCE))
+    token_ids = torch.tensor([1, 2, 3, 4] + filler + [1, 2, 3, 4, 1, 2, 3, 9])
+    events = copy_events(token_ids).tolist()
+    second = 4 + len(filler)
+    # "1 2 3" again at second..second+2 predicts 4, copied from position 3, far enough back
+    assert events == [[second + 2, 3]]
+    # the third "1 2 3" is 4 tokens after the second (too close) and is followed by 9, not 4
+    assert copy_events(torch.arange(50)).shape == (0, 2)
+    assert copy_events(torch.tensor([5])).shape == (0, 2)
