@@ -20,6 +20,7 @@ from kvc.eval.passkey import passkey_correct, passkey_sample
 from kvc.policies.errors import KvcError
 from kvc.policies.schema import Policy, load_policy, save_policy
 from kvc.profiler import load_prompts, profile_model
+from kvc.profiler.measures import RETRIEVAL_SCHEME
 from kvc.report import human_bytes
 from kvc.runtime.generate import generate
 
@@ -35,8 +36,10 @@ def cached_policy(loaded, console: Console) -> Policy:
     digest = f"{loaded.fingerprint}-{prompts.digest}".replace("sha256:", "")
     path = models.cache_root() / "policies" / f"{loaded.source.name}-{digest}.yaml"
     if path.is_file():
-        console.print(f"reusing the policy profiled earlier: {path}")
-        return load_policy(path)
+        policy = load_policy(path)
+        if policy.profile.retrieval_scheme == RETRIEVAL_SCHEME:  # else profiled by an older kvc: profile again
+            console.print(f"reusing the policy profiled earlier: {path}")
+            return policy
     layers = loaded.model.config.num_hidden_layers
     columns = (TextColumn("profiling {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
                TimeElapsedColumn())

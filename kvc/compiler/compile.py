@@ -14,6 +14,7 @@ import torch
 
 from kvc.compiler.deployment import Deployment
 from kvc.compiler.knapsack import BudgetTooSmall
+from kvc.compiler.retrieval import plan_retrieval
 from kvc.compiler.schedules import plan_pyramid, plan_uniform
 from kvc.compiler.sizes import format_size, parse_dtype, parse_size
 from kvc.compiler.strategies import Allocation, plan_fastgen, plan_knapsack
@@ -23,7 +24,9 @@ from kvc.policies.kinds import kind_code
 from kvc.policies.schema import Policy, load_policy
 from kvc.policies.tokens import class_table
 
-STRATEGIES = {"knapsack": plan_knapsack, "fastgen": plan_fastgen, "pyramid": plan_pyramid, "uniform": plan_uniform}
+STRATEGIES = {"retrieval": plan_retrieval, "knapsack": plan_knapsack, "fastgen": plan_fastgen, "pyramid": plan_pyramid,
+              "uniform": plan_uniform}
+DEFAULT_STRATEGY = "retrieval"
 DEFAULT_TARGET = 0.25
 
 
@@ -35,14 +38,15 @@ def compile_policy(
     max_len: int | None = None,
     batch: int = 1,
     dtype: str = "bf16",
-    strategy: str = "knapsack",
+    strategy: str = DEFAULT_STRATEGY,
 ) -> Plan:
     """Compile `policy` (or a policy file) into a plan for one deployment.
 
     target: the share of the full cache's bytes at max_len the plan may use (default 0.25);
     memory: the same as an absolute size ('2GiB' or bytes), instead of target;
     max_len: the longest sequence (default: the model's max_position_embeddings);
-    strategy: 'knapsack', 'fastgen', 'pyramid' or 'uniform'.
+    strategy: 'retrieval' (retrieval heads whole, SnapKV elsewhere), 'knapsack', 'fastgen', 'pyramid'
+    or 'uniform'.
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy)

@@ -86,6 +86,12 @@ def summary_lines(report: dict) -> list[str]:
             line += (f"; FastGen's rule moves in steps: the next one (T = {fastgen['next_threshold']:.4f}) "
                      f"needs {format_size(fastgen['next_bytes'])}, above the budget")
         lines.append(line)
+    if "retrieval" in notes:
+        retrieval = notes["retrieval"]
+        heads = ", ".join(f"L{layer}.{head}" for layer, head in retrieval["heads"]) or "none"
+        lines.append(f"retrieval: {len(retrieval['heads'])} KV heads with retrieval score >= {retrieval['threshold']} "
+                     f"keep every token ({heads}); the others are SnapKV, {retrieval['window']} recent tokens "
+                     "+ heavy hitters")
     if "pyramid" in notes:
         lines.append(f"pyramid: PyramidKV schedule, β = {notes['pyramid']['beta']}, "
                      f"{notes['pyramid']['alpha']} recent tokens kept per head")

@@ -4,7 +4,8 @@ A budget is a share of the full cache's bytes at the evaluated max length (float
 method's plan must fit in it (`full` excepted: it is the reference). Selection is always the
 runtime's: StreamingLLM, H2O and the full cache are hand-made plans, SnapKV and PyramidKV the
 compiler's `uniform` and `pyramid` schedules, Ada-KV a per-head split of SnapKV budgets, and
-kvc its own knapsack and FastGen strategies.
+kvc its own strategies: `kvc` the retrieval strategy (the default), `kvc-knapsack` and
+`kvc-fastgen`.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def adakv_plan(loaded, policy, max_len, fraction, dtype) -> Plan:
 
 
 METHODS: dict[str, Baseline] = {
-    "kvc": Baseline(compiled("knapsack"), True, "kvc knapsack over profiled recovery curves"),
+    "kvc": Baseline(compiled("retrieval"), True, "kvc: profiled retrieval heads whole, SnapKV elsewhere"),
+    "kvc-knapsack": Baseline(compiled("knapsack"), True, "kvc knapsack over profiled recovery curves"),
     "kvc-fastgen": Baseline(compiled("fastgen"), True, "FastGen 2310.01801, threshold fitted to the budget"),
     "full": Baseline(full_plan, False, "full cache"),
     "streamingllm": Baseline(streamingllm_plan, False, "StreamingLLM 2309.17453"),

@@ -4,7 +4,7 @@ Each KV head spreads its attention over five parts: sinks and special tokens, pu
 recency-decaying local part, a few heavy hitters and a diffuse rest. Every kind keeps a concave
 share of each part at a given budget, which gives monotone, concave-ish curves. Lower layers
 are broad (much diffuse attention), upper ones narrow (sinks, local); a few retrieval heads
-attend everywhere and end up `full`.
+attend everywhere, end up `full` and have high retrieval scores (the others low ones).
 """
 
 from __future__ import annotations
@@ -96,7 +96,8 @@ def _noisy(values, rng: np.random.Generator) -> list[float]:
     return [round(float(v), 5) for v in np.maximum.accumulate(noisy)]
 
 
-def _head_profile(index: int, head: SyntheticHead, rng, prompt_tokens: int, threshold: float, ratio: float) -> HeadProfile:
+def _head_profile(index: int, head: SyntheticHead, rng, prompt_tokens: int, threshold: float, ratio: float,
+                  retrieval: float) -> HeadProfile:
     fastgen = dict(zip(FASTGEN_POLICIES, _noisy(list(head.fastgen(ratio).values()), rng)))
     fastgen["full"] = 1.0
     kind = next(k for k in FASTGEN_POLICIES if fastgen[k] >= threshold)
@@ -108,6 +109,7 @@ def _head_profile(index: int, head: SyntheticHead, rng, prompt_tokens: int, thre
                        for k in ("local", "special+local")},
         sink_mass=round(head.mass["special"] * head.sink_share, 5),
         punct_fraction=round(head.punct_fraction, 5), special_fraction=round(head.special_fraction, 5),
+        retrieval=round(retrieval, 5),
     )
 
 
@@ -133,6 +135,7 @@ def synthetic_policy(
 ) -> Policy:
     """A validated policy for an imaginary model of the given shape; the same seed gives the same policy."""
     rng = np.random.default_rng(seed)
+    retrieval_rng = np.random.default_rng([seed, 1])  # a stream of its own: the other numbers stay as they were
     shape = {"num_layers": num_layers, "num_attention_heads": num_attention_heads, "num_kv_heads": num_kv_heads,
              "head_dim": head_dim, "max_position_embeddings": max_position_embeddings, "vocab_size": vocab_size}
     digest = hashlib.sha256(json.dumps({**shape, "seed": seed, "synthetic": True}, sort_keys=True).encode())
@@ -146,7 +149,9 @@ def synthetic_policy(
         heads = [SyntheticHead(rng, depth, str(t), prompt_tokens, profile.sinks) for t in types]
         layers.append(LayerProfile(
             index=layer, funnel=_funnel(heads),
-            heads=[_head_profile(i, h, rng, prompt_tokens, threshold, profile.local_ratio) for i, h in enumerate(heads)],
+            heads=[_head_profile(i, h, rng, prompt_tokens, threshold, profile.local_ratio,
+                                 retrieval_rng.uniform(0.15, 0.5) if t == "retrieval" else retrieval_rng.uniform(0, 0.03))
+                   for i, (h, t) in enumerate(zip(heads, types))],
         ))
     special = [0, 1, 2] + sorted(rng.choice(np.arange(3, vocab_size), size=5, replace=False).tolist())
     punctuation = sorted(set(rng.choice(np.arange(10, vocab_size), size=min(200, vocab_size // 4), replace=False).tolist()) - set(special))

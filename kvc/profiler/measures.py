@@ -143,5 +143,6 @@ class LayerStatistics:
             special_fraction=self.special_fraction + other.special_fraction,
             punct_fraction=self.punct_fraction + other.punct_fraction,
             copy_events=self.copy_events + other.copy_events,
-            copy_mass=self.copy_mass + other.copy_mass,
+            copy_mass=other.copy_mass if self.copy_mass is None else
+            self.copy_mass if other.copy_mass is None else self.copy_mass + other.copy_mass,
         )

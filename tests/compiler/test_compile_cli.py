@@ -31,7 +31,9 @@ def test_compile_writes_the_plan_and_the_report(tmp_path, policy_file, capsys):
     assert len(report["layers"]) == plan.num_layers
     assert sum(layer["bytes"] for layer in report["layers"]) == plan.cache_bytes
     assert report["expected_recovery"] == pytest.approx(float(plan.expected_recovery.mean()), abs=1e-6)
-    assert "knapsack plan" in printed and "expected recovery" in printed and f"wrote {plan_path}" in printed
+    assert "retrieval plan" in printed and "expected recovery" in printed and f"wrote {plan_path}" in printed
+    chosen = report["notes"]["retrieval"]["heads"]
+    assert chosen and f"retrieval: {len(chosen)} KV heads" in printed
 
 
 def test_compile_defaults_the_plan_name_from_the_policy(policy_file):
@@ -52,7 +54,7 @@ def test_show_renders_and_draws_a_compiled_plan(tmp_path, policy_file, capsys, s
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--target", "0.00001"], "below the smallest plan the knapsack strategy can make"),
+    (["--target", "0.00001"], "below the smallest plan the retrieval strategy can make"),
     (["--memory", "2XB"], "'2XB' is not a size"),
     (["--memory", "-3GiB"], "must be positive"),
     (["--memory", "0"], "must be positive"),

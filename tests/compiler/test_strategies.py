@@ -1,5 +1,7 @@
 """Every strategy meets its target (or says why not) with plans the runtime can hold."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ import torch
 from kvc.compiler import STRATEGIES, compile_policy
 from kvc.compiler.compile import deployment_for
 from kvc.compiler.report import head_bytes
+from kvc.compiler.retrieval import RETRIEVAL_SHARE, RETRIEVAL_THRESHOLD
 from kvc.compiler.schedules import (
     PYRAMID_ALPHA,
     PYRAMID_BETA,
@@ -15,6 +18,7 @@ from kvc.compiler.schedules import (
 )
 from kvc.compiler.strategies import fastgen_choice, fastgen_table, kv_heads
 from kvc.plan import DTYPE_BYTES, POSITION_BYTES
+from kvc.policies.errors import KvcError
 from kvc.policies.kinds import FASTGEN_POLICIES, KIND_BITS, kind_code
 
 TARGETS = [0.03, 0.1, 0.25, 0.6]
@@ -64,7 +68,7 @@ def test_knapsack_recovers_more_with_more_memory_and_beats_the_fixed_schedules(w
 
 
 def test_knapsack_reports_its_bound(wide_policy):
-    plan = compile_policy(wide_policy, 0.1, max_len=8192)
+    plan = compile_policy(wide_policy, 0.1, max_len=8192, strategy="knapsack")
     bound = plan.notes["knapsack"]["recovery_bound"]
     assert float(plan.expected_recovery.mean()) <= bound + 1e-6
     assert float(plan.expected_recovery.mean()) >= bound - 1e-3
@@ -135,3 +139,31 @@ def test_memory_is_planned_per_kv_head_never_per_query_head(small_policy, strate
     slots = int(plan.capacity.sum())
     assert plan.kv_bytes == slots * model.head_dim * 2 * DTYPE_BYTES["float16"] * 3
     assert plan.position_bytes == slots * POSITION_BYTES * 3
+
+
+def test_retrieval_keeps_the_copying_heads_whole_and_splits_the_rest_evenly(wide_policy):
+    plan = compile_policy(wide_policy, 0.25, max_len=8192, strategy="retrieval")
+    scores = np.array([head.retrieval for head in kv_heads(wide_policy)]).reshape(plan.capacity.shape)
+    full = plan.has("full").numpy()
+    chosen = plan.notes["retrieval"]["heads"]
+    assert full.sum() == len(chosen) > 0 and all(full[layer, head] for layer, head in chosen)
+    assert scores[full].min() >= RETRIEVAL_THRESHOLD and scores[full].min() >= scores[~full].max() - 1e-12
+    assert full.sum() * 8192 * (plan.cache_bytes / int(plan.capacity.sum())) <= RETRIEVAL_SHARE * plan.target.budget_bytes + 1
+    rest = plan.capacity[~plan.has("full")]
+    assert int(rest.max() - rest.min()) <= 1
+    assert (plan.window[~plan.has("full")] == 32).all()
+    assert (plan.kind_codes[~plan.has("full")] == kind_code("frequency+local")).all()
+
+
+def test_retrieval_gives_fewer_heads_everything_when_memory_is_short(wide_policy):
+    eligible = sum(head.retrieval >= RETRIEVAL_THRESHOLD for head in kv_heads(wide_policy))
+    counts = [int(compile_policy(wide_policy, t, max_len=8192, strategy="retrieval").has("full").sum()) for t in TARGETS]
+    assert counts == sorted(counts) and counts[0] < eligible and counts[-1] == eligible
+
+
+def test_retrieval_needs_retrieval_scores(wide_policy):
+    older = copy.deepcopy(wide_policy)
+    for head in kv_heads(older):
+        head.retrieval = None
+    with pytest.raises(KvcError, match="no retrieval scores.*kvc profile"):
+        compile_policy(older, 0.25, max_len=8192, strategy="retrieval")
