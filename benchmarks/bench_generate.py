@@ -2,7 +2,7 @@
 
 Rows: transformers' DynamicCache; a keep-everything plan run through the compressed runtime (its
 overhead at equal memory); plans compiled by `kvc.compile_policy` at each --targets share of the full
-cache (from a policy profiled once and kept in the kvc cache folder, or --policy). Each row runs the
+cache (from the demo's policy: the built-in prompts profiled once and cached; or --policy). Each row runs the
 same prompt (an essay prefix of --prompt-tokens) greedily for --new-tokens; the decode speed is the
 median over --repeats runs. On CPU the runtime uses its torch reference kernels.
 """
@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 import transformers
+from rich.console import Console
 
 from kvc.compiler import compile_policy
+from kvc.demo import cached_policy
 from kvc.eval.niah import essays_text
-from kvc.models import cache_root, load
-from kvc.policies.schema import load_policy, save_policy
-from kvc.profiler import profile_model
+from kvc.models import load
+from kvc.policies.schema import load_policy
 from kvc.report import human_bytes
 from kvc.runtime.generate import generate
 from kvc.runtime.handmade import handmade_plan
@@ -48,13 +49,8 @@ def prompt_text(tokenizer, tokens: int) -> str:
 
 
 def policy_for(loaded, path: Path | None):
-    path = path or cache_root() / "policies" / f"{loaded.source.name}.policy.yaml"
-    if path.is_file():
-        return load_policy(path)
-    policy = profile_model(loaded, max_tokens=512)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_policy(policy, path)
-    return policy
+    """The given policy, else the demo's: the built-in prompts, profiled once and cached."""
+    return load_policy(path) if path else cached_policy(loaded, Console(stderr=True))
 
 
 def measure(loaded, text, plan, args) -> dict:

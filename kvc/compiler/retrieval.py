@@ -16,14 +16,19 @@ import numpy as np
 
 from kvc.compiler.deployment import Deployment
 from kvc.compiler.knapsack import BudgetTooSmall
-from kvc.compiler.schedules import SNAPKV_KIND, allocate_slots, snapkv_head, snapkv_recovery
+from kvc.compiler.schedules import (
+    SNAPKV_KIND,
+    SNAPKV_WINDOW,
+    allocate_slots,
+    snapkv_head,
+    snapkv_recovery,
+)
 from kvc.compiler.strategies import Allocation, kv_heads
 from kvc.policies.errors import KvcError
 from kvc.policies.schema import Policy
 
 RETRIEVAL_THRESHOLD = 0.1
 RETRIEVAL_SHARE = 0.5
-SNAPKV_WINDOW = 32
 
 
 def retrieval_scores(policy: Policy) -> np.ndarray:

@@ -17,6 +17,7 @@ from kvc.compiler.strategies import Allocation, kv_heads
 from kvc.policies.schema import HeadProfile, Policy, ProfileInfo
 
 SNAPKV_KIND = "frequency+local"
+SNAPKV_WINDOW = 32  # SnapKV's observation window, kept as the recent window
 PYRAMID_BETA = 20
 PYRAMID_ALPHA = 8
 
@@ -94,7 +95,7 @@ def plan_pyramid(policy: Policy, deployment: Deployment, budget: int) -> Allocat
                              {"pyramid": {"beta": PYRAMID_BETA, "alpha": PYRAMID_ALPHA}})
 
 
-def plan_uniform(policy: Policy, deployment: Deployment, budget: int, observation_window: int = 32) -> Allocation:
+def plan_uniform(policy: Policy, deployment: Deployment, budget: int, observation_window: int = SNAPKV_WINDOW) -> Allocation:
     weights = np.ones(deployment.num_layers * deployment.num_kv_heads)
     return snapkv_allocation(policy, deployment, budget, weights, observation_window,
                              {"uniform": {"window": observation_window}})

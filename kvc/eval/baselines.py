@@ -18,7 +18,7 @@ import numpy as np
 from kvc.compiler import compile_policy
 from kvc.compiler.compile import assemble, deployment_for, target_for
 from kvc.compiler.deployment import Deployment
-from kvc.compiler.schedules import SNAPKV_KIND, snapkv_head, snapkv_recovery
+from kvc.compiler.schedules import SNAPKV_KIND, SNAPKV_WINDOW, snapkv_head, snapkv_recovery
 from kvc.compiler.strategies import Allocation
 from kvc.models import LoadedModel, architecture
 from kvc.plan import Plan
@@ -27,7 +27,6 @@ from kvc.policies.schema import Curve, Policy
 from kvc.runtime.handmade import handmade_plan
 
 STREAMING_SINKS = 4  # StreamingLLM's attention sinks
-SNAPKV_WINDOW = 32  # SnapKV's observation window, kept as the recent window
 ADAKV_ALPHA = 0.2  # Ada-KV's floor: each head keeps at least alpha times the layer's mean budget
 
 

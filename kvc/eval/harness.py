@@ -1,7 +1,8 @@
 """The evaluation harness: tasks x methods x budgets x lengths x depths, every sample through kvc's runtime.
 
 Passkey and needle prompts are continued greedily by `generate`; perplexity is teacher-forced,
-the prefix prefilled into the method's cache and the continuation fed one token per step. Each
+the prefix prefilled into the method's cache and the continuation fed one token per step, and
+recovery measures the full model's attention mass on what the cache holds at those steps. Each
 (task, length) gets one max length (its longest prompt plus the new tokens), the budgets are
 shares of the full cache's bytes there, and `full` runs once as the reference (budget 1).
 """
@@ -25,6 +26,7 @@ from kvc.eval.baselines import full_bytes, method_plan
 from kvc.eval.niah import needle_sample, needle_score
 from kvc.eval.passkey import passkey_correct, passkey_sample
 from kvc.eval.perplexity import perplexity, perplexity_sample
+from kvc.eval.recovery import attention_recovery
 from kvc.eval.settings import Settings
 from kvc.models import LoadedModel
 from kvc.plan import Plan
@@ -123,16 +125,22 @@ def run_perplexity(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: 
     return Outcome(perplexity(nll), "", cache.nbytes())
 
 
+def run_recovery(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:
+    score, nbytes = attention_recovery(loaded, plan, sample.payload)
+    return Outcome(score, "", nbytes)
+
+
 TASKS: dict[str, Task] = {
     "passkey": Task(passkey_samples, run_generation),
     "niah": Task(needle_samples, run_generation),
     "ppl": Task(perplexity_samples, run_perplexity, higher_is_better=False),
+    "recovery": Task(perplexity_samples, run_recovery),
 }
 
 
 def new_tokens(task: str, settings: Settings) -> int:
     """Tokens after the prompt: the answer's, or the teacher-forced continuation's."""
-    return settings.continuation if task == "ppl" else settings.answer_tokens
+    return settings.continuation if task in ("ppl", "recovery") else settings.answer_tokens
 
 
 def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = None, plan: Plan | None = None,

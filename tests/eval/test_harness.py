@@ -83,3 +83,12 @@ def test_cli_refuses_bad_input_in_one_line(arguments, message, capsys):
     error = capsys.readouterr().err.strip()
     assert message in error and "\n" not in error
 
+
+
+def test_recovery_task_through_the_harness(smollm):
+    settings = Settings(tasks=["recovery"], methods=["full", "streamingllm"], budgets=[0.25], lengths=[120],
+                        depths=[0.0], continuation=4)
+    records = evaluate(smollm, settings, show_progress=False).records
+    assert [(r.task, r.method) for r in records] == [("recovery", "full"), ("recovery", "streamingllm")]
+    assert records[0].score == pytest.approx(1.0, abs=1e-5) and 0 < records[1].score < 1
+    assert records[1].cache_bytes <= 0.25 * records[1].full_bytes and records[1].max_len == 124
