@@ -69,12 +69,13 @@ def render_policy(policy: Policy, console) -> None:
             f"({sum(profile.token_counts)} tokens) at threshold {profile.threshold} in {profile.seconds:.0f} s"
         )
     table = Table()
-    for column in ("layer", "funnel", "kinds (per KV head)", "recovery"):
+    for column in ("layer", "funnel", "kinds (per KV head)", "recovery", "retrieval"):
         table.add_column(column)
     for layer in policy.layers:
         kinds = "  ".join(head.kind for head in layer.heads)
         recovery = " ".join(f"{head.recovery:.3f}" for head in layer.heads)
-        table.add_row(str(layer.index), f"{layer.funnel:.3f}", kinds, recovery)
+        retrieval = " ".join("-" if head.retrieval is None else f"{head.retrieval:.3f}" for head in layer.heads)
+        table.add_row(str(layer.index), f"{layer.funnel:.3f}", kinds, recovery, retrieval)
     console.print(table)
     counts = ", ".join(f"{kind}: {n}" for kind, n in sorted(kind_counts(policy).items()))
     heads = [h for layer in policy.layers for h in layer.heads]

@@ -36,7 +36,7 @@ def test_show_and_validate_a_policy(capsys, policy, tmp_path):
     png = tmp_path / "kinds.png"
     code, out, _ = run(capsys, "show", str(path), "--png", str(png))
     assert code == 0
-    assert "special+punct" in out and "mean recovery" in out
+    assert "special+punct" in out and "mean recovery" in out and "retrieval" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
