@@ -8,10 +8,8 @@ written here: the caller saves the policy atomically, so an interruption leaves 
 
 from __future__ import annotations
 
-import functools
 import time
 import warnings
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -99,7 +97,6 @@ class StatisticsObserver:
         self.ratios = ratios
         self.attention = attention
         self.progress = progress
-        self.pending = None
 
     def start(self, prompt: TokenizedPrompt) -> None:
         self.prompt = prompt
@@ -113,24 +110,12 @@ class StatisticsObserver:
         layer = self.layers_seen if layer is None else layer
         self.layers_seen += 1
         assert query.shape[0] == 1 and query.shape[2] == key.shape[2], "one prompt at a time, without a cache"
-        self.finish()  # at most one layer's statistics in flight: their inputs are the big tensors
         output, stats = self.attention(query[0], key[0], value[0], attention_mask, scaling, self.probes,
                                        self.is_special, self.is_punct, self.ratios, self.copies)
-        self.pending = (layer, stats)
-        if not isinstance(stats, Future):
-            self.finish()
-        return output.unsqueeze(0)
-
-    def finish(self) -> None:
-        """Add the pending layer's statistics (waiting for them if they are computed elsewhere)."""
-        if self.pending is None:
-            return
-        layer, stats = self.pending
-        self.pending = None
-        stats = stats.result() if isinstance(stats, Future) else stats
         self.totals[layer] = stats if self.totals[layer] is None else self.totals[layer] + stats
         if self.progress is not None:
             self.progress(self.prompt.name)
+        return output.unsqueeze(0)
 
 
 def profile_model(
@@ -156,12 +141,17 @@ def profile_model(
     arch = architecture(model.config)
     tokenized = tokenize_prompts(prompt_set, tokenizer, _token_limit(arch.max_position_embeddings, max_tokens), strict, warn)
     tokens = TokenSets(special=special_token_ids(tokenizer), punctuation=punctuation_token_ids(tokenizer))
+    observer = StatisticsObserver(arch.num_layers, tokens.special, tokens.punctuation, ratios, attention, progress)
     device = model.get_input_embeddings().weight.device
-    with ThreadPoolExecutor(max_workers=1) as statistics_thread:
-        if attention is measured_attention:  # a layer's statistics overlap the next layer's forward
-            attention = functools.partial(measured_attention, executor=statistics_thread)
-        observer = StatisticsObserver(arch.num_layers, tokens.special, tokens.punctuation, ratios, attention, progress)
-        _run_prompts(model, tokenized, observer, device, arch.num_layers, loaded.source.name)
+    with capturing(model, observer), torch.inference_mode():
+        for prompt in tokenized:
+            observer.start(prompt)
+            model.base_model(input_ids=prompt.token_ids.to(device).unsqueeze(0), use_cache=False)
+            if observer.layers_seen != arch.num_layers:
+                raise KvcError(
+                    f"{loaded.source.name}: {observer.layers_seen} of {arch.num_layers} layers ran their attention "
+                    "through transformers' AttentionInterface; the profiler needs all of them"
+                )
     return Policy(
         kvc_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -182,21 +172,6 @@ def profile_model(
         tokens=tokens,
         layers=[layer_profile(i, stats, threshold) for i, stats in enumerate(observer.totals)],
     )
-
-
-def _run_prompts(model, tokenized: list[TokenizedPrompt], observer: StatisticsObserver, device, num_layers: int,
-                 name: str) -> None:
-    """One forward per prompt with the observer's attention; every layer's statistics summed at the end."""
-    with capturing(model, observer), torch.inference_mode():
-        for prompt in tokenized:
-            observer.start(prompt)
-            model.base_model(input_ids=prompt.token_ids.to(device).unsqueeze(0), use_cache=False)
-            observer.finish()
-            if observer.layers_seen != num_layers:
-                raise KvcError(
-                    f"{name}: {observer.layers_seen} of {num_layers} layers ran their attention "
-                    "through transformers' AttentionInterface; the profiler needs all of them"
-                )
 
 
 def _token_limit(model_limit: int, max_tokens: int | None) -> int | None:

@@ -24,28 +24,19 @@ BLOCK_ROWS = 128
 
 
 def measured_attention(query, key, value, attention_mask, scaling, probes, is_special, is_punct,
-                       ratios=DEFAULT_RATIOS, copies=None, executor=None) -> tuple[torch.Tensor, LayerStatistics]:
+                       ratios=DEFAULT_RATIOS, copies=None) -> tuple[torch.Tensor, LayerStatistics]:
     """A layer's attention output and statistics for one prompt, on the layer's device.
 
     query (heads, n, d), key and value (kv_heads, n, d), post-RoPE; attention_mask: None (causal)
     or the model's mask (1, 1 | heads, n, n), boolean or additive; probes (P,) sorted positions;
     is_special, is_punct (n,) bool; copies (E, 2) copy events (query, source), None for none.
-    Returns the output (n, heads, d) in the query's dtype. With an `executor`, the statistics are
-    computed there (a Future in their place) while the model goes on with its next layer."""
+    Returns the output (n, heads, d) in the query's dtype."""
     copies = torch.zeros(0, 2, dtype=torch.long) if copies is None else copies
     output, attention, scores, copy_mass = blockwise_attention(query, key, value, attention_mask, scaling, probes, copies)
     device = attention.device
-    arguments = (attention, scores, probes.to(device) + 1, is_special.to(device), is_punct.to(device),
-                 query.shape[0] // key.shape[0], ratios, len(copies), copy_mass.cpu())
-    if executor is not None:
-        return output, executor.submit(_statistics, *arguments)
-    return output, _statistics(*arguments)
-
-
-def _statistics(attention, scores, lengths, is_special, is_punct, group, ratios, copy_events, copy_mass):
-    with torch.inference_mode():
-        stats = probe_statistics(attention, scores, lengths, is_special, is_punct, group, ratios)
-    return replace(stats, copy_events=copy_events, copy_mass=copy_mass)
+    stats = probe_statistics(attention, scores, probes.to(device) + 1, is_special.to(device), is_punct.to(device),
+                             query.shape[0] // key.shape[0], ratios)
+    return output, replace(stats, copy_events=len(copies), copy_mass=copy_mass.cpu())
 
 
 def blockwise_attention(query, key, value, attention_mask, scaling, probes, copies):
