@@ -66,7 +66,8 @@ def write_json(results: Results, path) -> Path:
 
 
 def draw(results: Results, path) -> Path:
-    """Pareto plot: mean cache bytes (MiB) against mean score, one panel per task, a point per method and budget."""
+    """Pareto plot: mean cache bytes (MiB) against mean score, one panel per task, a line per method
+    through its budgets (perplexity on a log scale: a collapsed method would flatten the rest)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -74,21 +75,23 @@ def draw(results: Results, path) -> Path:
 
     rows = summary(results)
     tasks = results.settings.tasks
-    figure, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks) + 1.5, 4), squeeze=False)
     methods = list(dict.fromkeys(row["method"] for row in rows))
     markers = "osD^v<>PX*"
     for axis, task in zip(axes[0], tasks):
-        for row in rows:
-            if row[task] is None:
-                continue
-            index = methods.index(row["method"])
-            axis.scatter(row["cache_bytes"] / 2**20, row[task], s=40, color=f"C{index}",
-                         marker=markers[index % len(markers)], alpha=0.8, label=f"{row['method']} {row['budget']:.0%}")
+        for index, method in enumerate(methods):
+            points = sorted((row["cache_bytes"] / 2**20, row[task]) for row in rows
+                            if row["method"] == method and row[task] is not None)
+            if points:
+                axis.plot(*zip(*points), color=f"C{index}", marker=markers[index % len(markers)], alpha=0.8,
+                          label=method)
         axis.set_xlabel("cache (MiB)")
+        if not TASKS[task].higher_is_better:
+            axis.set_yscale("log")
         axis.set_ylabel("perplexity (lower is better)" if not TASKS[task].higher_is_better else "score")
         axis.set_title(task)
         axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)
