@@ -56,7 +56,8 @@ def plan_retrieval(policy: Policy, deployment: Deployment, budget: int) -> Alloc
     chosen = retrieval_heads(retrieval_scores(policy), deployment.cost(full), budget)
     while chosen and (len(heads) - len(chosen)) * unit > budget - len(chosen) * deployment.cost(full):
         chosen.pop()  # the other heads need a slot each
-    others = [i for i in range(len(heads)) if i not in set(chosen)]
+    whole = set(chosen)
+    others = [i for i in range(len(heads)) if i not in whole]
     slots = allocate_slots(np.ones(len(others)), (budget - len(chosen) * deployment.cost(full)) // unit,
                            deployment.max_len)
     plans = [full] * len(heads)

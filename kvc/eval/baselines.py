@@ -18,7 +18,12 @@ import numpy as np
 from kvc.compiler import compile_policy
 from kvc.compiler.compile import assemble, deployment_for, target_for
 from kvc.compiler.deployment import Deployment
-from kvc.compiler.schedules import SNAPKV_KIND, SNAPKV_WINDOW, snapkv_head, snapkv_recovery
+from kvc.compiler.schedules import (
+    SNAPKV_KIND,
+    SNAPKV_WINDOW,
+    snapkv_head,
+    snapkv_recovery,
+)
 from kvc.compiler.strategies import Allocation
 from kvc.models import LoadedModel, architecture
 from kvc.plan import Plan

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -25,14 +26,13 @@ from rich.progress import (
 from kvc.eval.baselines import full_bytes, method_plan
 from kvc.eval.niah import needle_sample, needle_score
 from kvc.eval.passkey import passkey_correct, passkey_sample
-from kvc.eval.perplexity import perplexity, perplexity_sample
+from kvc.eval.perplexity import perplexity, perplexity_sample, teacher_forced
 from kvc.eval.recovery import attention_recovery
 from kvc.eval.settings import Settings
 from kvc.models import LoadedModel
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.policies.schema import Policy
-from kvc.runtime.apply import apply
 from kvc.runtime.generate import generate
 
 
@@ -110,19 +110,11 @@ def run_generation(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: 
 
 def run_perplexity(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:
     """Teacher-forced perplexity of the continuation, one decode step per token through the plan's cache."""
-    model, text = loaded.model, sample.payload
-    plan.check_length(len(text.prefix_ids) + len(text.continuation_ids))
-    tokens = torch.tensor([text.prefix_ids + text.continuation_ids], device=model.device)
-    prefix = len(text.prefix_ids)
-    nll = []
-    with torch.no_grad(), apply(loaded, plan) as applied:
-        cache = applied.cache()
-        logits = model(input_ids=tokens[:, :prefix], past_key_values=cache, use_cache=True).logits[0, -1]
-        for step in range(prefix, tokens.shape[1]):
-            nll.append(float(-torch.log_softmax(logits.float(), dim=-1)[tokens[0, step]]))
-            if step + 1 < tokens.shape[1]:
-                logits = model(input_ids=tokens[:, step:step + 1], past_key_values=cache, use_cache=True).logits[0, -1]
-    return Outcome(perplexity(nll), "", cache.nbytes())
+    text, nll = sample.payload, []
+    with closing(teacher_forced(loaded, plan, text)) as steps:
+        for target, (logits, cache) in zip(text.continuation_ids, steps):  # the last token is never fed
+            nll.append(float(-torch.log_softmax(logits.float(), dim=-1)[target]))
+        return Outcome(perplexity(nll), "", cache.nbytes())
 
 
 def run_recovery(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import torch
 
-from kvc.eval.perplexity import PerplexitySample
+from kvc.eval.perplexity import PerplexitySample, teacher_forced
 from kvc.models import LoadedModel
 from kvc.plan import Plan
 from kvc.profiler.capture import capturing
-from kvc.runtime.apply import apply
 
 
 class _RowRecorder:
@@ -48,16 +47,9 @@ def full_attention_rows(loaded: LoadedModel, token_ids: list[int], first: int) -
 def held_positions(loaded: LoadedModel, plan: Plan, sample: PerplexitySample) -> tuple[list[list[list[torch.Tensor]]], int]:
     """Per continuation query (from the first continuation token on), per layer, per KV head: the
     positions the plan's cache holds when that query attends; and the cache's bytes."""
-    model = loaded.model
-    prefix, tokens = sample.prefix_ids, sample.prefix_ids + sample.continuation_ids
-    plan.check_length(len(tokens))
     steps = []
-    with torch.no_grad(), apply(loaded, plan) as applied:
-        cache = applied.cache()
-        model(input_ids=torch.tensor([prefix], device=model.device), past_key_values=cache, use_cache=True)
-        for position in range(len(prefix), len(tokens)):
-            model(input_ids=torch.tensor([[tokens[position]]], device=model.device), past_key_values=cache,
-                  use_cache=True)
+    for fed, (_, cache) in enumerate(teacher_forced(loaded, plan, sample)):
+        if fed:  # after the prefill no continuation query has attended yet
             steps.append([layer.store.kept_positions(0) for layer in cache.layers])
     return steps, cache.nbytes()
 
