@@ -1,12 +1,13 @@
 """Profiling cost against a plain forward pass on the embedded model (CPU), at 512, 2K and 8K tokens.
 
 Each measurement runs in a fresh process: the model is loaded, one warm-up pass runs at 128
-tokens, then the timed pass. Peak memory is the highest resident set size sampled during the
-timed pass, less the resident size just before it (the pass's own working memory). Targets
+tokens, then the timed passes (--repeats, the median time is reported). Peak memory is the
+highest resident set size sampled during a timed pass, less the resident size just before it
+(the pass's own working memory), the highest over the passes. Targets
 (issue 3): statistics add at most 50% to the forward time; peak memory at 8K tokens at most
 1.5 × a plain forward's. Prints a table and writes benchmarks/results/bench_profile_t{threads}.json.
 
-    .venv/bin/python benchmarks/bench_profile.py [--lengths 512 2048 8192] [--threads N]
+    .venv/bin/python benchmarks/bench_profile.py [--lengths 512 2048 8192] [--threads N] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import threading
@@ -65,8 +67,8 @@ def benchmark_tokens(tokenizer, length: int):
     return torch.tensor(ids[:length]).unsqueeze(0)
 
 
-def measure(mode: str, length: int) -> dict:
-    """One timed pass in this process (the child side)."""
+def measure(mode: str, length: int, repeats: int) -> dict:
+    """Timed passes in this process (the child side): the median time and the highest peak."""
     import torch
 
     from kvc import models
@@ -89,19 +91,22 @@ def measure(mode: str, length: int) -> dict:
             model.base_model(input_ids=ids, use_cache=False)
 
     ids = benchmark_tokens(loaded.tokenizer, length)
+    seconds, peaks = [], []
     with torch.inference_mode():
         run(ids[:, :128])
-        before = resident_bytes()
-        with PeakSampler() as sampler:
-            started = time.perf_counter()
-            run(ids)
-            seconds = time.perf_counter() - started
-    return {"mode": mode, "tokens": length, "seconds": seconds, "peak_mib": (sampler.peak - before) / 2**20,
-            "threads": torch.get_num_threads()}
+        for _ in range(repeats):
+            before = resident_bytes()
+            with PeakSampler() as sampler:
+                started = time.perf_counter()
+                run(ids)
+                seconds.append(time.perf_counter() - started)
+            peaks.append((sampler.peak - before) / 2**20)
+    return {"mode": mode, "tokens": length, "seconds": statistics.median(seconds), "runs_s": seconds,
+            "peak_mib": max(peaks), "threads": torch.get_num_threads()}
 
 
-def run_child(mode: str, length: int, threads: int | None) -> dict:
-    command = [sys.executable, __file__, "--child", mode, str(length)]
+def run_child(mode: str, length: int, threads: int | None, repeats: int) -> dict:
+    command = [sys.executable, __file__, "--child", mode, str(length), "--repeats", str(repeats)]
     if threads:
         command += ["--threads", str(threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -112,6 +117,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per measurement (the median is reported)")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -119,7 +125,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(measure(args.child[0], int(args.child[1]))))
+        print(json.dumps(measure(args.child[0], int(args.child[1]), args.repeats)))
         return
 
     from rich.console import Console
@@ -127,10 +133,11 @@ def main() -> None:
 
     rows = []
     for length in args.lengths:
-        plain, profiled = (run_child(mode, length, args.threads) for mode in MODES)
+        plain, profiled = (run_child(mode, length, args.threads, args.repeats) for mode in MODES)
         rows.append({
             "tokens": length, "threads": plain["threads"],
-            "forward_s": plain["seconds"], "profile_s": profiled["seconds"],
+            "forward_s": plain["seconds"], "profile_s": profiled["seconds"], "repeats": args.repeats,
+            "forward_runs_s": plain["runs_s"], "profile_runs_s": profiled["runs_s"],
             "time_ratio": profiled["seconds"] / plain["seconds"],
             "forward_peak_mib": plain["peak_mib"], "profile_peak_mib": profiled["peak_mib"],
             "memory_ratio": profiled["peak_mib"] / max(plain["peak_mib"], 1e-9),

@@ -24,7 +24,9 @@ from rich.progress import (
 )
 
 from kvc.eval.baselines import full_bytes, method_plan
+from kvc.eval.niah import ANSWER_TOKENS as NEEDLE_ANSWER_TOKENS
 from kvc.eval.niah import needle_sample, needle_score
+from kvc.eval.passkey import ANSWER_TOKENS as PASSKEY_ANSWER_TOKENS
 from kvc.eval.passkey import passkey_correct, passkey_sample
 from kvc.eval.perplexity import perplexity, perplexity_sample, teacher_forced
 from kvc.eval.recovery import attention_recovery
@@ -56,6 +58,7 @@ class Task:
     samples: Callable[[object, int, list[float], Settings], list[Sample]]
     run: Callable[[LoadedModel, Plan, Sample, int], Outcome]
     higher_is_better: bool = True
+    answer_tokens: int = 0  # tokens decoded after the prompt; 0: teacher-forced, the continuation's
 
 
 @dataclass
@@ -123,16 +126,18 @@ def run_recovery(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: in
 
 
 TASKS: dict[str, Task] = {
-    "passkey": Task(passkey_samples, run_generation),
-    "niah": Task(needle_samples, run_generation),
+    "passkey": Task(passkey_samples, run_generation, answer_tokens=PASSKEY_ANSWER_TOKENS),
+    "niah": Task(needle_samples, run_generation, answer_tokens=NEEDLE_ANSWER_TOKENS),
     "ppl": Task(perplexity_samples, run_perplexity, higher_is_better=False),
     "recovery": Task(perplexity_samples, run_recovery),
 }
 
 
 def new_tokens(task: str, settings: Settings) -> int:
-    """Tokens after the prompt: the answer's, or the teacher-forced continuation's."""
-    return settings.continuation if task in ("ppl", "recovery") else settings.answer_tokens
+    """Tokens after the prompt: the answer's (the task's own unless the settings say), or the
+    teacher-forced continuation's."""
+    own = TASKS[task].answer_tokens
+    return settings.continuation if not own else settings.answer_tokens or own
 
 
 def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = None, plan: Plan | None = None,

@@ -18,6 +18,10 @@ from kvc.policies.errors import KvcError
 NEEDLE = " The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day. "
 QUESTION = "\n\nQuestion: What is the best thing to do in San Francisco?\nAnswer: The best thing to do in San Francisco is"
 KEY_FACTS = ("sandwich", "dolores park")
+# Decoded tokens: room for the whole answer, " to eat a sandwich and sit in Dolores Park on a sunny
+# day." (15 tokens on SmolLM2). With 12, an answer one token wordier than the full cache's lost
+# "Park" and half its score.
+ANSWER_TOKENS = 20
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ INTRO = (
 )
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = "What is the pass key? The pass key is"
+ANSWER_TOKENS = 12  # decoded tokens: the five digits come first
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ class Settings:
     budgets: list[float]
     lengths: list[int]
     depths: list[float]
-    answer_tokens: int = 12  # decoded after passkey and needle prompts
+    answer_tokens: int | None = None  # decoded after passkey and needle prompts; None: each task's own
     continuation: int = 32  # teacher-forced tokens after the perplexity prefix
     seed: int = 0
     dtype: str = "float32"

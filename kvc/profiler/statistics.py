@@ -49,7 +49,7 @@ def blockwise_attention(query, key, value, attention_mask, scaling, probes, copi
     device = query.device
     probes, copies = probes.to(device), copies.to(device)
     queries = (query.float() * scaling).view(kv_heads, group, length, dim)
-    keys_t = key.float().transpose(-1, -2)  # (kv_heads, d, n)
+    keys_t = key.float().transpose(-1, -2).contiguous()  # (kv_heads, d, n)
     values = value.float()  # (kv_heads, n, d_v)
     output = torch.empty(kv_heads, group, length, value.shape[-1], device=device)
     column_sums = torch.zeros(kv_heads, group, length, dtype=torch.float64, device=device)
@@ -57,14 +57,18 @@ def blockwise_attention(query, key, value, attention_mask, scaling, probes, copi
     scores = torch.zeros(kv_heads, group, len(probes), length, dtype=torch.float64, device=device)
     copy_mass = torch.zeros(kv_heads, group, dtype=torch.float64, device=device)
     block = max(1, min(BLOCK_ROWS, BLOCK_ELEMENTS // (heads * length)))
+    # One block buffer for the whole layer (a fresh large tensor per block costs page faults),
+    # softmaxed in place: half the memory traffic of a separate weights tensor.
+    buffer = torch.empty(heads * block * length, device=device)
     for start in range(0, length, block):
         end = min(start + block, length)
+        size = heads * (end - start) * end
         rows = queries[:, :, start:end].reshape(kv_heads, -1, dim)  # (kv_heads, group·b, d): no repeated keys
-        logits = torch.matmul(rows, keys_t[..., :end]).view(kv_heads, group, end - start, end)
+        logits = _head_matmul(rows, keys_t[..., :end], buffer[:size].view(kv_heads, -1, end))
+        logits = logits.view(kv_heads, group, end - start, end)
         _mask_block(logits, attention_mask, start, end)
-        weights = torch.softmax(logits, dim=-1)  # (kv_heads, group, b, end)
-        del logits
-        output[:, :, start:end] = torch.matmul(weights.view(kv_heads, -1, end), values[:, :end]).view(
+        weights = torch.softmax(logits, dim=-1, out=logits)  # (kv_heads, group, b, end)
+        output[:, :, start:end] = _head_matmul(weights.view(kv_heads, -1, end), values[:, :end]).view(
             kv_heads, group, end - start, -1)
         inside = (probes >= start) & (probes < end)
         if inside.any():
@@ -79,6 +83,18 @@ def blockwise_attention(query, key, value, attention_mask, scaling, probes, copi
     output = output.view(heads, length, -1).transpose(0, 1).to(query.dtype)
     return (output, attention.view(heads, len(probes), length), scores.view(heads, len(probes), length),
             copy_mass.view(heads))
+
+
+def _head_matmul(left, right, out=None) -> torch.Tensor:
+    """left @ right for each KV head (dim 0). On CPU one 2-D GEMM per head runs 10-20% faster than
+    the batched GEMM at these shapes (a few hundred rows by 64)."""
+    if left.device.type != "cpu":
+        return torch.matmul(left, right, out=out)
+    if out is None:
+        out = left.new_empty(left.shape[0], left.shape[1], right.shape[-1])
+    for head in range(left.shape[0]):
+        torch.mm(left[head], right[head], out=out[head])
+    return out
 
 
 def _mask_block(logits, attention_mask, start: int, end: int) -> None:

@@ -2,11 +2,13 @@
 
 import pytest
 
-from kvc.eval.niah import NEEDLE, QUESTION, needle_sample, needle_score
+from kvc.eval.harness import new_tokens
+from kvc.eval.niah import ANSWER_TOKENS, NEEDLE, QUESTION, needle_sample, needle_score
 from kvc.eval.passkey import INTRO
 from kvc.eval.passkey import QUESTION as PASSKEY_QUESTION
 from kvc.eval.passkey import needle as passkey_needle
 from kvc.eval.passkey import PasskeySample, passkey_correct, passkey_sample
+from kvc.eval.settings import Settings
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
@@ -56,3 +58,17 @@ def test_needle_sits_at_a_sentence_break(smollm, depth):
 )
 def test_needle_scorer(completion, score):
     assert needle_score(completion) == score
+
+
+def test_the_needle_answer_fits_in_its_decoded_tokens(smollm):
+    """The whole answer after the question's "... San Francisco is", with the sentence's period."""
+    answer = NEEDLE.split(" is", 1)[1].rstrip()
+    assert answer.startswith(" eat") and answer.endswith("day.")
+    assert len(smollm.tokenizer(" to" + answer, add_special_tokens=False).input_ids) <= ANSWER_TOKENS
+
+
+def test_each_task_decodes_its_own_answer_length_unless_told():
+    own = Settings(tasks=[], methods=[], budgets=[], lengths=[], depths=[], continuation=32)
+    assert (new_tokens("passkey", own), new_tokens("niah", own), new_tokens("ppl", own)) == (12, ANSWER_TOKENS, 32)
+    told = Settings(tasks=[], methods=[], budgets=[], lengths=[], depths=[], answer_tokens=5, continuation=32)
+    assert (new_tokens("passkey", told), new_tokens("niah", told), new_tokens("ppl", told)) == (5, 5, 32)
