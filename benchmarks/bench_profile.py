@@ -1,9 +1,10 @@
 """Profiling cost against a plain forward pass on the embedded model (CPU), at 512, 2K and 8K tokens.
 
 Each measurement runs in a fresh process: the model is loaded, one warm-up pass runs at 128
-tokens, then the timed passes (--repeats, the median time is reported). Peak memory is the
-highest resident set size sampled during a timed pass, less the resident size just before it
-(the pass's own working memory), the highest over the passes. Targets
+tokens, then the timed pass. Peak memory is the highest resident set size sampled during the
+timed pass, less the resident size just before it (the pass's own working memory). Forward and
+profile processes alternate, --repeats of each per length, and the medians are compared: this
+shared CPU's speed drifts by 20% from minute to minute. Targets
 (issue 3): statistics add at most 50% to the forward time; peak memory at 8K tokens at most
 1.5 × a plain forward's. Prints a table and writes benchmarks/results/bench_profile_t{threads}.json.
 
@@ -67,8 +68,8 @@ def benchmark_tokens(tokenizer, length: int):
     return torch.tensor(ids[:length]).unsqueeze(0)
 
 
-def measure(mode: str, length: int, repeats: int) -> dict:
-    """Timed passes in this process (the child side): the median time and the highest peak."""
+def measure(mode: str, length: int) -> dict:
+    """One timed pass in this process (the child side)."""
     import torch
 
     from kvc import models
@@ -91,22 +92,19 @@ def measure(mode: str, length: int, repeats: int) -> dict:
             model.base_model(input_ids=ids, use_cache=False)
 
     ids = benchmark_tokens(loaded.tokenizer, length)
-    seconds, peaks = [], []
     with torch.inference_mode():
         run(ids[:, :128])
-        for _ in range(repeats):
-            before = resident_bytes()
-            with PeakSampler() as sampler:
-                started = time.perf_counter()
-                run(ids)
-                seconds.append(time.perf_counter() - started)
-            peaks.append((sampler.peak - before) / 2**20)
-    return {"mode": mode, "tokens": length, "seconds": statistics.median(seconds), "runs_s": seconds,
-            "peak_mib": max(peaks), "threads": torch.get_num_threads()}
+        before = resident_bytes()
+        with PeakSampler() as sampler:
+            started = time.perf_counter()
+            run(ids)
+            seconds = time.perf_counter() - started
+    return {"mode": mode, "tokens": length, "seconds": seconds, "peak_mib": (sampler.peak - before) / 2**20,
+            "threads": torch.get_num_threads()}
 
 
-def run_child(mode: str, length: int, threads: int | None, repeats: int) -> dict:
-    command = [sys.executable, __file__, "--child", mode, str(length), "--repeats", str(repeats)]
+def run_child(mode: str, length: int, threads: int | None) -> dict:
+    command = [sys.executable, __file__, "--child", mode, str(length)]
     if threads:
         command += ["--threads", str(threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=True)
@@ -117,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per measurement (the median is reported)")
+    parser.add_argument("--repeats", type=int, default=3, help="processes per mode and length, alternating (medians are reported)")
     parser.add_argument("--child", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -125,7 +123,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     if args.child:
-        print(json.dumps(measure(args.child[0], int(args.child[1]), args.repeats)))
+        print(json.dumps(measure(args.child[0], int(args.child[1]))))
         return
 
     from rich.console import Console
@@ -133,14 +131,19 @@ def main() -> None:
 
     rows = []
     for length in args.lengths:
-        plain, profiled = (run_child(mode, length, args.threads, args.repeats) for mode in MODES)
+        runs = {mode: [] for mode in MODES}
+        for _ in range(args.repeats):  # alternating, so both modes see the same machine
+            for mode in MODES:
+                runs[mode].append(run_child(mode, length, args.threads))
+        seconds = {mode: statistics.median(run["seconds"] for run in runs[mode]) for mode in MODES}
+        peaks = {mode: statistics.median(run["peak_mib"] for run in runs[mode]) for mode in MODES}
         rows.append({
-            "tokens": length, "threads": plain["threads"],
-            "forward_s": plain["seconds"], "profile_s": profiled["seconds"], "repeats": args.repeats,
-            "forward_runs_s": plain["runs_s"], "profile_runs_s": profiled["runs_s"],
-            "time_ratio": profiled["seconds"] / plain["seconds"],
-            "forward_peak_mib": plain["peak_mib"], "profile_peak_mib": profiled["peak_mib"],
-            "memory_ratio": profiled["peak_mib"] / max(plain["peak_mib"], 1e-9),
+            "tokens": length, "threads": runs["forward"][0]["threads"], "repeats": args.repeats,
+            "forward_s": seconds["forward"], "profile_s": seconds["profile"],
+            "time_ratio": seconds["profile"] / seconds["forward"],
+            "forward_peak_mib": peaks["forward"], "profile_peak_mib": peaks["profile"],
+            "memory_ratio": peaks["profile"] / max(peaks["forward"], 1e-9),
+            "runs": runs,
         })
     table = Table(title="kvc profile vs a plain forward (smollm2-135m, float32, CPU)")
     for column in ("tokens", "forward s", "profile s", "time ×", "forward peak MiB", "profile peak MiB", "memory ×"):

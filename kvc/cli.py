@@ -197,6 +197,7 @@ def eval_command(
     budgets: str = typer.Option("0.25", "--budgets", help="Comma-separated shares of the full cache's bytes, in (0, 1]."),
     lengths: str = typer.Option("1024", "--lengths", help="Comma-separated prompt lengths in tokens."),
     depths: str = typer.Option("0,0.5,1", "--depths", help="Comma-separated needle depths in [0, 1]."),
+    samples: int = typer.Option(1, "--samples", min=1, help="Samples per task, length and depth: passkeys of seeds 0..N-1, needle haystacks starting at essays 0..N-1, perplexity passages 0..N-1 back from the end."),
     answer_tokens: Optional[int] = typer.Option(None, "--answer-tokens", min=1, help="Tokens decoded after passkey and needle prompts (default: 12 for the passkey, 20 for the needle, whose answer is 15)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every record and the settings here."),
     png: Optional[Path] = typer.Option(None, "--png", help="Draw the Pareto plot (cache bytes vs score) here."),
@@ -212,7 +213,7 @@ def eval_command(
     from kvc.policies.schema import load_policy
 
     settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASKS, known_methods=METHODS,
-                              answer_tokens=answer_tokens, policy=policy and str(policy), plan=plan and str(plan))
+                              answer_tokens=answer_tokens, samples=samples, policy=policy and str(policy), plan=plan and str(plan))
     needing = [m for m in settings.methods if METHODS[m].needs_policy and not (m == "kvc" and plan)]
     if needing and policy is None:
         raise KvcError(f"--policy: {', '.join(needing)} need a policy (from `kvc profile`); give --policy POLICY")

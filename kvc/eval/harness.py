@@ -44,6 +44,7 @@ class Sample:
     num_tokens: int  # prompt (or prefix) tokens
     payload: object  # the prompt text, or a PerplexitySample
     score: Callable[[str], float] | None = None
+    index: int = 0  # which of the settings' samples: passkey seed, haystack or passage
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ class Record:
     full_bytes: int
     max_len: int
     completion: str
+    sample: int = 0
 
 
 @dataclass
@@ -92,18 +94,25 @@ class Results:
 
 
 def passkey_samples(tokenizer, length, depths, settings) -> list[Sample]:
-    samples = [passkey_sample(tokenizer, length, depth, settings.seed) for depth in depths]
-    return [Sample(s.depth, s.num_tokens, s.text, lambda text, s=s: float(passkey_correct(s, text))) for s in samples]
+    """Sample i: the key of seed settings.seed + i, at every depth."""
+    samples = [(index, passkey_sample(tokenizer, length, depth, settings.seed + index))
+               for index in range(settings.samples) for depth in depths]
+    return [Sample(s.depth, s.num_tokens, s.text, lambda text, s=s: float(passkey_correct(s, text)), index)
+            for index, s in samples]
 
 
 def needle_samples(tokenizer, length, depths, settings) -> list[Sample]:
-    samples = [needle_sample(tokenizer, length, depth) for depth in depths]
-    return [Sample(s.depth, s.num_tokens, s.text, needle_score) for s in samples]
+    """Sample i: the haystack that starts at essay i, at every depth."""
+    samples = [(index, needle_sample(tokenizer, length, depth, haystack=index))
+               for index in range(settings.samples) for depth in depths]
+    return [Sample(s.depth, s.num_tokens, s.text, needle_score, index) for index, s in samples]
 
 
 def perplexity_samples(tokenizer, length, depths, settings) -> list[Sample]:
-    sample = perplexity_sample(tokenizer, length, settings.continuation)
-    return [Sample(None, len(sample.prefix_ids), sample)]
+    """Sample i: the i-th passage back from the end of the essays."""
+    samples = [perplexity_sample(tokenizer, length, settings.continuation, offset=index)
+               for index in range(settings.samples)]
+    return [Sample(None, len(sample.prefix_ids), sample, index=index) for index, sample in enumerate(samples)]
 
 
 def run_generation(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:
@@ -165,7 +174,7 @@ def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = No
                 outcome = TASKS[task].run(loaded, built, sample, new_tokens(task, settings))
                 results.records.append(Record(task, method, budget, length, sample.depth, outcome.score,
                                               outcome.cache_bytes, full_bytes(loaded, max_len, settings.dtype),
-                                              max_len, outcome.completion))
+                                              max_len, outcome.completion, sample.index))
                 progress.advance(bar)
     results.seconds = time.perf_counter() - began
     return results

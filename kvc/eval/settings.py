@@ -21,6 +21,7 @@ class Settings:
     depths: list[float]
     answer_tokens: int | None = None  # decoded after passkey and needle prompts; None: each task's own
     continuation: int = 32  # teacher-forced tokens after the perplexity prefix
+    samples: int = 1  # per task, length and depth: passkey seeds, needle haystacks, perplexity passages
     seed: int = 0
     dtype: str = "float32"
     model: str = ""

@@ -18,14 +18,16 @@ from kvc.policies.errors import KvcError
 @pytest.fixture(scope="module")
 def results(smollm):
     settings = Settings(tasks=["passkey"], methods=["full", "streamingllm"], budgets=[0.25], lengths=[400],
-                        depths=[0.0, 0.5], answer_tokens=8)
+                        depths=[0.0, 0.5], answer_tokens=8, samples=2)
     return evaluate(smollm, settings, show_progress=False)
 
 
 def test_every_sample_runs_through_every_method_at_its_bytes(results):
     records = results.records
-    assert [(r.method, r.budget, r.depth) for r in records] == [
-        ("full", 1.0, 0.0), ("full", 1.0, 0.5), ("streamingllm", 0.25, 0.0), ("streamingllm", 0.25, 0.5)]
+    assert [(r.method, r.budget, r.sample, r.depth) for r in records] == [
+        (method, budget, sample, depth) for method, budget in (("full", 1.0), ("streamingllm", 0.25))
+        for sample in (0, 1) for depth in (0.0, 0.5)]
+    assert len({r.completion[:6] for r in records if r.method == "full"}) == 2  # two passkeys
     for record in records:
         assert record.max_len > 400 and record.full_bytes > 0
         if record.method == "streamingllm":
@@ -39,7 +41,7 @@ def test_report_table_json_and_png(results, tmp_path):
     table = report.render(results)
     assert [column.header for column in table.columns] == ["method", "budget", "cache", "passkey"]
     data = json.loads(report.write_json(results, tmp_path / "eval.json").read_text())
-    assert data["settings"]["lengths"] == [400] and len(data["records"]) == 4
+    assert data["settings"]["lengths"] == [400] and len(data["records"]) == 8
     assert {row["method"] for row in data["summary"]} == {"full", "streamingllm"}
     assert report.summary(Results.from_dict(data)) == data["summary"]
     png = report.draw(results, tmp_path / "eval.png").read_bytes()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kvc.eval.harness import new_tokens
+from kvc.eval.harness import needle_samples, new_tokens, perplexity_samples
 from kvc.eval.niah import ANSWER_TOKENS, NEEDLE, QUESTION, needle_sample, needle_score
 from kvc.eval.passkey import INTRO
 from kvc.eval.passkey import QUESTION as PASSKEY_QUESTION
@@ -72,3 +72,14 @@ def test_each_task_decodes_its_own_answer_length_unless_told():
     assert (new_tokens("passkey", own), new_tokens("niah", own), new_tokens("ppl", own)) == (12, ANSWER_TOKENS, 32)
     told = Settings(tasks=[], methods=[], budgets=[], lengths=[], depths=[], answer_tokens=5, continuation=32)
     assert (new_tokens("passkey", told), new_tokens("niah", told), new_tokens("ppl", told)) == (5, 5, 32)
+
+
+def test_samples_are_other_haystacks_and_passages(smollm):
+    settings = Settings(tasks=[], methods=[], budgets=[], lengths=[], depths=[], samples=3, continuation=8)
+    needles = needle_samples(smollm.tokenizer, 300, [0.5], settings)
+    assert [s.index for s in needles] == [0, 1, 2]
+    assert len({s.payload for s in needles}) == 3 and all(NEEDLE.strip() in s.payload for s in needles)
+    passages = perplexity_samples(smollm.tokenizer, 64, [], settings)
+    assert [s.index for s in passages] == [0, 1, 2]
+    assert len({tuple(s.payload.prefix_ids) for s in passages}) == 3
+    assert all(len(s.payload.prefix_ids) == 64 and len(s.payload.continuation_ids) == 8 for s in passages)
