@@ -27,7 +27,7 @@ from kvc.compiler.strategies import Allocation, kv_heads
 from kvc.policies.errors import KvcError
 from kvc.policies.schema import Policy
 
-RETRIEVAL_THRESHOLD = 0.1
+RETRIEVAL_THRESHOLD = 0.02
 RETRIEVAL_SHARE = 0.5
 
 

@@ -150,7 +150,7 @@ def synthetic_policy(
         layers.append(LayerProfile(
             index=layer, funnel=_funnel(heads),
             heads=[_head_profile(i, h, rng, prompt_tokens, threshold, profile.local_ratio,
-                                 retrieval_rng.uniform(0.15, 0.5) if t == "retrieval" else retrieval_rng.uniform(0, 0.03))
+                                 retrieval_rng.uniform(0.15, 0.5) if t == "retrieval" else retrieval_rng.uniform(0, 0.01))
                    for i, (h, t) in enumerate(zip(heads, types))],
         ))
     special = [0, 1, 2] + sorted(rng.choice(np.arange(3, vocab_size), size=5, replace=False).tolist())
