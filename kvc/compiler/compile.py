@@ -7,6 +7,7 @@ and assembles the plan's tables. A plan never takes more bytes than its budget.
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def compile_policy(
     batch: int = 1,
     dtype: str = "bf16",
     strategy: str = DEFAULT_STRATEGY,
+    retrieval_threshold: float | None = None,
 ) -> Plan:
     """Compile `policy` (or a policy file) into a plan for one deployment.
 
@@ -46,16 +48,25 @@ def compile_policy(
     memory: the same as an absolute size ('2GiB' or bytes), instead of target;
     max_len: the longest sequence (default: the model's max_position_embeddings);
     strategy: 'retrieval' (retrieval heads whole, SnapKV elsewhere), 'knapsack', 'fastgen', 'pyramid'
-    or 'uniform'.
+    or 'uniform';
+    retrieval_threshold: the retrieval strategy's least retrieval score of a head kept whole
+    (default RETRIEVAL_THRESHOLD): higher keeps fewer heads whole and gives the others more.
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
     if strategy not in STRATEGIES:
         raise KvcError(f"--strategy: unknown strategy {strategy!r} (expected one of {', '.join(STRATEGIES)})")
+    plan_heads = STRATEGIES[strategy]
+    if retrieval_threshold is not None:
+        if strategy != "retrieval":
+            raise KvcError(f"--retrieval-threshold applies to the retrieval strategy, not {strategy!r}")
+        if not 0.0 <= retrieval_threshold <= 1.0:
+            raise KvcError(f"--retrieval-threshold: {retrieval_threshold:g} is outside [0, 1] (a share of attention)")
+        plan_heads = functools.partial(plan_retrieval, threshold=retrieval_threshold)
     deployment = deployment_for(policy, max_len, batch, parse_dtype(dtype))
     goal = target_for(deployment, target, memory)
     try:
-        allocation = STRATEGIES[strategy](policy, deployment, goal.budget_bytes)
+        allocation = plan_heads(policy, deployment, goal.budget_bytes)
     except BudgetTooSmall as error:
         raise below_minimum(strategy, deployment, goal, error.minimum) from None
     plan = assemble(policy, deployment, goal, strategy, allocation)

@@ -40,20 +40,21 @@ def retrieval_scores(policy: Policy) -> np.ndarray:
     return np.array(scores, dtype=float)
 
 
-def retrieval_heads(scores: np.ndarray, full_cost: int, budget: int) -> list[int]:
-    """The heads kept whole: scores >= RETRIEVAL_THRESHOLD, best first, within RETRIEVAL_SHARE of the budget."""
+def retrieval_heads(scores: np.ndarray, full_cost: int, budget: int, threshold: float = RETRIEVAL_THRESHOLD) -> list[int]:
+    """The heads kept whole: scores >= threshold, best first, within RETRIEVAL_SHARE of the budget."""
     order = np.argsort(-scores, kind="stable")
-    eligible = [int(i) for i in order if scores[i] >= RETRIEVAL_THRESHOLD]
+    eligible = [int(i) for i in order if scores[i] >= threshold]
     return eligible[:int(RETRIEVAL_SHARE * budget) // full_cost]
 
 
-def plan_retrieval(policy: Policy, deployment: Deployment, budget: int) -> Allocation:
+def plan_retrieval(policy: Policy, deployment: Deployment, budget: int,
+                   threshold: float = RETRIEVAL_THRESHOLD) -> Allocation:
     heads = kv_heads(policy)
     full = deployment.full_head()
     unit = deployment.slot_bytes(SNAPKV_KIND)
     if len(heads) * unit > budget:
         raise BudgetTooSmall(len(heads) * unit)
-    chosen = retrieval_heads(retrieval_scores(policy), deployment.cost(full), budget)
+    chosen = retrieval_heads(retrieval_scores(policy), deployment.cost(full), budget, threshold)
     while chosen and (len(heads) - len(chosen)) * unit > budget - len(chosen) * deployment.cost(full):
         chosen.pop()  # the other heads need a slot each
     whole = set(chosen)
@@ -66,6 +67,6 @@ def plan_retrieval(policy: Policy, deployment: Deployment, budget: int) -> Alloc
     recovery = [snapkv_recovery(profile, plan, policy.profile, deployment.max_len)
                 for profile, plan in zip(heads, plans)]
     per_layer = deployment.num_kv_heads
-    notes = {"retrieval": {"threshold": RETRIEVAL_THRESHOLD, "window": SNAPKV_WINDOW,
+    notes = {"retrieval": {"threshold": threshold, "window": SNAPKV_WINDOW,
                            "heads": [[i // per_layer, i % per_layer] for i in sorted(chosen)]}}
     return Allocation(plans, recovery, notes)

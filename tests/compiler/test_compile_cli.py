@@ -62,6 +62,8 @@ def test_show_renders_and_draws_a_compiled_plan(tmp_path, policy_file, capsys, s
     (["--max-len", "999999"], "above synthetic-6x2's limit of 4096 positions"),
     (["--batch", "-1"], "positive number of sequences"),
     (["--strategy", "snapkv"], "unknown strategy"),
+    (["--strategy", "knapsack", "--retrieval-threshold", "0.1"], "applies to the retrieval strategy"),
+    (["--retrieval-threshold", "2"], "outside [0, 1]"),
     (["--target", "0.1", "--memory", "1GiB"], "not both"),
     (["--json", "/no/such/folder/report.json"], "does not exist"),
 ])

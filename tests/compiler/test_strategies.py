@@ -167,3 +167,22 @@ def test_retrieval_needs_retrieval_scores(wide_policy):
         head.retrieval = None
     with pytest.raises(KvcError, match="no retrieval scores.*kvc profile"):
         compile_policy(older, 0.25, max_len=8192, strategy="retrieval")
+
+
+def test_a_higher_retrieval_threshold_keeps_fewer_heads_whole(wide_policy):
+    scores = sorted((head.retrieval for head in kv_heads(wide_policy)), reverse=True)
+    threshold = (scores[1] + scores[2]) / 2  # exactly the two best heads clear it
+    plan = compile_policy(wide_policy, 0.6, max_len=8192, strategy="retrieval", retrieval_threshold=threshold)
+    assert int(plan.has("full").sum()) == 2 and plan.notes["retrieval"]["threshold"] == threshold
+    default = compile_policy(wide_policy, 0.6, max_len=8192, strategy="retrieval")
+    assert int(default.has("full").sum()) > 2 and default.notes["retrieval"]["threshold"] == RETRIEVAL_THRESHOLD
+    assert plan.capacity[~plan.has("full")].min() > default.capacity[~default.has("full")].min()  # the rest get more
+
+
+@pytest.mark.parametrize("strategy, threshold, message", [
+    ("knapsack", 0.1, "applies to the retrieval strategy"),
+    ("retrieval", 1.5, "outside \\[0, 1\\]"),
+])
+def test_retrieval_threshold_errors(wide_policy, strategy, threshold, message):
+    with pytest.raises(KvcError, match=message):
+        compile_policy(wide_policy, 0.25, max_len=8192, strategy=strategy, retrieval_threshold=threshold)
