@@ -4,9 +4,8 @@ Each measurement runs in a fresh process: the model is loaded, one warm-up pass 
 tokens, then the timed pass. Peak memory is the highest resident set size sampled during the
 timed pass, less the resident size just before it (the pass's own working memory). Forward and
 profile processes alternate, --repeats of each per length, and the medians are compared: this
-shared CPU's speed drifts by 20% from minute to minute. Targets
-(issue 3): statistics add at most 50% to the forward time; peak memory at 8K tokens at most
-1.5 × a plain forward's. Prints a table and writes benchmarks/results/bench_profile_t{threads}.json.
+shared CPU's speed drifts by 20% from minute to minute. Targets (issue 3): statistics add at
+most 50% to the forward time; peak memory at 8K tokens at most 1.5 × a plain forward's. Prints a table and writes benchmarks/results/bench_profile_t{threads}.json.
 
     .venv/bin/python benchmarks/bench_profile.py [--lengths 512 2048 8192] [--threads N] [--repeats 3]
 """

@@ -81,3 +81,18 @@ def test_console_script_without_and_with_debug(tmp_path):
     assert "kvc_policy: unsupported schema version 9" in plain.stderr and "Traceback" not in plain.stderr
     debug = subprocess.run([kvc, "--debug", "validate", str(bad)], capture_output=True, text=True)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_defaults_named_in_help_texts_are_the_code_defaults():
+    """The help texts spell out defaults the CLI module does not import (start-up stays light)."""
+    import typer
+
+    from kvc.cli import app
+    from kvc.compiler.retrieval import RETRIEVAL_THRESHOLD
+    from kvc.eval.niah import ANSWER_TOKENS as NEEDLE
+    from kvc.eval.passkey import ANSWER_TOKENS as PASSKEY
+
+    commands = typer.main.get_command(app).commands
+    helps = {param.name: param.help for name in ("compile", "eval") for param in commands[name].params}
+    assert f"[default: {RETRIEVAL_THRESHOLD:g}]" in helps["retrieval_threshold"]
+    assert f"{PASSKEY} for the passkey, {NEEDLE} for the needle" in helps["answer_tokens"]

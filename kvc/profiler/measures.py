@@ -143,6 +143,12 @@ class LayerStatistics:
             special_fraction=self.special_fraction + other.special_fraction,
             punct_fraction=self.punct_fraction + other.punct_fraction,
             copy_events=self.copy_events + other.copy_events,
-            copy_mass=other.copy_mass if self.copy_mass is None else
-            self.copy_mass if other.copy_mass is None else self.copy_mass + other.copy_mass,
+            copy_mass=_sum_present(self.copy_mass, other.copy_mass),
         )
+
+
+def _sum_present(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+    """first + second, where a missing one (None) counts as nothing."""
+    if first is None or second is None:
+        return second if first is None else first
+    return first + second
