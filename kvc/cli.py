@@ -121,8 +121,8 @@ def compile_command(
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Longest sequence the plan serves [default: the model's limit]."),
     batch: int = typer.Option(1, "--batch", help="Sequences served together."),
     dtype: str = typer.Option("bf16", "--dtype", help="Cache dtype: bf16, fp16 or fp32."),
-    strategy: str = typer.Option("retrieval", "--strategy", help="retrieval (retrieval heads whole, SnapKV elsewhere), knapsack, fastgen, pyramid or uniform."),
-    retrieval_threshold: Optional[float] = typer.Option(None, "--retrieval-threshold", help="Least retrieval score of a head the retrieval strategy keeps whole [default: 0.02]; higher keeps fewer whole and gives the others more."),
+    strategy: str = typer.Option("retrieval", "--strategy", help="retrieval (budgets by retrieval score, SnapKV within them), knapsack, fastgen, pyramid or uniform."),
+    retrieval_share: Optional[float] = typer.Option(None, "--retrieval-share", help="Part of the budget the retrieval strategy gives by retrieval score, the rest equally [default: 0.3]; higher keeps more heads whole and gives the others less."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the plan [default: POLICY with suffix .plan]."),
     json_report: Optional[Path] = typer.Option(None, "--json", help="Also write the compile report here as JSON."),
 ):
@@ -139,7 +139,7 @@ def compile_command(
     loaded = load_policy(policy)
     started = time.perf_counter()
     plan = compile_policy(loaded, target, memory=memory, max_len=max_len, batch=batch, dtype=dtype, strategy=strategy,
-                          retrieval_threshold=retrieval_threshold)
+                          retrieval_share=retrieval_share)
     seconds = time.perf_counter() - started
     report = plan_report(plan)
     write_outputs(plan, report, out, json_report)
@@ -199,7 +199,8 @@ def eval_command(
     budgets: str = typer.Option("0.25", "--budgets", help="Comma-separated shares of the full cache's bytes, in (0, 1]."),
     lengths: str = typer.Option("1024", "--lengths", help="Comma-separated prompt lengths in tokens."),
     depths: str = typer.Option("0,0.5,1", "--depths", help="Comma-separated needle depths in [0, 1]."),
-    samples: int = typer.Option(1, "--samples", min=1, help="Samples per task, length and depth: passkeys of seeds 0..N-1, needle haystacks starting at essays 0..N-1, perplexity passages 0..N-1 back from the end."),
+    samples: int = typer.Option(1, "--samples", min=1, help="Samples per task, length and depth: passkeys of seeds F..F+N-1, needle haystacks starting at essays F..F+N-1, perplexity passages F..F+N-1 back from the end (F: --first-sample)."),
+    first_sample: int = typer.Option(0, "--first-sample", min=0, help="The number F of the first sample, to evaluate on samples kept apart from others (tuning, earlier runs)."),
     answer_tokens: Optional[int] = typer.Option(None, "--answer-tokens", min=1, help="Tokens decoded after passkey and needle prompts (default: 12 for the passkey, 20 for the needle, whose answer is 15)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every record and the settings here."),
     png: Optional[Path] = typer.Option(None, "--png", help="Draw the Pareto plot (cache bytes vs score) here."),
@@ -215,7 +216,7 @@ def eval_command(
     from kvc.policies.schema import load_policy
 
     settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASKS, known_methods=METHODS,
-                              answer_tokens=answer_tokens, samples=samples, policy=policy and str(policy), plan=plan and str(plan))
+                              answer_tokens=answer_tokens, samples=samples, first_sample=first_sample, policy=policy and str(policy), plan=plan and str(plan))
     needing = [m for m in settings.methods if METHODS[m].needs_policy and not (m == "kvc" and plan)]
     if needing and policy is None:
         raise KvcError(f"--policy: {', '.join(needing)} need a policy (from `kvc profile`); give --policy POLICY")

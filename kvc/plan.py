@@ -23,6 +23,7 @@ PLAN_VERSION = 1
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SCORE_BYTES = 4  # one float32 accumulated-attention score per slot of a frequency head
 POSITION_BYTES = 4  # one int32 token position per slot of every head (ring order, eviction, masks)
+SNAPKV_POOL_KERNEL = 7  # SnapKV's max-pool over neighbouring keys' prefill scores
 
 # (layers, kv_heads) int32 tables, in the order they are stored.
 _HEAD_TABLES = ("kind_codes", "sinks", "class_slots", "heavy", "window", "full_slots")
@@ -62,8 +63,12 @@ class Plan:
     expected_recovery: torch.Tensor  # (layers, kv_heads) float32, from the policy's curves
     strategy: str = ""
     observation_window: int = 32
-    pool_kernel: int = 7
+    pool_kernel: torch.Tensor | None = None  # (layers, kv_heads) max-pool width of the prefill scores; None: SnapKV's 7
     notes: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.pool_kernel is None:
+            self.pool_kernel = torch.full(self.kind_codes.shape, SNAPKV_POOL_KERNEL, dtype=torch.int32)
 
     # ------------------------------------------------------------ derived layout
     @property
@@ -146,12 +151,12 @@ class Plan:
             "target": vars(self.target),
             "strategy": self.strategy,
             "observation_window": self.observation_window,
-            "pool_kernel": self.pool_kernel,
             "notes": self.notes,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tables = {name: getattr(self, name).to(torch.int32).contiguous() for name in _HEAD_TABLES}
+        tables["pool_kernel"] = self.pool_kernel.to(torch.int32).contiguous()
         tables["token_classes"] = self.token_classes.to(torch.uint8).contiguous()
         tables["expected_recovery"] = self.expected_recovery.to(torch.float32).contiguous()
         return tables
@@ -183,7 +188,7 @@ class Plan:
             num_attention_heads=model["num_attention_heads"], num_kv_heads=model["num_kv_heads"],
             head_dim=model["head_dim"], target=Target(**header["target"]),
             strategy=header.get("strategy", ""), observation_window=header.get("observation_window", 32),
-            pool_kernel=header.get("pool_kernel", 7), notes=header.get("notes", {}),
+            pool_kernel=tensors.get("pool_kernel"), notes=header.get("notes", {}),
             token_classes=tensors["token_classes"], expected_recovery=tensors["expected_recovery"],
             **{name: tensors[name] for name in _HEAD_TABLES},
         )

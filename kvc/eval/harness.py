@@ -44,7 +44,7 @@ class Sample:
     num_tokens: int  # prompt (or prefix) tokens
     payload: object  # the prompt text, or a PerplexitySample
     score: Callable[[str], float] | None = None
-    index: int = 0  # which of the settings' samples: passkey seed, haystack or passage
+    index: int = 0  # the sample's number: passkey seed, first essay of the haystack or passage back from the end
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,19 @@ class Results:
     @classmethod
     def from_dict(cls, data: dict) -> Results:
         """Results read back from `to_dict` (the JSON report), to render or plot them again."""
-        return cls(Settings(**data["settings"]), [Record(**record) for record in data["records"]], data["seconds"])
+        settings = dict(data["settings"])
+        settings.setdefault("first_sample", settings.pop("seed", 0))  # reports written before --first-sample
+        return cls(Settings(**settings), [Record(**record) for record in data["records"]], data["seconds"])
+
+
+def sample_numbers(settings: Settings) -> range:
+    return range(settings.first_sample, settings.first_sample + settings.samples)
 
 
 def passkey_samples(tokenizer, length, depths, settings) -> list[Sample]:
-    """Sample i: the key of seed settings.seed + i, at every depth."""
-    samples = [(index, passkey_sample(tokenizer, length, depth, settings.seed + index))
-               for index in range(settings.samples) for depth in depths]
+    """Sample i: the key of seed i, at every depth."""
+    samples = [(index, passkey_sample(tokenizer, length, depth, seed=index))
+               for index in sample_numbers(settings) for depth in depths]
     return [Sample(s.depth, s.num_tokens, s.text, lambda text, s=s: float(passkey_correct(s, text)), index)
             for index, s in samples]
 
@@ -104,15 +110,15 @@ def passkey_samples(tokenizer, length, depths, settings) -> list[Sample]:
 def needle_samples(tokenizer, length, depths, settings) -> list[Sample]:
     """Sample i: the haystack that starts at essay i, at every depth."""
     samples = [(index, needle_sample(tokenizer, length, depth, haystack=index))
-               for index in range(settings.samples) for depth in depths]
+               for index in sample_numbers(settings) for depth in depths]
     return [Sample(s.depth, s.num_tokens, s.text, needle_score, index) for index, s in samples]
 
 
 def perplexity_samples(tokenizer, length, depths, settings) -> list[Sample]:
     """Sample i: the i-th passage back from the end of the essays."""
-    samples = [perplexity_sample(tokenizer, length, settings.continuation, offset=index)
-               for index in range(settings.samples)]
-    return [Sample(None, len(sample.prefix_ids), sample, index=index) for index, sample in enumerate(samples)]
+    samples = [(index, perplexity_sample(tokenizer, length, settings.continuation, offset=index))
+               for index in sample_numbers(settings)]
+    return [Sample(None, len(sample.prefix_ids), sample, index=index) for index, sample in samples]
 
 
 def run_generation(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:

@@ -16,6 +16,7 @@ import torch
 
 from kvc.eval.niah import essays_text
 from kvc.models import LoadedModel
+from kvc.policies.errors import KvcError
 from kvc.plan import Plan
 from kvc.runtime.apply import apply
 
@@ -31,6 +32,9 @@ def perplexity_sample(tokenizer, length: int, continuation: int = 64, offset: in
     text = essays_text()
     window = (length + continuation) * 8
     end = len(text) - offset * window
+    if end < window:
+        raise KvcError(f"perplexity passage {offset} of {length} + {continuation} tokens lies before the essays' start "
+                       f"(they hold {len(text) // window}); evaluate fewer or shorter samples")
     ids = tokenizer(text[max(0, end - window): end], add_special_tokens=False).input_ids
     ids = ids[-(length + continuation):]
     return PerplexitySample(ids[:length], ids[length:])

@@ -22,7 +22,7 @@ class Settings:
     answer_tokens: int | None = None  # decoded after passkey and needle prompts; None: each task's own
     continuation: int = 32  # teacher-forced tokens after the perplexity prefix
     samples: int = 1  # per task, length and depth: passkey seeds, needle haystacks, perplexity passages
-    seed: int = 0
+    first_sample: int = 0  # samples first_sample .. first_sample + samples - 1 of each task
     dtype: str = "float32"
     model: str = ""
     policy: str | None = None

@@ -81,6 +81,19 @@ def test_plan_round_trips_and_loads_fast(tmp_path, small_policy):
     assert loaded.cache_bytes == plan.cache_bytes and torch.equal(loaded.offsets, plan.offsets)
 
 
+def test_a_plan_without_pool_widths_loads_with_snapkvs(tmp_path, small_policy):
+    """Plans written before per-head pooling carry no pool_kernel table: every head pools over 7."""
+    import json
+
+    from safetensors.torch import save_file
+
+    plan = compile_policy(small_policy, 0.2, max_len=4096)
+    assert set(plan.pool_kernel.flatten().tolist()) == {3, 7}
+    tensors = {name: tensor for name, tensor in plan.tensors().items() if name != "pool_kernel"}
+    save_file(tensors, str(tmp_path / "old.plan"), metadata={"kvc_plan": json.dumps({**plan.header(), "pool_kernel": 7})})
+    assert torch.equal(Plan.load(tmp_path / "old.plan").pool_kernel, torch.full(plan.capacity.shape, 7, dtype=torch.int32))
+
+
 def test_compiling_is_deterministic(tmp_path, small_policy):
     first = compile_policy(small_policy, 0.1, max_len=4096).save(tmp_path / "a.plan")
     second = compile_policy(small_policy, 0.1, max_len=4096).save(tmp_path / "b.plan")

@@ -2,13 +2,15 @@
 
 import pytest
 
-from kvc.eval.harness import needle_samples, new_tokens, perplexity_samples
+from kvc.eval.harness import needle_samples, new_tokens, passkey_samples, perplexity_samples
 from kvc.eval.niah import ANSWER_TOKENS, NEEDLE, QUESTION, needle_sample, needle_score
 from kvc.eval.passkey import INTRO
 from kvc.eval.passkey import QUESTION as PASSKEY_QUESTION
 from kvc.eval.passkey import needle as passkey_needle
 from kvc.eval.passkey import PasskeySample, passkey_correct, passkey_sample
+from kvc.eval.perplexity import perplexity_sample
 from kvc.eval.settings import Settings
+from kvc.policies.errors import KvcError
 
 
 @pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
@@ -83,3 +85,21 @@ def test_samples_are_other_haystacks_and_passages(smollm):
     assert [s.index for s in passages] == [0, 1, 2]
     assert len({tuple(s.payload.prefix_ids) for s in passages}) == 3
     assert all(len(s.payload.prefix_ids) == 64 and len(s.payload.continuation_ids) == 8 for s in passages)
+
+
+def test_first_sample_moves_every_task_to_later_samples(smollm):
+    later = Settings(tasks=[], methods=[], budgets=[], lengths=[], depths=[], samples=2, first_sample=3, continuation=8)
+    passages = perplexity_samples(smollm.tokenizer, 64, [], later)
+    assert [s.index for s in passages] == [3, 4]
+    assert passages[0].payload == perplexity_sample(smollm.tokenizer, 64, 8, offset=3)
+    keys = [s.score(sample.passkey) for s in passkey_samples(smollm.tokenizer, 200, [0.5], later)
+            for sample in [passkey_sample(smollm.tokenizer, 200, 0.5, seed=3)]]
+    assert keys == [1.0, 0.0]  # sample 3 is the key of seed 3, sample 4 another one
+    assert [s.index for s in needle_samples(smollm.tokenizer, 300, [0.5], later)] == [3, 4]
+
+
+def test_passages_beyond_the_essays_are_refused(smollm):
+    far = Settings(tasks=[], methods=[], budgets=[], lengths=[], depths=[], first_sample=18, continuation=32)
+    assert len(perplexity_samples(smollm.tokenizer, 4096, [], far)[0].payload.prefix_ids) == 4096
+    with pytest.raises(KvcError, match="lies before the essays' start"):
+        perplexity_samples(smollm.tokenizer, 4096, [], Settings(**{**far.__dict__, "first_sample": 19}))

@@ -4,6 +4,7 @@ and the references against loop-by-loop computations that are correct by inspect
 import pytest
 import torch
 
+from kvc.runtime.kernels import prefill_scoring
 from kvc.runtime.kernels.prefill_scoring import (
     gather_into_segments,
     gather_into_segments_reference,
@@ -23,6 +24,7 @@ SCORING_CASES = [
     ([0, 11, 1], 2, 3, 16, 64, 64, 7, torch.bfloat16),
     ([7], 3, 4, 5, 23, 48, 3, torch.bfloat16),
     ([0, 40], 1, 2, 4, 150, 48, 7, torch.float32),  # several key blocks per query row
+    ([0, 9], 2, 3, 50, 50, 48, 1, torch.float32),  # H2O's observation: every prompt query, padding ones too
 ]
 
 # (batch, seq_len, head_dim, capacities, dtype)
@@ -86,6 +88,28 @@ def test_scores_reference_matches_loops(generator, case):
     query_window, keys, key_start = make_prompt(generator, key_start, kv_heads, group, window, seq_len, head_dim, dtype)
     actual = observation_scores_reference(query_window, keys, key_start, scale=0.2, pool_kernel=pool_kernel)
     torch.testing.assert_close(actual, loop_scores(query_window, keys, key_start, 0.2, pool_kernel), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", SCORING_CASES[1:3] + SCORING_CASES[-1:], ids=case_id)
+def test_scores_reference_in_query_chunks_matches_loops(generator, case, monkeypatch):
+    """The reference bounds memory by taking the window a few queries at a time."""
+    monkeypatch.setattr(prefill_scoring, "REFERENCE_QUERY_CHUNK", 5)
+    key_start, kv_heads, group, window, seq_len, head_dim, pool_kernel, dtype = case
+    query_window, keys, key_start = make_prompt(generator, key_start, kv_heads, group, window, seq_len, head_dim, dtype)
+    actual = observation_scores_reference(query_window, keys, key_start, scale=0.2, pool_kernel=pool_kernel)
+    torch.testing.assert_close(actual, loop_scores(query_window, keys, key_start, 0.2, pool_kernel), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("implementation", [observation_scores_reference, observation_scores_triton])
+def test_each_kv_head_pools_over_its_own_width(generator, implementation):
+    query_window, keys, key_start = make_prompt(generator, [0, 6], 3, 2, 8, 40, 48, torch.float32)
+    widths = [7, 1, 3]
+    pooled = implementation(query_window, keys, key_start, scale=0.2, pool_kernel=torch.tensor(widths))
+    for head, width in enumerate(widths):
+        expected = loop_scores(query_window, keys, key_start, 0.2, width)[:, head]
+        torch.testing.assert_close(pooled[:, head], expected, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="one per KV head"):
+        implementation(query_window, keys, key_start, pool_kernel=[7, 3])
 
 
 @pytest.mark.parametrize("implementation", [observation_scores_reference, observation_scores_triton])

@@ -14,6 +14,8 @@ import triton.language as tl
 
 from kvc.runtime.kernels.decode_attention import block_rows, dot_precision, use_triton
 
+REFERENCE_QUERY_CHUNK = 256  # window queries per step of the reference
+
 
 @triton.jit
 def _window_lse_kernel(
@@ -141,14 +143,26 @@ def _check_scoring_inputs(query_window, keys, key_start, pool_kernel):
         raise ValueError(f"window={window} must be in [1, seq_len={seq_len}]")
     if key_start.shape != (batch,):
         raise ValueError(f"key_start must be (batch,) = {(batch,)}, got {tuple(key_start.shape)}")
-    if pool_kernel < 1 or pool_kernel % 2 == 0:
-        raise ValueError(f"pool_kernel must be a positive odd integer, got {pool_kernel}")
+    widths = pool_widths(pool_kernel, kv_heads)
+    if widths is None or any(width < 1 or width % 2 == 0 for width in widths):
+        raise ValueError(f"pool_kernel must be a positive odd integer or one per KV head ({kv_heads}), got {pool_kernel}")
     return num_q_heads // kv_heads
 
 
+def pool_widths(pool_kernel, kv_heads: int) -> list[int] | None:
+    """One max-pool width per KV head from an int or a sequence/tensor of them; None if the count is wrong."""
+    widths = [int(pool_kernel)] * kv_heads if isinstance(pool_kernel, int) else [int(w) for w in pool_kernel]
+    return widths if len(widths) == kv_heads else None
+
+
 def _pool_and_mask_padding(scores, key_start, pool_kernel):
-    """Max-pool (batch, kv_heads, seq_len) scores along seq_len, then zero the left padding again."""
-    pooled = F.max_pool1d(scores, kernel_size=pool_kernel, stride=1, padding=pool_kernel // 2)
+    """Max-pool (batch, kv_heads, seq_len) scores along seq_len, each head with its width, then
+    zero the left padding again."""
+    widths = pool_widths(pool_kernel, scores.shape[1])
+    pooled = scores.clone()
+    for width in set(widths) - {1}:
+        heads = [head for head, w in enumerate(widths) if w == width]
+        pooled[:, heads] = F.max_pool1d(scores[:, heads], kernel_size=width, stride=1, padding=width // 2)
     padding = torch.arange(scores.shape[2], device=scores.device) < key_start[:, None, None]
     return pooled.masked_fill(padding, 0.0)
 
@@ -162,15 +176,19 @@ def observation_scores_reference(query_window, keys, key_start, scale=None, pool
     key_start = key_start.to(keys.device)
 
     grouped_query = query_window.float().reshape(batch, kv_heads, group, window, head_dim)
-    scores = torch.einsum("bhgwd,bhnd->bhgwn", grouped_query, keys.float()) * scale
+    keys = keys.float()
     key_positions = torch.arange(seq_len, device=keys.device)
-    query_positions = torch.arange(seq_len - window, seq_len, device=keys.device)
-    causal = key_positions[None, :] <= query_positions[:, None]  # (window, seq_len)
-    valid = causal[None] & (key_positions >= key_start[:, None, None])  # (batch, window, seq_len)
-    visible = valid[:, None, None]  # (batch, 1, 1, window, seq_len)
-    # Window queries inside the padding see no key: their all -inf rows give NaN, replaced by 0.
-    probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-    return _pool_and_mask_padding(probs.sum(dim=(2, 3)), key_start, pool_kernel)
+    total = torch.zeros(batch, kv_heads, seq_len, dtype=torch.float32, device=keys.device)
+    for first in range(0, window, REFERENCE_QUERY_CHUNK):  # a long window (H2O's: every query) in bounded memory
+        chunk = grouped_query[:, :, :, first:first + REFERENCE_QUERY_CHUNK]
+        scores = torch.einsum("bhgwd,bhnd->bhgwn", chunk, keys) * scale
+        query_positions = seq_len - window + first + torch.arange(chunk.shape[3], device=keys.device)
+        causal = key_positions[None, :] <= query_positions[:, None]  # (chunk, seq_len)
+        visible = (causal[None] & (key_positions >= key_start[:, None, None]))[:, None, None]  # (batch, 1, 1, chunk, seq_len)
+        # Window queries inside the padding see no key: their all -inf rows give NaN, replaced by 0.
+        probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
+        total += probs.sum(dim=(2, 3))
+    return _pool_and_mask_padding(total, key_start, pool_kernel)
 
 
 def observation_scores_triton(query_window, keys, key_start, scale=None, pool_kernel=7):
@@ -212,7 +230,7 @@ def observation_scores(query_window, keys, key_start, scale=None, pool_kernel=7)
     query_window (batch, num_q_heads, window, head_dim): the last prompt queries; keys (batch,
     kv_heads, seq_len, head_dim); key_start (batch,) first non-padding position. Returns
     (batch, kv_heads, seq_len) float32: causal softmax summed over window and group, max-pooled
-    with odd pool_kernel (1 = none). Padding positions are exactly 0; valid keys score > 0 unless
+    with odd pool_kernel (1 = none), one for every head or one per KV head. Padding positions are exactly 0; valid keys score > 0 unless
     their probability underflows float32, so selections should still mask positions < key_start.
     """
     implementation = observation_scores_triton if use_triton(keys) else observation_scores_reference
