@@ -121,8 +121,8 @@ def compile_command(
     max_len: Optional[int] = typer.Option(None, "--max-len", help="Longest sequence the plan serves [default: the model's limit]."),
     batch: int = typer.Option(1, "--batch", help="Sequences served together."),
     dtype: str = typer.Option("bf16", "--dtype", help="Cache dtype: bf16, fp16 or fp32."),
-    strategy: str = typer.Option("retrieval", "--strategy", help="retrieval (budgets by retrieval score, SnapKV within them), knapsack, fastgen, pyramid or uniform."),
-    retrieval_share: Optional[float] = typer.Option(None, "--retrieval-share", help="Part of the budget the retrieval strategy gives by retrieval score, the rest equally [default: 0.3]; higher keeps more heads whole and gives the others less."),
+    strategy: str = typer.Option("retrieval", "--strategy", help="retrieval (retrieval heads whole, SnapKV elsewhere), knapsack, fastgen, pyramid or uniform."),
+    retrieval_threshold: Optional[float] = typer.Option(None, "--retrieval-threshold", help="Least retrieval score of a head the retrieval strategy keeps whole [default: 0.02]; higher keeps fewer whole and gives the others more."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the plan [default: POLICY with suffix .plan]."),
     json_report: Optional[Path] = typer.Option(None, "--json", help="Also write the compile report here as JSON."),
 ):
@@ -139,7 +139,7 @@ def compile_command(
     loaded = load_policy(policy)
     started = time.perf_counter()
     plan = compile_policy(loaded, target, memory=memory, max_len=max_len, batch=batch, dtype=dtype, strategy=strategy,
-                          retrieval_share=retrieval_share)
+                          retrieval_threshold=retrieval_threshold)
     seconds = time.perf_counter() - started
     report = plan_report(plan)
     write_outputs(plan, report, out, json_report)

@@ -1,7 +1,8 @@
 """The compiled plan: everything the runtime needs and nothing it must decide.
 
 Per (layer, KV head): a kind bitmask and the slots each component may use (sinks, special and
-punctuation slots, heavy hitters, recent window), whose sum is the head's static capacity; the
+punctuation slots, heavy hitters, recent window), whose sum is the head's static capacity, and
+the max-pool width of the prefill scores its heavy hitters are chosen by; the
 per-layer offsets of a flat memory layout; the token-class bitmap; the target it was compiled
 for and the model fingerprint. Stored as one safetensors file (tensors plus a JSON header),
 written atomically and loaded in milliseconds.

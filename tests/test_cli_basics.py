@@ -88,11 +88,11 @@ def test_defaults_named_in_help_texts_are_the_code_defaults():
     import typer
 
     from kvc.cli import app
-    from kvc.compiler.retrieval import RETRIEVAL_SHARE
+    from kvc.compiler.retrieval import RETRIEVAL_THRESHOLD
     from kvc.eval.niah import ANSWER_TOKENS as NEEDLE
     from kvc.eval.passkey import ANSWER_TOKENS as PASSKEY
 
     commands = typer.main.get_command(app).commands
     helps = {param.name: param.help for name in ("compile", "eval") for param in commands[name].params}
-    assert f"[default: {RETRIEVAL_SHARE:g}]" in helps["retrieval_share"]
+    assert f"[default: {RETRIEVAL_THRESHOLD:g}]" in helps["retrieval_threshold"]
     assert f"{PASSKEY} for the passkey, {NEEDLE} for the needle" in helps["answer_tokens"]

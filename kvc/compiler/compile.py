@@ -40,29 +40,29 @@ def compile_policy(
     batch: int = 1,
     dtype: str = "bf16",
     strategy: str = DEFAULT_STRATEGY,
-    retrieval_share: float | None = None,
+    retrieval_threshold: float | None = None,
 ) -> Plan:
     """Compile `policy` (or a policy file) into a plan for one deployment.
 
     target: the share of the full cache's bytes at max_len the plan may use (default 0.25);
     memory: the same as an absolute size ('2GiB' or bytes), instead of target;
     max_len: the longest sequence (default: the model's max_position_embeddings);
-    strategy: 'retrieval' (budgets by retrieval score, SnapKV within them), 'knapsack', 'fastgen',
-    'pyramid' or 'uniform';
-    retrieval_share: the part of the budget the retrieval strategy gives by retrieval score, the
-    rest going equally to every head (default RETRIEVAL_SHARE); 0 is an even split.
+    strategy: 'retrieval' (retrieval heads whole, SnapKV elsewhere), 'knapsack', 'fastgen', 'pyramid'
+    or 'uniform';
+    retrieval_threshold: the retrieval strategy's least retrieval score of a head kept whole
+    (default RETRIEVAL_THRESHOLD): higher keeps fewer heads whole and gives the others more.
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
     if strategy not in STRATEGIES:
         raise KvcError(f"--strategy: unknown strategy {strategy!r} (expected one of {', '.join(STRATEGIES)})")
     plan_heads = STRATEGIES[strategy]
-    if retrieval_share is not None:
+    if retrieval_threshold is not None:
         if strategy != "retrieval":
-            raise KvcError(f"--retrieval-share applies to the retrieval strategy, not {strategy!r}")
-        if not 0.0 <= retrieval_share <= 1.0:
-            raise KvcError(f"--retrieval-share: {retrieval_share:g} is outside [0, 1] (a part of the budget)")
-        plan_heads = functools.partial(plan_retrieval, share=retrieval_share)
+            raise KvcError(f"--retrieval-threshold applies to the retrieval strategy, not {strategy!r}")
+        if not 0.0 <= retrieval_threshold <= 1.0:
+            raise KvcError(f"--retrieval-threshold: {retrieval_threshold:g} is outside [0, 1] (a share of attention)")
+        plan_heads = functools.partial(plan_retrieval, threshold=retrieval_threshold)
     deployment = deployment_for(policy, max_len, batch, parse_dtype(dtype))
     goal = target_for(deployment, target, memory)
     try:

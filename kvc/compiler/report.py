@@ -87,23 +87,13 @@ def summary_lines(report: dict) -> list[str]:
                      f"needs {format_size(fastgen['next_bytes'])}, above the budget")
         lines.append(line)
     if "retrieval" in notes:
-        lines += retrieval_lines(notes["retrieval"])
+        retrieval = notes["retrieval"]
+        heads = ", ".join(f"L{layer}.{head}" for layer, head in retrieval["heads"]) or "none"
+        lines.append(f"retrieval: {len(retrieval['heads'])} KV heads with retrieval score >= {retrieval['threshold']} "
+                     f"keep every token ({heads}); the others are SnapKV, {retrieval['window']} recent tokens "
+                     f"+ heavy hitters by scores max-pooled over {retrieval['pool_kernel']} keys")
     if "pyramid" in notes:
         lines.append(f"pyramid: PyramidKV schedule, β = {notes['pyramid']['beta']}, "
                      f"{notes['pyramid']['alpha']} recent tokens kept per head")
     lines.append("heads per kind: " + ", ".join(f"{kind} {count}" for kind, count in report["kinds"].items()))
-    return lines
-
-
-def retrieval_lines(retrieval: dict) -> list[str]:
-    whole = ", ".join(f"L{layer}.{head}" for layer, head in retrieval["heads"]) or "none"
-    lines = [f"retrieval: {100 * retrieval['share']:g}% of the budget follows the retrieval scores; "
-             f"{len(retrieval['heads'])} KV heads keep every token ({whole})"]
-    if retrieval["slots"]:
-        largest = ", ".join(f"L{layer}.{head} {slots}" for layer, head, slots in retrieval["largest"])
-        least, median = retrieval["slots"]
-        copying, other = retrieval["pool_kernels"]
-        lines.append(f"the others are SnapKV ({retrieval['window']} recent tokens + heavy hitters): {largest} slots, "
-                     f"median {median}, least {least}; scores max-pooled over {copying} keys on the "
-                     f"{retrieval['copying']} copying heads, over {other} elsewhere")
     return lines

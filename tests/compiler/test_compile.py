@@ -88,7 +88,7 @@ def test_a_plan_without_pool_widths_loads_with_snapkvs(tmp_path, small_policy):
     from safetensors.torch import save_file
 
     plan = compile_policy(small_policy, 0.2, max_len=4096)
-    assert set(plan.pool_kernel.flatten().tolist()) == {3, 7}
+    assert (plan.pool_kernel == 3).all()  # the retrieval strategy's SnapKV heads pool over 3
     tensors = {name: tensor for name, tensor in plan.tensors().items() if name != "pool_kernel"}
     save_file(tensors, str(tmp_path / "old.plan"), metadata={"kvc_plan": json.dumps({**plan.header(), "pool_kernel": 7})})
     assert torch.equal(Plan.load(tmp_path / "old.plan").pool_kernel, torch.full(plan.capacity.shape, 7, dtype=torch.int32))

@@ -9,7 +9,7 @@ import torch
 from kvc.compiler import STRATEGIES, compile_policy
 from kvc.compiler.compile import deployment_for
 from kvc.compiler.report import head_bytes
-from kvc.compiler.retrieval import COPYING_POOL_KERNEL, OTHER_POOL_KERNEL, RETRIEVAL_SHARE, retrieval_weights
+from kvc.compiler.retrieval import POOL_KERNEL, RETRIEVAL_SHARE, RETRIEVAL_THRESHOLD
 from kvc.compiler.schedules import (
     PYRAMID_ALPHA,
     PYRAMID_BETA,
@@ -141,39 +141,25 @@ def test_memory_is_planned_per_kv_head_never_per_query_head(small_policy, strate
     assert plan.position_bytes == slots * POSITION_BYTES * 3
 
 
-def test_retrieval_budgets_follow_the_retrieval_scores(wide_policy):
+def test_retrieval_keeps_the_copying_heads_whole_and_splits_the_rest_evenly(wide_policy):
     plan = compile_policy(wide_policy, 0.25, max_len=8192, strategy="retrieval")
-    scores = np.array([head.retrieval for head in kv_heads(wide_policy)])
-    slots = plan.capacity.flatten().numpy()
-    full = plan.has("full").flatten().numpy()
-    order = np.argsort(scores)
-    assert (np.diff(slots[order]) >= -1).all()  # more copying, more slots (remainders may cost one)
+    scores = np.array([head.retrieval for head in kv_heads(wide_policy)]).reshape(plan.capacity.shape)
+    full = plan.has("full").numpy()
     chosen = plan.notes["retrieval"]["heads"]
-    assert full.sum() == len(chosen) > 0 and scores[full].min() >= scores[~full].max()
-    unit = plan.cache_bytes / int(plan.capacity.sum())
-    equal_part = (1 - RETRIEVAL_SHARE) * plan.target.budget_bytes / len(scores) / unit
-    assert slots[~full].min() >= int(equal_part)  # every head gets its equal part whatever its score
+    assert full.sum() == len(chosen) > 0 and all(full[layer, head] for layer, head in chosen)
+    assert scores[full].min() >= RETRIEVAL_THRESHOLD and scores[full].min() >= scores[~full].max() - 1e-12
+    assert full.sum() * 8192 * (plan.cache_bytes / int(plan.capacity.sum())) <= RETRIEVAL_SHARE * plan.target.budget_bytes + 1
+    rest = plan.capacity[~plan.has("full")]
+    assert int(rest.max() - rest.min()) <= 1
     assert (plan.window[~plan.has("full")] == 32).all()
-    _, copying = retrieval_weights(scores, RETRIEVAL_SHARE)
-    assert 0 < copying.sum() < len(scores) and slots[copying].min() >= 2 * int(equal_part)
-    widths = plan.pool_kernel.flatten().numpy()
-    assert (widths[copying] == COPYING_POOL_KERNEL).all() and (widths[~copying] == OTHER_POOL_KERNEL).all()
     assert (plan.kind_codes[~plan.has("full")] == kind_code("frequency+local")).all()
-    assert plan.cache_bytes > 0.99 * plan.target.budget_bytes
-
-
-def test_retrieval_weights():
-    weights, copying = retrieval_weights(np.array([0.0, 0.1, 0.3]), 0.4)
-    np.testing.assert_allclose(weights, [0.2, 0.2 + 0.1, 0.2 + 0.3])
-    assert copying.tolist() == [False, False, True]  # 0.1 by score is less than the equal 0.2
-    weights, copying = retrieval_weights(np.zeros(4), 0.4)
-    np.testing.assert_allclose(weights, np.full(4, 0.25))
-    assert not copying.any()
+    assert (plan.pool_kernel == POOL_KERNEL).all() and plan.notes["retrieval"]["pool_kernel"] == POOL_KERNEL
 
 
 def test_retrieval_gives_fewer_heads_everything_when_memory_is_short(wide_policy):
+    eligible = sum(head.retrieval >= RETRIEVAL_THRESHOLD for head in kv_heads(wide_policy))
     counts = [int(compile_policy(wide_policy, t, max_len=8192, strategy="retrieval").has("full").sum()) for t in TARGETS]
-    assert counts == sorted(counts) and counts[0] < counts[-1]
+    assert counts == sorted(counts) and counts[0] < eligible and counts[-1] == eligible
 
 
 def test_retrieval_needs_retrieval_scores(wide_policy):
@@ -184,22 +170,20 @@ def test_retrieval_needs_retrieval_scores(wide_policy):
         compile_policy(older, 0.25, max_len=8192, strategy="retrieval")
 
 
-def test_a_larger_retrieval_share_keeps_more_heads_whole(wide_policy):
-    def compiled(share):
-        return compile_policy(wide_policy, 0.25, max_len=8192, strategy="retrieval", retrieval_share=share)
-
-    even, little, default, most = compiled(0.0), compiled(0.05), compiled(None), compiled(0.9)
-    assert int(even.capacity.max() - even.capacity.min()) <= 1 and not even.has("full").any()
-    assert default.notes["retrieval"]["share"] == RETRIEVAL_SHARE
-    whole = [int(plan.has("full").sum()) for plan in (little, default, most)]
-    assert whole == sorted(whole) and whole[0] < whole[-1]
-    assert most.capacity.min() < default.capacity.min() < little.capacity.min() < even.capacity.min()  # the rest get less
+def test_a_higher_retrieval_threshold_keeps_fewer_heads_whole(wide_policy):
+    scores = sorted((head.retrieval for head in kv_heads(wide_policy)), reverse=True)
+    threshold = (scores[1] + scores[2]) / 2  # exactly the two best heads clear it
+    plan = compile_policy(wide_policy, 0.6, max_len=8192, strategy="retrieval", retrieval_threshold=threshold)
+    assert int(plan.has("full").sum()) == 2 and plan.notes["retrieval"]["threshold"] == threshold
+    default = compile_policy(wide_policy, 0.6, max_len=8192, strategy="retrieval")
+    assert int(default.has("full").sum()) > 2 and default.notes["retrieval"]["threshold"] == RETRIEVAL_THRESHOLD
+    assert plan.capacity[~plan.has("full")].min() > default.capacity[~default.has("full")].min()  # the rest get more
 
 
-@pytest.mark.parametrize("strategy, share, message", [
+@pytest.mark.parametrize("strategy, threshold, message", [
     ("knapsack", 0.1, "applies to the retrieval strategy"),
     ("retrieval", 1.5, "outside \\[0, 1\\]"),
 ])
-def test_retrieval_share_errors(wide_policy, strategy, share, message):
+def test_retrieval_threshold_errors(wide_policy, strategy, threshold, message):
     with pytest.raises(KvcError, match=message):
-        compile_policy(wide_policy, 0.25, max_len=8192, strategy=strategy, retrieval_share=share)
+        compile_policy(wide_policy, 0.25, max_len=8192, strategy=strategy, retrieval_threshold=threshold)
