@@ -154,6 +154,5 @@ def assemble(policy: Policy, deployment: Deployment, goal: Target, strategy: str
         token_classes=token_classes(policy),
         expected_recovery=torch.tensor(allocation.recovery, dtype=torch.float32).reshape(shape),
         strategy=strategy,
-        pool_kernel=None if allocation.pool_kernel is None else table(allocation.pool_kernel),
         notes={"policy": {"created": policy.created, "threshold": policy.profile.threshold}, **allocation.notes},
     )

@@ -26,12 +26,12 @@ from kvc.compiler.schedules import (
     snapkv_recovery,
 )
 from kvc.compiler.strategies import Allocation, kv_heads
+from kvc.plan import SNAPKV_POOL_KERNEL
 from kvc.policies.errors import KvcError
 from kvc.policies.schema import Policy
 
 RETRIEVAL_THRESHOLD = 0.02
 RETRIEVAL_SHARE = 0.5
-POOL_KERNEL = 7  # SnapKV's
 
 
 def retrieval_scores(policy: Policy) -> np.ndarray:
@@ -70,6 +70,6 @@ def plan_retrieval(policy: Policy, deployment: Deployment, budget: int,
     recovery = [snapkv_recovery(profile, plan, policy.profile, deployment.max_len)
                 for profile, plan in zip(heads, plans)]
     per_layer = deployment.num_kv_heads
-    notes = {"retrieval": {"threshold": threshold, "window": SNAPKV_WINDOW, "pool_kernel": POOL_KERNEL,
+    notes = {"retrieval": {"threshold": threshold, "window": SNAPKV_WINDOW, "pool_kernel": SNAPKV_POOL_KERNEL,
                            "heads": [[i // per_layer, i % per_layer] for i in sorted(chosen)]}}
-    return Allocation(plans, recovery, notes, pool_kernel=[POOL_KERNEL] * len(heads))
+    return Allocation(plans, recovery, notes)

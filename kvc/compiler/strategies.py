@@ -26,7 +26,6 @@ class Allocation:
     heads: list[HeadPlan]
     recovery: list[float]
     notes: dict = field(default_factory=dict)
-    pool_kernel: list[int] | None = None  # per KV head, the max-pool width of its prefill scores; None: SnapKV's
 
 
 def kv_heads(policy: Policy):

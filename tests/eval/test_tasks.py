@@ -2,12 +2,16 @@
 
 import pytest
 
-from kvc.eval.harness import needle_samples, new_tokens, passkey_samples, perplexity_samples
+from kvc.eval.harness import (
+    needle_samples,
+    new_tokens,
+    passkey_samples,
+    perplexity_samples,
+)
 from kvc.eval.niah import ANSWER_TOKENS, NEEDLE, QUESTION, needle_sample, needle_score
-from kvc.eval.passkey import INTRO
+from kvc.eval.passkey import INTRO, PasskeySample, passkey_correct, passkey_sample
 from kvc.eval.passkey import QUESTION as PASSKEY_QUESTION
 from kvc.eval.passkey import needle as passkey_needle
-from kvc.eval.passkey import PasskeySample, passkey_correct, passkey_sample
 from kvc.eval.perplexity import perplexity_sample
 from kvc.eval.settings import Settings
 from kvc.policies.errors import KvcError
