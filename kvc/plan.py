@@ -1,8 +1,7 @@
 """The compiled plan: everything the runtime needs and nothing it must decide.
 
 Per (layer, KV head): a kind bitmask and the slots each component may use (sinks, special and
-punctuation slots, heavy hitters, recent window), whose sum is the head's static capacity, and
-the max-pool width of the prefill scores its heavy hitters are chosen by; the
+punctuation slots, heavy hitters, recent window), whose sum is the head's static capacity; the
 per-layer offsets of a flat memory layout; the token-class bitmap; the target it was compiled
 for and the model fingerprint. Stored as one safetensors file (tensors plus a JSON header),
 written atomically and loaded in milliseconds.
@@ -24,7 +23,6 @@ PLAN_VERSION = 1
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SCORE_BYTES = 4  # one float32 accumulated-attention score per slot of a frequency head
 POSITION_BYTES = 4  # one int32 token position per slot of every head (ring order, eviction, masks)
-SNAPKV_POOL_KERNEL = 7  # SnapKV's max-pool over neighbouring keys' prefill scores
 
 # (layers, kv_heads) int32 tables, in the order they are stored.
 _HEAD_TABLES = ("kind_codes", "sinks", "class_slots", "heavy", "window", "full_slots")
@@ -64,12 +62,8 @@ class Plan:
     expected_recovery: torch.Tensor  # (layers, kv_heads) float32, from the policy's curves
     strategy: str = ""
     observation_window: int = 32
-    pool_kernel: torch.Tensor | None = None  # (layers, kv_heads) max-pool width of the prefill scores; None: SnapKV's 7
+    pool_kernel: int = 7
     notes: dict = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.pool_kernel is None:
-            self.pool_kernel = torch.full(self.kind_codes.shape, SNAPKV_POOL_KERNEL, dtype=torch.int32)
 
     # ------------------------------------------------------------ derived layout
     @property
@@ -152,12 +146,12 @@ class Plan:
             "target": vars(self.target),
             "strategy": self.strategy,
             "observation_window": self.observation_window,
+            "pool_kernel": self.pool_kernel,
             "notes": self.notes,
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
         tables = {name: getattr(self, name).to(torch.int32).contiguous() for name in _HEAD_TABLES}
-        tables["pool_kernel"] = self.pool_kernel.to(torch.int32).contiguous()
         tables["token_classes"] = self.token_classes.to(torch.uint8).contiguous()
         tables["expected_recovery"] = self.expected_recovery.to(torch.float32).contiguous()
         return tables
@@ -189,7 +183,7 @@ class Plan:
             num_attention_heads=model["num_attention_heads"], num_kv_heads=model["num_kv_heads"],
             head_dim=model["head_dim"], target=Target(**header["target"]),
             strategy=header.get("strategy", ""), observation_window=header.get("observation_window", 32),
-            pool_kernel=tensors.get("pool_kernel"), notes=header.get("notes", {}),
+            pool_kernel=header.get("pool_kernel", 7), notes=header.get("notes", {}),
             token_classes=tensors["token_classes"], expected_recovery=tensors["expected_recovery"],
             **{name: tensors[name] for name in _HEAD_TABLES},
         )

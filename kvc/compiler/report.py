@@ -91,7 +91,7 @@ def summary_lines(report: dict) -> list[str]:
         heads = ", ".join(f"L{layer}.{head}" for layer, head in retrieval["heads"]) or "none"
         lines.append(f"retrieval: {len(retrieval['heads'])} KV heads with retrieval score >= {retrieval['threshold']} "
                      f"keep every token ({heads}); the others are SnapKV, {retrieval['window']} recent tokens "
-                     f"+ heavy hitters by scores max-pooled over {retrieval['pool_kernel']} keys")
+                     "+ heavy hitters")
     if "pyramid" in notes:
         lines.append(f"pyramid: PyramidKV schedule, β = {notes['pyramid']['beta']}, "
                      f"{notes['pyramid']['alpha']} recent tokens kept per head")

@@ -7,9 +7,9 @@ score does say it (attention on the copied token at copy events of the profiling
 as DuoAttention does with heads it learns by training, the KV heads scoring at least
 RETRIEVAL_THRESHOLD keep their whole length, the highest scores first and at most
 RETRIEVAL_SHARE of the budget; every other head is SnapKV's (the 32 most recent tokens, heavy
-hitters by observation-window scores max-pooled over 7 keys) with an equal share of what is left.
-Budgets following the scores (HeadKV's rule) and 3-key pooling were tried: better perplexity,
-fewer needles and passkeys on samples kept apart from the tuning ones (README, results).
+hitters by observation-window scores) with an equal share of what is left. Budgets following the
+scores (HeadKV's rule) and 3-key pooling for the other heads were tried: better perplexity, fewer
+needles and passkeys on samples kept apart from the tuning ones (README, results).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from kvc.compiler.schedules import (
     snapkv_recovery,
 )
 from kvc.compiler.strategies import Allocation, kv_heads
-from kvc.plan import SNAPKV_POOL_KERNEL
 from kvc.policies.errors import KvcError
 from kvc.policies.schema import Policy
 
@@ -70,6 +69,6 @@ def plan_retrieval(policy: Policy, deployment: Deployment, budget: int,
     recovery = [snapkv_recovery(profile, plan, policy.profile, deployment.max_len)
                 for profile, plan in zip(heads, plans)]
     per_layer = deployment.num_kv_heads
-    notes = {"retrieval": {"threshold": threshold, "window": SNAPKV_WINDOW, "pool_kernel": SNAPKV_POOL_KERNEL,
+    notes = {"retrieval": {"threshold": threshold, "window": SNAPKV_WINDOW,
                            "heads": [[i // per_layer, i % per_layer] for i in sorted(chosen)]}}
     return Allocation(plans, recovery, notes)

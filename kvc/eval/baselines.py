@@ -82,7 +82,7 @@ def h2o_plan(loaded, policy, max_len, fraction, dtype) -> Plan:
     plan = handmade_plan(loaded.model.config, loaded.tokenizer, "frequency+local", max_len, sinks=0,
                          heavy=slots // 2, window=slots - slots // 2, dtype=dtype)
     plan.observation_window = max_len  # every prompt query, not SnapKV's last 32
-    plan.pool_kernel.fill_(1)  # raw accumulated attention, no pooling
+    plan.pool_kernel = 1  # raw accumulated attention, no pooling
     plan.strategy = "h2o"
     return plan
 

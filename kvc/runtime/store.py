@@ -103,7 +103,7 @@ class LayerStore:
         scores = None
         if layout.has_frequency:
             assert query_window is not None, "frequency heads need the observation-window queries"
-            scores = self.kernels.observation_scores(query_window, keys, start, scale, self.plan.pool_kernel[self.layer])
+            scores = self.kernels.observation_scores(query_window, keys, start, scale, self.plan.pool_kernel)
         indices, counts = packed_indices(keep_groups(layout, classes, start, scores), layout.max_capacity)
         kept = counts.sum(-1)  # (batch, kv_heads)
         self.kernels.gather_into_segments(keys, values, indices, kept, layout.offsets, layout.capacities,

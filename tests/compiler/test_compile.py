@@ -71,7 +71,6 @@ def test_a_policy_without_a_context_length_needs_max_len(small_policy):
 
 def test_plan_round_trips_and_loads_fast(tmp_path, small_policy):
     plan = compile_policy(small_policy, 0.2, max_len=4096, batch=2, dtype="fp32")
-    plan.pool_kernel[0, 0] = 3  # pool widths are per head
     path = plan.save(tmp_path / "small.plan")
     started = time.perf_counter()
     loaded = Plan.load(path)
@@ -80,19 +79,6 @@ def test_plan_round_trips_and_loads_fast(tmp_path, small_policy):
     for name, tensor in plan.tensors().items():
         assert torch.equal(tensor, loaded.tensors()[name]), name
     assert loaded.cache_bytes == plan.cache_bytes and torch.equal(loaded.offsets, plan.offsets)
-
-
-def test_a_plan_without_pool_widths_loads_with_snapkvs(tmp_path, small_policy):
-    """Plans written before per-head pooling carry no pool_kernel table: every head pools over 7."""
-    import json
-
-    from safetensors.torch import save_file
-
-    plan = compile_policy(small_policy, 0.2, max_len=4096)
-    plan.pool_kernel.fill_(3)
-    tensors = {name: tensor for name, tensor in plan.tensors().items() if name != "pool_kernel"}
-    save_file(tensors, str(tmp_path / "old.plan"), metadata={"kvc_plan": json.dumps({**plan.header(), "pool_kernel": 7})})
-    assert torch.equal(Plan.load(tmp_path / "old.plan").pool_kernel, torch.full(plan.capacity.shape, 7, dtype=torch.int32))
 
 
 def test_compiling_is_deterministic(tmp_path, small_policy):

@@ -17,7 +17,7 @@ from kvc.compiler.schedules import (
     pyramid_weights,
 )
 from kvc.compiler.strategies import fastgen_choice, fastgen_table, kv_heads
-from kvc.plan import DTYPE_BYTES, POSITION_BYTES, SNAPKV_POOL_KERNEL
+from kvc.plan import DTYPE_BYTES, POSITION_BYTES
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import FASTGEN_POLICIES, KIND_BITS, kind_code
 
@@ -153,7 +153,6 @@ def test_retrieval_keeps_the_copying_heads_whole_and_splits_the_rest_evenly(wide
     assert int(rest.max() - rest.min()) <= 1
     assert (plan.window[~plan.has("full")] == 32).all()
     assert (plan.kind_codes[~plan.has("full")] == kind_code("frequency+local")).all()
-    assert (plan.pool_kernel == SNAPKV_POOL_KERNEL).all() and plan.notes["retrieval"]["pool_kernel"] == SNAPKV_POOL_KERNEL
 
 
 def test_retrieval_gives_fewer_heads_everything_when_memory_is_short(wide_policy):

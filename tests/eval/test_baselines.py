@@ -62,7 +62,7 @@ def test_streamingllm_keeps_four_sinks_and_a_recent_window(smollm):
 
 def test_h2o_scores_over_every_prompt_query_half_heavy_half_recent(smollm):
     plan = plan_for("h2o", smollm, None)
-    assert plan.observation_window >= MAX_LEN and (plan.pool_kernel == 1).all()
+    assert plan.observation_window >= MAX_LEN and plan.pool_kernel == 1
     assert int(plan.sinks.sum()) == 0
     assert int((plan.window - plan.heavy).abs().max()) <= 1
 
@@ -70,7 +70,7 @@ def test_h2o_scores_over_every_prompt_query_half_heavy_half_recent(smollm):
 def test_snapkv_and_pyramidkv_windows_and_funnel(smollm, shaped_policy):
     snapkv = plan_for("snapkv", smollm, shaped_policy)
     assert set(snapkv.window.flatten().tolist()) == {32}
-    assert snapkv.observation_window == 32 and (snapkv.pool_kernel == 7).all()
+    assert snapkv.observation_window == 32 and snapkv.pool_kernel == 7
     assert int(snapkv.capacity.max() - snapkv.capacity.min()) <= 1
     pyramid = plan_for("pyramidkv", smollm, shaped_policy)
     layers = pyramid.capacity.sum(dim=1).tolist()

@@ -52,13 +52,12 @@ PREFILL_KINDS = ["special", "special+punct", "local", "frequency", "punct+freque
 
 def test_prefill_keep_sets_follow_kinds(generator):
     plan = tiny_plan([PREFILL_KINDS])
-    plan.pool_kernel[0] = torch.tensor([1, 3, 5, 7] * len(PREFILL_KINDS))[:len(PREFILL_KINDS)]  # each head its own
     store = LayerStore(plan, 0)
     length, start = 24, torch.tensor([0, 5])
     keys, values, queries, classes = prompt(generator, 2, len(PREFILL_KINDS), length)
     window = queries[:, :, -8:]
     store.prefill(keys, values, classes, start, window)
-    scores = observation_scores_reference(window, keys, start, None, plan.pool_kernel[0])
+    scores = observation_scores_reference(window, keys, start, None, plan.pool_kernel)
     assert store.nbytes() == plan.cache_bytes
     for b in range(2):
         s = int(start[b])

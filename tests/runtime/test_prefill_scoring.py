@@ -101,18 +101,6 @@ def test_scores_reference_in_query_chunks_matches_loops(generator, case, monkeyp
 
 
 @pytest.mark.parametrize("implementation", [observation_scores_reference, observation_scores_triton])
-def test_each_kv_head_pools_over_its_own_width(generator, implementation):
-    query_window, keys, key_start = make_prompt(generator, [0, 6], 3, 2, 8, 40, 48, torch.float32)
-    widths = [7, 1, 3]
-    pooled = implementation(query_window, keys, key_start, scale=0.2, pool_kernel=torch.tensor(widths))
-    for head, width in enumerate(widths):
-        expected = loop_scores(query_window, keys, key_start, 0.2, width)[:, head]
-        torch.testing.assert_close(pooled[:, head], expected, atol=1e-5, rtol=1e-4)
-    with pytest.raises(ValueError, match="one per KV head"):
-        implementation(query_window, keys, key_start, pool_kernel=[7, 3])
-
-
-@pytest.mark.parametrize("implementation", [observation_scores_reference, observation_scores_triton])
 def test_left_padding_is_masked(generator, implementation):
     """Padding keys may hold anything (here NaN): they score exactly 0, valid keys score > 0,
     and unpooled scores of a sequence sum to group * (window queries that are not padding)."""

@@ -143,26 +143,14 @@ def _check_scoring_inputs(query_window, keys, key_start, pool_kernel):
         raise ValueError(f"window={window} must be in [1, seq_len={seq_len}]")
     if key_start.shape != (batch,):
         raise ValueError(f"key_start must be (batch,) = {(batch,)}, got {tuple(key_start.shape)}")
-    widths = pool_widths(pool_kernel, kv_heads)
-    if widths is None or any(width < 1 or width % 2 == 0 for width in widths):
-        raise ValueError(f"pool_kernel must be a positive odd integer or one per KV head ({kv_heads}), got {pool_kernel}")
+    if pool_kernel < 1 or pool_kernel % 2 == 0:
+        raise ValueError(f"pool_kernel must be a positive odd integer, got {pool_kernel}")
     return num_q_heads // kv_heads
 
 
-def pool_widths(pool_kernel, kv_heads: int) -> list[int] | None:
-    """One max-pool width per KV head from an int or a sequence/tensor of them; None if the count is wrong."""
-    widths = [int(pool_kernel)] * kv_heads if isinstance(pool_kernel, int) else [int(w) for w in pool_kernel]
-    return widths if len(widths) == kv_heads else None
-
-
 def _pool_and_mask_padding(scores, key_start, pool_kernel):
-    """Max-pool (batch, kv_heads, seq_len) scores along seq_len, each head with its width, then
-    zero the left padding again."""
-    widths = pool_widths(pool_kernel, scores.shape[1])
-    pooled = scores.clone()
-    for width in set(widths) - {1}:
-        heads = [head for head, w in enumerate(widths) if w == width]
-        pooled[:, heads] = F.max_pool1d(scores[:, heads], kernel_size=width, stride=1, padding=width // 2)
+    """Max-pool (batch, kv_heads, seq_len) scores along seq_len, then zero the left padding again."""
+    pooled = F.max_pool1d(scores, kernel_size=pool_kernel, stride=1, padding=pool_kernel // 2)
     padding = torch.arange(scores.shape[2], device=scores.device) < key_start[:, None, None]
     return pooled.masked_fill(padding, 0.0)
 
@@ -230,7 +218,7 @@ def observation_scores(query_window, keys, key_start, scale=None, pool_kernel=7)
     query_window (batch, num_q_heads, window, head_dim): the last prompt queries; keys (batch,
     kv_heads, seq_len, head_dim); key_start (batch,) first non-padding position. Returns
     (batch, kv_heads, seq_len) float32: causal softmax summed over window and group, max-pooled
-    with odd pool_kernel (1 = none), one for every head or one per KV head. Padding positions are exactly 0; valid keys score > 0 unless
+    with odd pool_kernel (1 = none). Padding positions are exactly 0; valid keys score > 0 unless
     their probability underflows float32, so selections should still mask positions < key_start.
     """
     implementation = observation_scores_triton if use_triton(keys) else observation_scores_reference
