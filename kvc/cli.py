@@ -123,6 +123,7 @@ def compile_command(
     dtype: str = typer.Option("bf16", "--dtype", help="Cache dtype: bf16, fp16 or fp32."),
     strategy: str = typer.Option("retrieval", "--strategy", help="retrieval (retrieval heads whole, SnapKV elsewhere), knapsack, fastgen, pyramid or uniform."),
     retrieval_threshold: Optional[float] = typer.Option(None, "--retrieval-threshold", help="Least retrieval score of a head the retrieval strategy keeps whole [default: 0.02]; higher keeps fewer whole and gives the others more."),
+    kv_bits: int = typer.Option(0, "--kv-bits", help="Store keys and values as 8, 4 or 2-bit codes (float16 step and minimum per 32 channels), so the same memory holds more tokens; 0 keeps --dtype."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the plan [default: POLICY with suffix .plan]."),
     json_report: Optional[Path] = typer.Option(None, "--json", help="Also write the compile report here as JSON."),
 ):
@@ -139,7 +140,7 @@ def compile_command(
     loaded = load_policy(policy)
     started = time.perf_counter()
     plan = compile_policy(loaded, target, memory=memory, max_len=max_len, batch=batch, dtype=dtype, strategy=strategy,
-                          retrieval_threshold=retrieval_threshold)
+                          retrieval_threshold=retrieval_threshold, kv_bits=kv_bits)
     seconds = time.perf_counter() - started
     report = plan_report(plan)
     write_outputs(plan, report, out, json_report)

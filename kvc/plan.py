@@ -23,6 +23,37 @@ PLAN_VERSION = 1
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SCORE_BYTES = 4  # one float32 accumulated-attention score per slot of a frequency head
 POSITION_BYTES = 4  # one int32 token position per slot of every head (ring order, eviction, masks)
+QUANT_BITS = (2, 4, 8)  # low-bit K/V widths (0: the plan's dtype)
+QUANT_GROUP = 32  # channels sharing one float16 step and minimum
+QUANT_PARAM_BYTES = 4  # float16 step + float16 minimum per group
+
+
+def quant_group(head_dim: int) -> int:
+    """Channels per quantisation group: QUANT_GROUP where it divides head_dim, else the whole vector."""
+    return QUANT_GROUP if head_dim % QUANT_GROUP == 0 else head_dim
+
+
+def row_bytes(head_dim: int, dtype: str, bits: int = 0) -> int:
+    """Bytes of one cached key (or value) vector: head_dim in `dtype`, or `bits`-bit codes plus group parameters."""
+    if not bits:
+        return head_dim * DTYPE_BYTES[dtype]
+    return head_dim * bits // 8 + head_dim // quant_group(head_dim) * QUANT_PARAM_BYTES
+
+
+def check_kv_bits(kv_bits, head_dim: int) -> None:
+    if isinstance(kv_bits, bool) or kv_bits not in (0, *QUANT_BITS):
+        raise KvcError(f"--kv-bits: expected one of {', '.join(map(str, QUANT_BITS))} (or 0: the cache dtype), "
+                       f"got {kv_bits!r}")
+    if kv_bits and head_dim * kv_bits % 8:
+        raise KvcError(f"--kv-bits {kv_bits}: a head dim of {head_dim} does not pack into whole bytes; "
+                       "use --kv-bits 8")
+
+
+def slot_bytes(head_dim: int, dtype: str, bits: int = 0, frequency=False):
+    """Bytes of one slot for one sequence: key and value rows, the position and, on frequency heads,
+    the score. `frequency` may be a bool or an integer tensor (then so is the answer)."""
+    return 2 * row_bytes(head_dim, dtype, bits) + POSITION_BYTES + SCORE_BYTES * frequency
+
 
 # (layers, kv_heads) int32 tables, in the order they are stored.
 _HEAD_TABLES = ("kind_codes", "sinks", "class_slots", "heavy", "window", "full_slots")
@@ -63,6 +94,7 @@ class Plan:
     strategy: str = ""
     observation_window: int = 32
     pool_kernel: int = 7
+    kv_bits: int = 0  # 0: keys and values in the target dtype; else low-bit rows (QUANT_BITS)
     notes: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------ derived layout
@@ -87,11 +119,16 @@ class Plan:
         return (self.kind_codes & KIND_BITS[component]) != 0
 
     # ------------------------------------------------------------ memory accounting
+    def head_bytes(self) -> torch.Tensor:
+        """(layers, kv_heads) int64 bytes each head takes (keys, values, positions, scores); they sum to cache_bytes."""
+        slot = slot_bytes(self.head_dim, self.target.dtype, self.kv_bits, self.has("frequency").to(torch.int64))
+        return self.capacity.to(torch.int64) * slot * self.target.batch
+
     @property
     def kv_bytes(self) -> int:
         """Bytes of keys and values the cache holds, for the whole batch."""
-        width = DTYPE_BYTES[self.target.dtype]
-        return int(self.layer_slots.sum()) * self.head_dim * 2 * width * self.target.batch
+        row = row_bytes(self.head_dim, self.target.dtype, self.kv_bits)
+        return int(self.layer_slots.sum()) * 2 * row * self.target.batch
 
     @property
     def score_bytes(self) -> int:
@@ -147,6 +184,7 @@ class Plan:
             "strategy": self.strategy,
             "observation_window": self.observation_window,
             "pool_kernel": self.pool_kernel,
+            "kv_bits": self.kv_bits,
             "notes": self.notes,
         }
 
@@ -178,12 +216,16 @@ class Plan:
         if header.get("kvc_plan") != PLAN_VERSION:
             raise KvcError(f"{path}: unsupported plan version {header.get('kvc_plan')!r} (this kvc reads {PLAN_VERSION})")
         model = header["model"]
+        try:
+            check_kv_bits(header.get("kv_bits", 0), model["head_dim"])
+        except KvcError as error:
+            raise KvcError(f"{path}: {str(error).replace('--kv-bits', 'kv_bits')}") from None
         return cls(
             model_name=model["name"], fingerprint=model["fingerprint"], num_layers=model["num_layers"],
             num_attention_heads=model["num_attention_heads"], num_kv_heads=model["num_kv_heads"],
             head_dim=model["head_dim"], target=Target(**header["target"]),
             strategy=header.get("strategy", ""), observation_window=header.get("observation_window", 32),
-            pool_kernel=header.get("pool_kernel", 7), notes=header.get("notes", {}),
+            pool_kernel=header.get("pool_kernel", 7), kv_bits=header.get("kv_bits", 0), notes=header.get("notes", {}),
             token_classes=tensors["token_classes"], expected_recovery=tensors["expected_recovery"],
             **{name: tensors[name] for name in _HEAD_TABLES},
         )

@@ -142,7 +142,8 @@ def render_plan(plan: Plan, console) -> None:
     report, target = plan_report(plan), plan.target
     console.print(
         f"[bold]{plan.model_name}[/] plan · strategy {plan.strategy or '-'} · max len {target.max_len} · "
-        f"batch {target.batch} · {target.dtype} · fingerprint {plan.fingerprint}"
+        f"batch {target.batch} · {target.dtype}{f' · K/V {plan.kv_bits}-bit' if plan.kv_bits else ''} · "
+        f"fingerprint {plan.fingerprint}"
     )
     table = Table()
     kinds = [" ".join(short_kind(kind) for kind in layer["kinds"]) for layer in report["layers"]]

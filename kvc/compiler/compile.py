@@ -19,7 +19,7 @@ from kvc.compiler.retrieval import plan_retrieval
 from kvc.compiler.schedules import plan_pyramid, plan_uniform
 from kvc.compiler.sizes import format_size, parse_dtype, parse_size
 from kvc.compiler.strategies import Allocation, plan_fastgen, plan_knapsack
-from kvc.plan import Plan, Target
+from kvc.plan import Plan, Target, check_kv_bits
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import kind_code
 from kvc.policies.schema import Policy, load_policy
@@ -41,6 +41,7 @@ def compile_policy(
     dtype: str = "bf16",
     strategy: str = DEFAULT_STRATEGY,
     retrieval_threshold: float | None = None,
+    kv_bits: int = 0,
 ) -> Plan:
     """Compile `policy` (or a policy file) into a plan for one deployment.
 
@@ -50,7 +51,9 @@ def compile_policy(
     strategy: 'retrieval' (retrieval heads whole, SnapKV elsewhere), 'knapsack', 'fastgen', 'pyramid'
     or 'uniform';
     retrieval_threshold: the retrieval strategy's least retrieval score of a head kept whole
-    (default RETRIEVAL_THRESHOLD): higher keeps fewer heads whole and gives the others more.
+    (default RETRIEVAL_THRESHOLD): higher keeps fewer heads whole and gives the others more;
+    kv_bits: store keys and values as 2, 4 or 8-bit codes with float16 group parameters (0: in dtype),
+    so that the same bytes hold more tokens.
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
@@ -63,7 +66,7 @@ def compile_policy(
         if not 0.0 <= retrieval_threshold <= 1.0:
             raise KvcError(f"--retrieval-threshold: {retrieval_threshold:g} is outside [0, 1] (a share of attention)")
         plan_heads = functools.partial(plan_retrieval, threshold=retrieval_threshold)
-    deployment = deployment_for(policy, max_len, batch, parse_dtype(dtype))
+    deployment = deployment_for(policy, max_len, batch, parse_dtype(dtype), kv_bits)
     goal = target_for(deployment, target, memory)
     try:
         allocation = plan_heads(policy, deployment, goal.budget_bytes)
@@ -74,8 +77,9 @@ def compile_policy(
     return plan
 
 
-def deployment_for(policy: Policy, max_len: int | None, batch: int, dtype: str) -> Deployment:
+def deployment_for(policy: Policy, max_len: int | None, batch: int, dtype: str, kv_bits: int = 0) -> Deployment:
     model = policy.model
+    check_kv_bits(kv_bits, model.head_dim)
     limit = model.max_position_embeddings
     if max_len is None:
         if not limit:
@@ -89,7 +93,9 @@ def deployment_for(policy: Policy, max_len: int | None, batch: int, dtype: str) 
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise KvcError(f"--batch: expected a positive number of sequences, got {batch!r}")
     return Deployment(max_len=max_len, batch=batch, dtype=dtype, head_dim=model.head_dim,
-                      num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, sinks=policy.profile.sinks)
+                      num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, sinks=policy.profile.sinks,
+                      kv_bits=kv_bits)
+
 
 
 def target_for(deployment: Deployment, target: float | None, memory) -> Target:
@@ -154,5 +160,6 @@ def assemble(policy: Policy, deployment: Deployment, goal: Target, strategy: str
         token_classes=token_classes(policy),
         expected_recovery=torch.tensor(allocation.recovery, dtype=torch.float32).reshape(shape),
         strategy=strategy,
+        kv_bits=deployment.kv_bits,
         notes={"policy": {"created": policy.created, "threshold": policy.profile.threshold}, **allocation.notes},
     )

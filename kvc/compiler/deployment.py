@@ -1,8 +1,8 @@
 """What a plan is compiled for, and what one KV head's slots cost there.
 
 A slot holds one token's key and value for one KV head (never repeated over its query group),
-its int32 position and, on heads with a frequency component, a float32 score, for every
-sequence of the batch. A head costs its capacity times its slot bytes: exactly what
+in the cache dtype or as low-bit rows, its int32 position and, on heads with a frequency
+component, a float32 score, for every sequence of the batch. A head costs its capacity times its slot bytes: exactly what
 `Plan.cache_bytes` counts and the runtime allocates.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from kvc.plan import DTYPE_BYTES, POSITION_BYTES, SCORE_BYTES
+from kvc.plan import DTYPE_BYTES, slot_bytes
 from kvc.policies.kinds import kind_components
 from kvc.policies.schema import HeadProfile
 
@@ -44,11 +44,11 @@ class Deployment:
     num_layers: int
     num_kv_heads: int
     sinks: int
+    kv_bits: int = 0  # 0: keys and values in dtype; else QUANT_BITS-bit rows
 
     def slot_bytes(self, kind: str) -> int:
         frequency = "frequency" in components_of(kind)
-        per_sequence = self.head_dim * 2 * DTYPE_BYTES[self.dtype] + POSITION_BYTES + SCORE_BYTES * frequency
-        return per_sequence * self.batch
+        return slot_bytes(self.head_dim, self.dtype, self.kv_bits, frequency) * self.batch
 
     def cost(self, head: HeadPlan) -> int:
         return head.capacity * self.slot_bytes(head.kind)

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
-
 from kvc.compiler.sizes import format_size
-from kvc.plan import DTYPE_BYTES, POSITION_BYTES, SCORE_BYTES, Plan
+from kvc.plan import Plan
 from kvc.policies.kinds import KIND_BITS
 
 
@@ -20,16 +18,9 @@ def kind_names(plan: Plan) -> list[list[str]]:
             for row in plan.kind_codes.tolist()]
 
 
-def head_bytes(plan: Plan) -> torch.Tensor:
-    """(layers, kv_heads) int64 bytes each head takes: keys, values, positions and scores; they sum to cache_bytes."""
-    target = plan.target
-    slot = plan.head_dim * 2 * DTYPE_BYTES[target.dtype] + POSITION_BYTES + SCORE_BYTES * plan.has("frequency").to(torch.int64)
-    return plan.capacity.to(torch.int64) * slot * target.batch
-
-
 def plan_report(plan: Plan) -> dict:
     target = plan.target
-    per_head = head_bytes(plan)
+    per_head = plan.head_bytes()
     full_layer = plan.full_cache_bytes / plan.num_layers
     kinds = kind_names(plan)
     layers = [{
@@ -45,6 +36,7 @@ def plan_report(plan: Plan) -> dict:
         "model": plan.model_name,
         "fingerprint": plan.fingerprint,
         "strategy": plan.strategy,
+        "kv_bits": plan.kv_bits,
         "target": vars(target).copy(),
         "cache_bytes": plan.cache_bytes,
         "kv_bytes": plan.kv_bytes,

@@ -52,9 +52,9 @@ def teacher_forced(loaded: LoadedModel, plan: Plan, sample: PerplexitySample) ->
     model = loaded.model
     plan.check_length(len(sample.prefix_ids) + len(sample.continuation_ids))
     with torch.no_grad(), apply(loaded, plan) as applied:
-        cache = applied.cache()
+        cache, keyword = applied.cache(), applied.cache_keyword
         inputs = torch.tensor([sample.prefix_ids], device=model.device)
-        yield model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[0, -1], cache
+        yield model(input_ids=inputs, **{keyword: cache}, use_cache=True).logits[0, -1], cache
         for token in sample.continuation_ids:
             inputs = torch.tensor([[token]], device=model.device)
-            yield model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[0, -1], cache
+            yield model(input_ids=inputs, **{keyword: cache}, use_cache=True).logits[0, -1], cache

@@ -8,6 +8,7 @@ base model that hands each forward's input ids (token classes) and padding to a
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass
 from typing import Self
@@ -40,6 +41,17 @@ class Applied:
     def cache(self, kernels: str = "auto") -> CompressedCache:
         """A fresh compressed cache for this model and plan."""
         return CompressedCache(self.plan, self.model, kernels)
+
+    @property
+    def cache_keyword(self) -> str:
+        return cache_keyword(self.model)
+
+
+def cache_keyword(model) -> str:
+    """The keyword `forward` and `generate` take a cache by: `cache` from transformers 5.24, `past_key_values` before."""
+    if isinstance(model, LoadedModel):
+        model = model.model
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def apply(model, plan: Plan, tokenizer=None) -> Applied:
@@ -102,7 +114,7 @@ def sliding_windows(config) -> list[int | None]:
 def _observe_inputs(module, args, kwargs):
     """Forward pre-hook: give a CompressedCache the input ids and padding of the forward about to run."""
     pending_layer.set(None)
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if isinstance(cache, CompressedCache):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         cache.observe(input_ids, kwargs.get("attention_mask"))

@@ -1,7 +1,7 @@
 """`CompressedCache`: a transformers `Cache` whose layers hold only what the plan allows.
 
-Use it as `model.generate(..., past_key_values=CompressedCache(plan, model))` after
-`kvc.apply(model, plan, tokenizer)`. Each layer speaks the `CacheLayerMixin` protocol around a
+Use it as `model.generate(..., cache=CompressedCache(plan, model))` (`past_key_values=` before
+transformers 5.24) after `kvc.apply(model, plan, tokenizer)`. Each layer speaks the `CacheLayerMixin` protocol around a
 `LayerStore`. A prefill `update` returns the prompt K/V unchanged so attention runs as usual; the
 kvc attention function then stores the keep-sets. A decode `update` writes the new token into the
 store, and the attention function attends over the segments. `update` hands the layer to the
@@ -139,7 +139,7 @@ class CompressedCache(Cache):
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self.observed is None:
             raise KvcError("no input ids were observed for this forward; call kvc.apply(model, plan, tokenizer) "
-                           "and pass past_key_values by keyword")
+                           "and pass the cache by keyword (cache=, or past_key_values= before transformers 5.24)")
         keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
         pending_layer.set(self.layers[layer_idx])
         return keys, values

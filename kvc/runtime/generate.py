@@ -19,7 +19,7 @@ from kvc.models import LoadedModel, architecture
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.report import human_bytes
-from kvc.runtime.apply import applied_fingerprint, apply
+from kvc.runtime.apply import applied_fingerprint, apply, cache_keyword
 from kvc.runtime.cache import CompressedCache
 
 
@@ -124,15 +124,16 @@ def generate(
     options = {"attention_mask": attention_mask, "max_new_tokens": max_new_tokens, "do_sample": False,
                "pad_token_id": pad_id, "logits_processor": LogitsProcessorList([clock])}
     began = time.perf_counter()
+    keyword = cache_keyword(model)
     with torch.no_grad():
         if plan is None:
             cache = DynamicCache(config=model.config)
-            output = model.generate(input_ids, past_key_values=cache, **options)
+            output = model.generate(input_ids, **{keyword: cache}, **options)
         else:
             plan.check_length(input_ids.shape[1] + max_new_tokens)
             with nullcontext() if applied_fingerprint(model) else apply(loaded, plan):  # keep a caller's apply
                 cache = CompressedCache(plan, model, kernels)
-                output = model.generate(input_ids, past_key_values=cache, **options)
+                output = model.generate(input_ids, **{keyword: cache}, **options)
     ended = time.perf_counter()
     continuations = output[:, input_ids.shape[1]:]
     cached_tokens = output.shape[1] - 1  # the last token is never fed back

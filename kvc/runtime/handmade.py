@@ -43,6 +43,7 @@ def handmade_plan(
     window: int = 0,
     batch: int = 1,
     dtype: str = "float32",
+    kv_bits: int = 0,
 ) -> Plan:
     """A plan giving every head of `kinds` the budgets of its components.
 
@@ -65,5 +66,6 @@ def handmade_plan(
         token_classes=token_classes,
         expected_recovery=torch.ones(arch.num_layers, arch.num_kv_heads),
         strategy="handmade",
+        kv_bits=kv_bits,
         **head_tables(kinds, max_len, sinks, class_slots, heavy, window),
     )

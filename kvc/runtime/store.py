@@ -1,8 +1,9 @@
 """One layer's compressed K/V: the plan's static buffers, filled at prefill, written per decode step.
 
-Buffers (allocated once): keys and values (batch, slots, head_dim) in the plan's dtype, the token
-position of every slot (int32) and the accumulated attention of every frequency-head slot
-(float32): exactly the plan's accounting. Group counts per (sequence, head) say which slots are
+Buffers (allocated once): keys and values (batch, slots, head_dim) in the plan's dtype, or on a
+low-bit plan (batch, slots, row bytes) uint8 rows (`quantize.py`) that attention decodes first;
+the token position of every slot (int32) and the accumulated attention of every frequency-head
+slot (float32): exactly the plan's accounting. Group counts per (sequence, head) say which slots are
 filled. No transformers here: serving engines drive it directly (see `standalone.py`).
 """
 
@@ -12,10 +13,11 @@ from types import SimpleNamespace
 
 import torch
 
-from kvc.plan import Plan
+from kvc.plan import Plan, row_bytes
 from kvc.policies.errors import KvcError
 from kvc.runtime import kernels
 from kvc.runtime.admission import admit
+from kvc.runtime import quantize
 from kvc.runtime.layout import DTYPES, LayerLayout
 from kvc.runtime.selection import keep_groups, packed_indices
 
@@ -44,6 +46,7 @@ class LayerStore:
         self.sliding_window = sliding_window
         self.layout = LayerLayout.from_plan(plan, layer, sliding_window)
         self.dtype = DTYPES[plan.target.dtype]
+        self.bits = plan.kv_bits
         self.kernel_choice = kernels
         self.keys = self.values = self.positions = self.scores = None
         self.seen = 0
@@ -66,8 +69,9 @@ class LayerStore:
         # On the CPU, testing a swap for a no-op costs less than doing it; on CUDA it would synchronise.
         self.skip_idle_swaps = device.type == "cpu"
         slots, head_dim = self.layout.total_slots, self.plan.head_dim
-        self.keys = torch.zeros(batch, slots, head_dim, dtype=self.dtype, device=device)
-        self.values = torch.zeros(batch, slots, head_dim, dtype=self.dtype, device=device)
+        row, dtype = (row_bytes(head_dim, "", self.bits), torch.uint8) if self.bits else (head_dim, self.dtype)
+        self.keys = torch.zeros(batch, slots, row, dtype=dtype, device=device)
+        self.values = torch.zeros(batch, slots, row, dtype=dtype, device=device)
         self.positions = torch.full((batch, slots), -1, dtype=torch.int32, device=device)
         self.scores = torch.zeros(batch, self.layout.score_slots, dtype=torch.float32, device=device)
         self.counts = torch.zeros(batch, self.layout.num_kv_heads, 4, dtype=torch.int64, device=device)
@@ -106,8 +110,8 @@ class LayerStore:
             scores = self.kernels.observation_scores(query_window, keys, start, scale, self.plan.pool_kernel)
         indices, counts = packed_indices(keep_groups(layout, classes, start, scores), layout.max_capacity)
         kept = counts.sum(-1)  # (batch, kv_heads)
-        self.kernels.gather_into_segments(keys, values, indices, kept, layout.offsets, layout.capacities,
-                                          self.keys, self.values)
+        self.kernels.gather_into_segments(self._stored(keys), self._stored(values), indices, kept, layout.offsets,
+                                          layout.capacities, self.keys, self.values)
         slot = torch.arange(indices.shape[-1], device=keys.device)
         filled = slot < kept[..., None]  # (batch, kv_heads, kept slots)
         sequence = torch.arange(batch, device=keys.device)[:, None, None].expand_as(filled)
@@ -154,8 +158,8 @@ class LayerStore:
             if len(score_heads):
                 _swap((self.scores,), rows, score_base + first[:, score_heads], score_base + second[:, score_heads])
         slot, stored = slot_base + admission.slot, admission.stored
-        _write(self.keys, rows, slot, stored, key[:, heads].to(self.dtype))
-        _write(self.values, rows, slot, stored, value[:, heads].to(self.dtype))
+        _write(self.keys, rows, slot, stored, self._stored(key[:, heads]))
+        _write(self.values, rows, slot, stored, self._stored(value[:, heads]))
         _write(self.positions, rows, slot, stored, torch.full_like(slot, self.seen, dtype=torch.int32))
         if len(score_heads):
             _write(self.scores, rows, score_base + admission.slot[:, score_heads], stored[:, score_heads],
@@ -166,15 +170,23 @@ class LayerStore:
     def attend(self, query, scale=None) -> torch.Tensor:
         """Decode attention of (batch, q_heads, head_dim) queries over every head's filled slots."""
         layout = self.layout
-        keys, values = self.keys, self.values
-        if query.dtype != keys.dtype:
-            keys, values = keys.to(query.dtype), values.to(query.dtype)
+        keys, values = (self._readable(buffer, query.dtype) for buffer in (self.keys, self.values))
         args = (query, keys, values, layout.offsets, layout.capacities, self.lengths, scale)
         if not layout.has_frequency:
             return self.kernels.decode_attention(*args)
         output, probs = self.kernels.decode_attention(*args, return_probs=True)
         self.scores += probs[:, layout.frequency_slots]
         return output
+
+    def _stored(self, vectors: torch.Tensor) -> torch.Tensor:
+        """(..., head_dim) vectors in the buffers' form: the plan's dtype, or low-bit rows."""
+        return quantize.encode(vectors, self.bits) if self.bits else vectors.to(self.dtype)
+
+    def _readable(self, buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A K or V buffer as (batch, slots, head_dim) in `dtype`, decoded from low-bit rows if need be."""
+        if self.bits:
+            return quantize.decode(buffer, self.bits, self.plan.head_dim, dtype)
+        return buffer if buffer.dtype == dtype else buffer.to(dtype)
 
     # ------------------------------------------------------------ bookkeeping
     def reorder(self, sequences: torch.Tensor) -> None:

@@ -10,7 +10,7 @@ import kvc
 from kvc.compiler import compile_policy
 from kvc.compiler.compile import deployment_for
 from kvc.compiler.options import head_options, window_curve
-from kvc.plan import Plan
+from kvc.plan import Plan, check_kv_bits
 from kvc.policies.errors import KvcError
 from kvc.policies.tokens import PUNCT_BIT, SPECIAL_BIT
 
@@ -29,6 +29,8 @@ from kvc.policies.tokens import PUNCT_BIT, SPECIAL_BIT
     ({"batch": 0}, "positive number of sequences"),
     ({"dtype": "int4"}, "unknown cache dtype"),
     ({"strategy": "h2o"}, "unknown strategy 'h2o'"),
+    ({"kv_bits": 3}, "--kv-bits: expected one of 2, 4, 8"),
+    ({"kv_bits": True}, "--kv-bits: expected one of 2, 4, 8"),
 ])
 def test_bad_requests_are_one_clear_error(small_policy, kwargs, message):
     with pytest.raises(KvcError, match=message):
@@ -79,6 +81,25 @@ def test_plan_round_trips_and_loads_fast(tmp_path, small_policy):
     for name, tensor in plan.tensors().items():
         assert torch.equal(tensor, loaded.tensors()[name]), name
     assert loaded.cache_bytes == plan.cache_bytes and torch.equal(loaded.offsets, plan.offsets)
+
+
+def test_low_bit_rows_hold_more_tokens_in_the_same_bytes(tmp_path, small_policy):
+    plain = compile_policy(small_policy, 0.25, max_len=2048)
+    low = compile_policy(small_policy, 0.25, max_len=2048, kv_bits=4)
+    # head dim 16 in bf16: 32-byte rows against 8 bytes of codes + 4 of group parameters; slots add positions, scores
+    assert low.kv_bits == 4 and low.cache_bytes <= low.target.budget_bytes
+    assert int(low.capacity.sum()) > 2 * int(plain.capacity.sum())
+    assert low.kv_bytes == int(low.capacity.sum()) * 2 * (8 + 4)
+    assert Plan.load(low.save(tmp_path / "low.plan")).kv_bits == 4
+
+
+def test_a_plan_with_a_bad_bit_width_is_refused(tmp_path, small_policy):
+    plan = compile_policy(small_policy, 0.25, max_len=2048)
+    plan.kv_bits = 5
+    with pytest.raises(KvcError, match="kv_bits: expected one of 2, 4, 8"):
+        Plan.load(plan.save(tmp_path / "bad.plan"))
+    with pytest.raises(KvcError, match="head dim of 6 does not pack"):
+        check_kv_bits(2, 6)
 
 
 def test_compiling_is_deterministic(tmp_path, small_policy):

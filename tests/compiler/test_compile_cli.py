@@ -36,6 +36,13 @@ def test_compile_writes_the_plan_and_the_report(tmp_path, policy_file, capsys):
     assert chosen and f"retrieval: {len(chosen)} KV heads" in printed
 
 
+def test_compile_low_bit_rows(tmp_path, policy_file, capsys):
+    plan_path, report_path = tmp_path / "low.plan", tmp_path / "low.json"
+    assert run("compile", str(policy_file), "--kv-bits", "4", "--out", str(plan_path), "--json", str(report_path)) == 0
+    assert "K/V 4-bit" in " ".join(capsys.readouterr().out.split())
+    assert Plan.load(plan_path).kv_bits == json.loads(report_path.read_text())["kv_bits"] == 4
+
+
 def test_compile_defaults_the_plan_name_from_the_policy(policy_file):
     assert run("compile", str(policy_file), "--memory", "1MiB", "--strategy", "uniform") == 0
     plan = Plan.load(policy_file.with_suffix(".plan"))
@@ -64,6 +71,7 @@ def test_show_renders_and_draws_a_compiled_plan(tmp_path, policy_file, capsys, s
     (["--strategy", "snapkv"], "unknown strategy"),
     (["--strategy", "knapsack", "--retrieval-threshold", "0.1"], "applies to the retrieval strategy"),
     (["--retrieval-threshold", "2"], "outside [0, 1]"),
+    (["--kv-bits", "3"], "--kv-bits: expected one of 2, 4, 8"),
     (["--target", "0.1", "--memory", "1GiB"], "not both"),
     (["--json", "/no/such/folder/report.json"], "does not exist"),
 ])

@@ -8,7 +8,6 @@ import torch
 
 from kvc.compiler import STRATEGIES, compile_policy
 from kvc.compiler.compile import deployment_for
-from kvc.compiler.report import head_bytes
 from kvc.compiler.retrieval import RETRIEVAL_SHARE, RETRIEVAL_THRESHOLD
 from kvc.compiler.schedules import (
     PYRAMID_ALPHA,
@@ -37,7 +36,7 @@ def assert_runtime_invariants(plan):
         assert (getattr(plan, name) >= 0).all() and getattr(plan, name).dtype == torch.int32
     assert (plan.capacity >= 1).all() and (plan.capacity <= plan.target.max_len).all()
     assert ((plan.expected_recovery >= 0) & (plan.expected_recovery <= 1)).all()
-    assert int(head_bytes(plan).sum()) == plan.cache_bytes
+    assert int(plan.head_bytes().sum()) == plan.cache_bytes
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))

@@ -19,7 +19,7 @@ from transformers import (
 
 import kvc
 from kvc.models import LoadedModel, fingerprint
-from kvc.runtime.apply import sliding_windows
+from kvc.runtime.apply import cache_keyword, sliding_windows
 from kvc.runtime.handmade import handmade_plan
 
 WINDOW = 8
@@ -49,7 +49,7 @@ def tiny(request, smollm):
 
 def greedy(model, input_ids, cache, new_tokens=10):
     with torch.no_grad():
-        return model.generate(input_ids, past_key_values=cache, do_sample=False, max_new_tokens=new_tokens,
+        return model.generate(input_ids, **{cache_keyword(model): cache}, do_sample=False, max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, output_logits=True, return_dict_in_generate=True,
                               pad_token_id=0)
 

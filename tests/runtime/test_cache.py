@@ -8,6 +8,7 @@ from transformers import DynamicCache
 
 import kvc
 from kvc.policies.errors import KvcError
+from kvc.runtime.apply import cache_keyword
 from kvc.runtime.cache import CompressedCache
 from kvc.runtime.handmade import handmade_plan
 
@@ -23,7 +24,7 @@ PASSAGE = (
 
 def greedy(model, input_ids, cache, attention_mask=None, new_tokens=8):
     with torch.no_grad():
-        return model.generate(input_ids, attention_mask=attention_mask, past_key_values=cache, do_sample=False,
+        return model.generate(input_ids, attention_mask=attention_mask, **{cache_keyword(model): cache}, do_sample=False,
                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, output_logits=True,
                               return_dict_in_generate=True, pad_token_id=0)
 
@@ -82,6 +83,25 @@ def test_compressed_bytes_equal_the_plan(smollm):
     assert all(len(kept) <= slots for kept, slots in zip(cache.kept_positions(7), capacity))
 
 
+def test_low_bit_rows_on_the_embedded_model(smollm):
+    """A keep-everything plan with 8-bit rows continues as the full-precision cache does; 4-bit rows
+    stay close; both take exactly their plan's bytes, a quarter and an eighth of float32 and a bit."""
+    model, tokenizer = smollm.model, smollm.tokenizer
+    input_ids = tokenizer(PASSAGE, return_tensors="pt").input_ids
+    reference = greedy(model, input_ids, DynamicCache(config=model.config))
+    differences = {}
+    for bits in (8, 4):
+        plan = handmade_plan(model.config, tokenizer, "full", 256, kv_bits=bits)
+        with kvc.apply(smollm, plan) as applied:
+            cache = applied.cache()
+            output = greedy(model, input_ids, cache)
+        assert cache.nbytes() == plan.cache_bytes < plan.full_cache_bytes * (bits + 2) / 32
+        differences[bits] = largest_logit_difference(output, reference)
+        if bits == 8:
+            assert torch.equal(output.sequences, reference.sequences)
+    assert 0 < differences[8] < differences[4] < 2.0, differences
+
+
 def test_a_plan_for_another_model_is_refused(smollm, full_plan):
     other = handmade_plan(smollm.model.config, smollm.tokenizer, "full", 256)
     other.fingerprint = "sha256:0000000000000000"
@@ -112,7 +132,7 @@ def test_apply_changes_nothing_until_called_and_restore_undoes_it(smollm, full_p
         expected = model(input_ids).logits
         kvc.apply(smollm, full_plan)
         assert model.config._attn_implementation == "kvc"
-        plain = model(input_ids, past_key_values=DynamicCache(config=model.config)).logits  # other caches: SDPA
+        plain = model(input_ids, **{cache_keyword(model): DynamicCache(config=model.config)}).logits  # other caches: SDPA
         kvc.restore(smollm)
     assert model.config._attn_implementation == before
     assert torch.allclose(plain, expected, atol=1e-5)

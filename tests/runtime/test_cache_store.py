@@ -12,6 +12,7 @@ from kvc.policies.tokens import PUNCT_BIT, SPECIAL_BIT
 from kvc.runtime.handmade import head_tables
 from kvc.runtime.kernels import observation_scores_reference
 from kvc.runtime.layout import HEAVY, WINDOW
+from kvc.runtime.quantize import decode, encode
 from kvc.runtime.standalone import CompressedKV
 from kvc.runtime.store import LayerStore
 
@@ -19,12 +20,12 @@ HEAD_DIM, GROUP = 16, 2
 BUDGET = Budget(sinks=2, window=4, heavy=5)
 
 
-def tiny_plan(kinds, max_len=64, batch=2, class_slots=32, budget=BUDGET, dtype="float32") -> Plan:
+def tiny_plan(kinds, max_len=64, batch=2, class_slots=32, budget=BUDGET, dtype="float32", kv_bits=0) -> Plan:
     layers, heads = len(kinds), len(kinds[0])
     return Plan(
         model_name="tiny", fingerprint="sha256:tiny", num_layers=layers, num_attention_heads=heads * GROUP,
         num_kv_heads=heads, head_dim=HEAD_DIM, target=Target(max_len=max_len, batch=batch, dtype=dtype),
-        token_classes=torch.zeros(8, dtype=torch.uint8), expected_recovery=torch.ones(layers, heads),
+        token_classes=torch.zeros(8, dtype=torch.uint8), expected_recovery=torch.ones(layers, heads), kv_bits=kv_bits,
         **head_tables(kinds, max_len, budget.sinks, class_slots, budget.heavy, budget.window),
     )
 
@@ -136,10 +137,13 @@ def test_decode_writes_each_kind_by_its_rule(generator):
     assert (store.counts[:, 3, HEAVY] > 0).all() and (store.counts[:, 3, WINDOW] == BUDGET.window).all()
 
 
-def test_decode_attends_to_exactly_the_kept_tokens(generator):
-    """Standalone API: each head's output is softmax attention over the tokens its positions table names."""
+@pytest.mark.parametrize("kv_bits", [0, 8, 4])
+def test_decode_attends_to_exactly_the_kept_tokens(generator, kv_bits):
+    """Standalone API: each head's output is softmax attention over the tokens its positions table names
+    (as their low-bit rows decode, on a low-bit plan), and the cache takes the plan's bytes."""
     kinds = [["special+punct+frequency+local", "local", "punct+frequency", "full"]]
-    plan = tiny_plan(kinds, batch=1, class_slots=3)
+    plan = tiny_plan(kinds, batch=1, class_slots=3, kv_bits=kv_bits)
+    stored = (lambda x: decode(encode(x, kv_bits), kv_bits, HEAD_DIM)) if kv_bits else (lambda x: x)
     cache = CompressedKV(plan, batch=1)
     heads, length = len(kinds[0]), 9
     keys, values, queries, _ = prompt(generator, 1, heads, length)
@@ -154,9 +158,11 @@ def test_decode_attends_to_exactly_the_kept_tokens(generator):
         output = cache.decode(0, query, key, value, torch.randint(0, 8, (1,), generator=generator))
         for head, kept_positions in enumerate(cache.layers[0].kept_positions(0)):
             group = slice(head * GROUP, (head + 1) * GROUP)
-            scores = query[0, group] @ keys[0, head, kept_positions].T * HEAD_DIM ** -0.5
-            expected = torch.softmax(scores, -1) @ values[0, head, kept_positions]
+            scores = query[0, group] @ stored(keys[0, head, kept_positions]).T * HEAD_DIM ** -0.5
+            expected = torch.softmax(scores, -1) @ stored(values[0, head, kept_positions])
             torch.testing.assert_close(output[0, group], expected, atol=1e-5, rtol=1e-4)
+    assert cache.nbytes() == plan.cache_bytes
+    assert (cache.layers[0].keys.dtype == torch.uint8) == bool(kv_bits)
 
 
 def test_zero_capacity_heads_and_a_smaller_batch(generator):

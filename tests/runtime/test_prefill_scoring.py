@@ -32,6 +32,7 @@ GATHER_CASES = [
     (1, 30, 64, [5, 0, 1, 12], torch.float32),
     (3, 40, 80, [0, 33, 7], torch.bfloat16),
     (3, 64, 48, [64, 1], torch.float32),
+    (2, 30, 40, [5, 0, 1, 12], torch.uint8),  # low-bit rows: 4-bit codes and group parameters of 64 channels
 ]
 
 
@@ -138,8 +139,7 @@ def make_selection(generator, batch, seq_len, head_dim, capacities, dtype):
     kv_heads = len(capacities)
     capacities = torch.tensor(capacities, dtype=torch.int64)
     offsets = torch.cumsum(capacities, 0) - capacities
-    keys = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator).to(dtype)
-    values = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator).to(dtype)
+    keys, values = (random_rows(generator, (batch, kv_heads, seq_len, head_dim), dtype) for _ in range(2))
     max_capacity = int(capacities.max())
     indices = torch.stack([
         torch.stack([torch.randperm(seq_len, generator=generator)[:max_capacity] for _ in range(kv_heads)])
@@ -150,9 +150,16 @@ def make_selection(generator, batch, seq_len, head_dim, capacities, dtype):
     return keys, values, indices, counts, offsets, capacities
 
 
+def random_rows(generator, shape, dtype):
+    if dtype == torch.uint8:
+        return torch.randint(0, 256, shape, generator=generator, dtype=dtype)
+    return torch.randn(shape, generator=generator).to(dtype)
+
+
 def sentinel_buffers(batch, total_slots, head_dim, dtype):
-    return (torch.full((batch, total_slots, head_dim), -7.0, dtype=dtype),
-            torch.full((batch, total_slots, head_dim), -9.0, dtype=dtype))
+    first, second = (-7, -9) if dtype.is_floating_point else (251, 249)
+    return (torch.full((batch, total_slots, head_dim), first, dtype=dtype),
+            torch.full((batch, total_slots, head_dim), second, dtype=dtype))
 
 
 @pytest.mark.parametrize("case", GATHER_CASES, ids=case_id)
@@ -172,7 +179,8 @@ def test_gather_reference_matches_take_along_dim(generator, case):
     keys, values, indices, counts, offsets, capacities = make_selection(
         generator, batch, seq_len, head_dim, capacities, dtype
     )
-    out_keys, out_values = sentinel_buffers(batch, int(capacities.sum()), head_dim, dtype)
+    sentinel = sentinel_buffers(batch, int(capacities.sum()), head_dim, dtype)
+    out_keys, out_values = (buffer.clone() for buffer in sentinel)
     gather_into_segments_reference(keys, values, indices, counts, offsets, capacities, out_keys, out_values)
     picked_keys = torch.take_along_dim(keys, indices[..., None], dim=2)  # (batch, kv_heads, max_capacity, head_dim)
     picked_values = torch.take_along_dim(values, indices[..., None], dim=2)
@@ -181,8 +189,8 @@ def test_gather_reference_matches_take_along_dim(generator, case):
             count = int(counts[b, kv_head])
             assert torch.equal(out_keys[b, offset:offset + count], picked_keys[b, kv_head, :count])
             assert torch.equal(out_values[b, offset:offset + count], picked_values[b, kv_head, :count])
-            assert torch.all(out_keys[b, offset + count:offset + capacity] == -7.0)
-            assert torch.all(out_values[b, offset + count:offset + capacity] == -9.0)
+            assert torch.equal(out_keys[b, offset + count:offset + capacity], sentinel[0][b, offset + count:offset + capacity])
+            assert torch.equal(out_values[b, offset + count:offset + capacity], sentinel[1][b, offset + count:offset + capacity])
 
 
 def test_dispatch(monkeypatch, generator):

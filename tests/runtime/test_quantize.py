@@ -1,0 +1,68 @@
+"""Low-bit K/V rows: sizes match the plan's accounting, the rotation is orthogonal, decoding stays
+within half a quantisation step of the input (in the rotated channels), values on the grid come
+back, and edge shapes (no tokens, constant groups, head dims that QUANT_GROUP does not divide, that
+are not powers of two) work."""
+
+import pytest
+import torch
+
+from kvc.plan import QUANT_BITS, quant_group, row_bytes
+from kvc.runtime.quantize import decode, encode, rotation
+
+HEAD_DIMS = [64, 96, 40, 8]  # 40 and 8: one group spanning the vector
+
+
+def grouped(x, head_dim):
+    return x.reshape(*x.shape[:-1], head_dim // quant_group(head_dim), quant_group(head_dim))
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_decoding_is_within_half_a_step(generator, bits, head_dim):
+    x = torch.randn(3, 7, head_dim, generator=generator) * 2
+    x[0, 0, 0] = 40.0  # an outlier widens its group's step, not the others'
+    rows = encode(x, bits)
+    assert rows.dtype == torch.uint8 and rows.shape == (3, 7, row_bytes(head_dim, "", bits))
+    turn = rotation(head_dim, "cpu")
+    error = grouped(((decode(rows, bits, head_dim) - x) @ turn).abs(), head_dim)
+    spread = grouped(x @ turn, head_dim)
+    step = (spread.amax(-1) - spread.amin(-1)) / (2 ** bits - 1)
+    # half a step, plus float16 rounding of the group's step and minimum
+    bound = 0.5 * step * (1 + 2 ** -8) + spread.abs().amax(-1) * 2 ** -10 + 1e-5
+    assert bool((error.amax(-1) <= bound).all())
+    assert float(error.amax()) > 0  # the codes really are low-bit
+
+
+@pytest.mark.parametrize("bits", QUANT_BITS)
+def test_values_on_the_grid_come_back_exactly(generator, bits):
+    head_dim, levels = 64, 2 ** bits - 1
+    codes = torch.randint(0, levels + 1, (5, head_dim), generator=generator).float()
+    codes[:, [0, 32]], codes[:, [31, 63]] = 0, levels  # each group of 32 spans the whole grid
+    on_grid = codes * 0.125 - 1.5  # step and minimum exact in float16
+    x = on_grid @ rotation(head_dim, "cpu").T  # what the rotation turns onto the grid
+    torch.testing.assert_close(decode(encode(x, bits), bits, head_dim), x, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_the_rotation_is_orthogonal(head_dim):
+    turn = rotation(head_dim, "cpu")
+    torch.testing.assert_close(turn @ turn.T, torch.eye(head_dim), atol=1e-6, rtol=0)
+    assert torch.equal(turn, rotation(head_dim, "cpu"))
+
+
+def test_constant_groups_empty_inputs_and_dtypes():
+    x = torch.full((2, 64), 3.25) @ rotation(64, "cpu").T  # every group constant once turned: a step of 0
+    torch.testing.assert_close(decode(encode(x, 4), 4, 64), x, atol=2e-6, rtol=0)
+    empty = encode(torch.zeros(0, 5, 64), 4)
+    assert empty.shape == (0, 5, row_bytes(64, "", 4)) and decode(empty, 4, 64).shape == (0, 5, 64)
+    halves = decode(encode(torch.randn(4, 64, dtype=torch.bfloat16), 8), 8, 64, torch.bfloat16)
+    assert halves.dtype == torch.bfloat16 and halves.shape == (4, 64)
+
+
+def test_row_sizes():
+    assert row_bytes(128, "bfloat16") == 256 and row_bytes(64, "float32") == 256
+    assert row_bytes(128, "", 4) == 64 + 4 * 4  # codes, then a float16 step and minimum per 32 channels
+    assert row_bytes(64, "", 2) == 16 + 2 * 4 and row_bytes(64, "", 8) == 64 + 2 * 4
+    assert row_bytes(40, "", 4) == 20 + 4  # one group
+    with pytest.raises(ValueError, match="bits=3"):
+        encode(torch.zeros(2, 64), 3)
