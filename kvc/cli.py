@@ -123,7 +123,7 @@ def compile_command(
     dtype: str = typer.Option("bf16", "--dtype", help="Cache dtype: bf16, fp16 or fp32."),
     strategy: str = typer.Option("retrieval", "--strategy", help="retrieval (retrieval heads whole, SnapKV elsewhere), knapsack, fastgen, pyramid or uniform."),
     retrieval_threshold: Optional[float] = typer.Option(None, "--retrieval-threshold", help="Least retrieval score of a head the retrieval strategy keeps whole [default: 0.02]; higher keeps fewer whole and gives the others more."),
-    kv_bits: int = typer.Option(0, "--kv-bits", help="Store keys and values as 8, 4 or 2-bit codes (float16 step and minimum per 32 channels), so the same memory holds more tokens; 0 keeps --dtype."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store keys and values as 8, 4 or 2-bit codes (float16 step and minimum per 32 channels), so the same memory holds more tokens; 0 keeps --dtype [default: 8]."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the plan [default: POLICY with suffix .plan]."),
     json_report: Optional[Path] = typer.Option(None, "--json", help="Also write the compile report here as JSON."),
 ):
@@ -205,10 +205,12 @@ def eval_command(
     answer_tokens: Optional[int] = typer.Option(None, "--answer-tokens", min=1, help="Tokens decoded after passkey and needle prompts (default: 12 for the passkey, 20 for the needle, whose answer is 15)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write every record and the settings here."),
     png: Optional[Path] = typer.Option(None, "--png", help="Draw the Pareto plot (cache bytes vs score) here."),
+    cache_dtype: str = typer.Option("bf16", "--cache-dtype", help="Dtype of every method's cache (bf16, fp16 or fp32; kvc's low-bit rows aside): budgets are shares of a full cache in it. The model computes in fp32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ):
     """Evaluate kvc and the baselines at equal cache bytes on passkey, needle and perplexity."""
     from kvc.eval import report
+    from kvc.compiler.sizes import parse_dtype
     from kvc.eval.baselines import METHODS
     from kvc.eval.harness import TASKS, evaluate
     from kvc.eval.settings import parse_settings
@@ -217,7 +219,7 @@ def eval_command(
     from kvc.policies.schema import load_policy
 
     settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASKS, known_methods=METHODS,
-                              answer_tokens=answer_tokens, samples=samples, first_sample=first_sample, policy=policy and str(policy), plan=plan and str(plan))
+                              answer_tokens=answer_tokens, samples=samples, first_sample=first_sample, dtype=parse_dtype(cache_dtype, "--cache-dtype"), policy=policy and str(policy), plan=plan and str(plan))
     needing = [m for m in settings.methods if METHODS[m].needs_policy and not (m == "kvc" and plan)]
     if needing and policy is None:
         raise KvcError(f"--policy: {', '.join(needing)} need a policy (from `kvc profile`); give --policy POLICY")

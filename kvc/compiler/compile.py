@@ -29,6 +29,7 @@ STRATEGIES = {"retrieval": plan_retrieval, "knapsack": plan_knapsack, "fastgen":
               "uniform": plan_uniform}
 DEFAULT_STRATEGY = "retrieval"
 DEFAULT_TARGET = 0.25
+DEFAULT_KV_BITS = 8
 
 
 def compile_policy(
@@ -41,7 +42,7 @@ def compile_policy(
     dtype: str = "bf16",
     strategy: str = DEFAULT_STRATEGY,
     retrieval_threshold: float | None = None,
-    kv_bits: int = 0,
+    kv_bits: int | None = None,
 ) -> Plan:
     """Compile `policy` (or a policy file) into a plan for one deployment.
 
@@ -52,8 +53,8 @@ def compile_policy(
     or 'uniform';
     retrieval_threshold: the retrieval strategy's least retrieval score of a head kept whole
     (default RETRIEVAL_THRESHOLD): higher keeps fewer heads whole and gives the others more;
-    kv_bits: store keys and values as 2, 4 or 8-bit codes with float16 group parameters (0: in dtype),
-    so that the same bytes hold more tokens.
+    kv_bits: store keys and values as 2, 4 or 8-bit codes with float16 group parameters, so that the
+    same bytes hold more tokens (default DEFAULT_KV_BITS; 0: in dtype).
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
@@ -66,6 +67,7 @@ def compile_policy(
         if not 0.0 <= retrieval_threshold <= 1.0:
             raise KvcError(f"--retrieval-threshold: {retrieval_threshold:g} is outside [0, 1] (a share of attention)")
         plan_heads = functools.partial(plan_retrieval, threshold=retrieval_threshold)
+    kv_bits = DEFAULT_KV_BITS if kv_bits is None else kv_bits
     deployment = deployment_for(policy, max_len, batch, parse_dtype(dtype), kv_bits)
     goal = target_for(deployment, target, memory)
     try:

@@ -43,11 +43,11 @@ def parse_size(text, what: str = "--memory") -> int:
     return int(size)
 
 
-def parse_dtype(name: str) -> str:
+def parse_dtype(name: str, option: str = "--dtype") -> str:
     """The plan's dtype name for a user's spelling ('bf16' -> 'bfloat16')."""
     key = str(name).lower()
     if key not in DTYPES:
-        raise KvcError(f"--dtype: unknown cache dtype {name!r} (expected bf16, fp16 or fp32)")
+        raise KvcError(f"{option}: unknown cache dtype {name!r} (expected bf16, fp16 or fp32)")
     return DTYPES[key]
 
 

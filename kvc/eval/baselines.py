@@ -1,11 +1,12 @@
 """Every evaluated method as a plan for kvc's own runtime, at the same cache bytes.
 
-A budget is a share of the full cache's bytes at the evaluated max length (float32 K/V); each
+A budget is a share of the full cache's bytes at the evaluated max length (K/V in the cache dtype); each
 method's plan must fit in it (`full` excepted: it is the reference). Selection is always the
 runtime's: StreamingLLM, H2O and the full cache are hand-made plans, SnapKV and PyramidKV the
-compiler's `uniform` and `pyramid` schedules, Ada-KV a per-head split of SnapKV budgets, and
-kvc its own strategies: `kvc` the retrieval strategy (the default), `kvc-knapsack` and
-`kvc-fastgen`.
+compiler's `uniform` and `pyramid` schedules, Ada-KV a per-head split of SnapKV budgets, all
+storing keys and values in the cache dtype; and kvc its own strategies with the compiler's
+default low-bit rows: `kvc` the retrieval strategy (the default), `kvc-knapsack` and
+`kvc-fastgen`, and `kvc-plain`, the retrieval plan in the cache dtype.
 """
 
 from __future__ import annotations
@@ -87,9 +88,10 @@ def h2o_plan(loaded, policy, max_len, fraction, dtype) -> Plan:
     return plan
 
 
-def compiled(strategy: str) -> Callable[..., Plan]:
+def compiled(strategy: str, kv_bits: int | None = None) -> Callable[..., Plan]:
+    """A compiler strategy as a method; kv_bits None: the compiler's default rows."""
     def build(loaded, policy, max_len, fraction, dtype) -> Plan:
-        return compile_policy(policy, fraction, max_len=max_len, dtype=dtype, strategy=strategy)
+        return compile_policy(policy, fraction, max_len=max_len, dtype=dtype, strategy=strategy, kv_bits=kv_bits)
 
     return build
 
@@ -154,14 +156,15 @@ def adakv_plan(loaded, policy, max_len, fraction, dtype) -> Plan:
 
 
 METHODS: dict[str, Baseline] = {
-    "kvc": Baseline(compiled("retrieval"), True, "kvc: profiled retrieval heads whole, SnapKV elsewhere"),
+    "kvc": Baseline(compiled("retrieval"), True, "kvc: profiled retrieval heads whole, SnapKV elsewhere, 8-bit rows"),
+    "kvc-plain": Baseline(compiled("retrieval", kv_bits=0), True, "kvc's retrieval plan with rows in the cache dtype"),
     "kvc-knapsack": Baseline(compiled("knapsack"), True, "kvc knapsack over profiled recovery curves"),
     "kvc-fastgen": Baseline(compiled("fastgen"), True, "FastGen 2310.01801, threshold fitted to the budget"),
     "full": Baseline(full_plan, False, "full cache"),
     "streamingllm": Baseline(streamingllm_plan, False, "StreamingLLM 2309.17453"),
     "h2o": Baseline(h2o_plan, False, "H2O 2306.14048"),
-    "snapkv": Baseline(compiled("uniform"), True, "SnapKV 2404.14469"),
-    "pyramidkv": Baseline(compiled("pyramid"), True, "PyramidKV 2406.02069"),
+    "snapkv": Baseline(compiled("uniform", kv_bits=0), True, "SnapKV 2404.14469"),
+    "pyramidkv": Baseline(compiled("pyramid", kv_bits=0), True, "PyramidKV 2406.02069"),
     "adakv": Baseline(adakv_plan, True, "Ada-KV 2407.11550"),
 }
 

@@ -39,7 +39,8 @@ def render(results: Results) -> Table:
     rows = summary(results)
     reference = next((row for row in rows if row["method"] == "full"), None)
     table = Table(title=f"kvc eval: {', '.join(results.settings.tasks)} at lengths "
-                        f"{', '.join(map(str, results.settings.lengths))} ({results.seconds:.0f} s)")
+                        f"{', '.join(map(str, results.settings.lengths))} ({results.settings.dtype} cache, "
+                        f"{results.seconds:.0f} s)")
     table.add_column("method", no_wrap=True)
     table.add_column("budget", justify="right")
     table.add_column("cache", justify="right")

@@ -23,7 +23,7 @@ class Settings:
     continuation: int = 32  # teacher-forced tokens after the perplexity prefix
     samples: int = 1  # per task, length and depth: passkey seeds, needle haystacks, perplexity passages
     first_sample: int = 0  # samples first_sample .. first_sample + samples - 1 of each task
-    dtype: str = "float32"
+    dtype: str = "bfloat16"  # the cache's: budgets are shares of a full cache in it; the model computes in float32
     model: str = ""
     policy: str | None = None
     plan: str | None = None

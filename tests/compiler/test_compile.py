@@ -8,7 +8,7 @@ import torch
 
 import kvc
 from kvc.compiler import compile_policy
-from kvc.compiler.compile import deployment_for
+from kvc.compiler.compile import DEFAULT_KV_BITS, deployment_for
 from kvc.compiler.options import head_options, window_curve
 from kvc.plan import Plan, check_kv_bits
 from kvc.policies.errors import KvcError
@@ -84,8 +84,9 @@ def test_plan_round_trips_and_loads_fast(tmp_path, small_policy):
 
 
 def test_low_bit_rows_hold_more_tokens_in_the_same_bytes(tmp_path, small_policy):
-    plain = compile_policy(small_policy, 0.25, max_len=2048)
+    plain = compile_policy(small_policy, 0.25, max_len=2048, kv_bits=0)
     low = compile_policy(small_policy, 0.25, max_len=2048, kv_bits=4)
+    assert compile_policy(small_policy, 0.25, max_len=2048).kv_bits == DEFAULT_KV_BITS == 8
     # head dim 16 in bf16: 32-byte rows against 8 bytes of codes + 4 of group parameters; slots add positions, scores
     assert low.kv_bits == 4 and low.cache_bytes <= low.target.budget_bytes
     assert int(low.capacity.sum()) > 2 * int(plain.capacity.sum())

@@ -20,6 +20,11 @@ from kvc.plan import DTYPE_BYTES, POSITION_BYTES
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import FASTGEN_POLICIES, KIND_BITS, kind_code
 
+
+def compile_plain(*args, **kwargs):
+    """The strategies on rows in the cache dtype, which the slot arithmetic below counts."""
+    return compile_policy(*args, kv_bits=0, **kwargs)
+
 TARGETS = [0.03, 0.1, 0.25, 0.6]
 
 
@@ -42,7 +47,7 @@ def assert_runtime_invariants(plan):
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_strategy_meets_its_target(wide_policy, strategy, target):
-    plan = compile_policy(wide_policy, target, max_len=8192, strategy=strategy)
+    plan = compile_plain(wide_policy, target, max_len=8192, strategy=strategy)
     assert plan.strategy == strategy and plan.target.fraction == target
     assert plan.target.budget_bytes == int(target * plan.full_cache_bytes)
     assert plan.cache_bytes <= plan.target.budget_bytes
@@ -59,7 +64,7 @@ def test_every_strategy_meets_its_target(wide_policy, strategy, target):
 def test_knapsack_recovers_more_with_more_memory_and_beats_the_fixed_schedules(wide_policy):
     recovery = {}
     for strategy in STRATEGIES:
-        recovery[strategy] = [float(compile_policy(wide_policy, t, max_len=8192, strategy=strategy).expected_recovery.mean())
+        recovery[strategy] = [float(compile_plain(wide_policy, t, max_len=8192, strategy=strategy).expected_recovery.mean())
                               for t in TARGETS]
     assert recovery["knapsack"] == sorted(recovery["knapsack"])
     for other in ("fastgen", "pyramid", "uniform"):
@@ -67,7 +72,7 @@ def test_knapsack_recovers_more_with_more_memory_and_beats_the_fixed_schedules(w
 
 
 def test_knapsack_reports_its_bound(wide_policy):
-    plan = compile_policy(wide_policy, 0.1, max_len=8192, strategy="knapsack")
+    plan = compile_plain(wide_policy, 0.1, max_len=8192, strategy="knapsack")
     bound = plan.notes["knapsack"]["recovery_bound"]
     assert float(plan.expected_recovery.mean()) <= bound + 1e-6
     assert float(plan.expected_recovery.mean()) >= bound - 1e-3
@@ -81,21 +86,21 @@ def test_fastgen_rule_at_the_profiled_threshold_reproduces_the_policy_kinds(smal
 
 
 def test_fastgen_takes_the_highest_threshold_that_fits(small_policy):
-    loose = compile_policy(small_policy, 0.6, max_len=4096, strategy="fastgen")
-    tight = compile_policy(small_policy, 0.1, max_len=4096, strategy="fastgen")
+    loose = compile_plain(small_policy, 0.6, max_len=4096, strategy="fastgen")
+    tight = compile_plain(small_policy, 0.1, max_len=4096, strategy="fastgen")
     assert tight.notes["fastgen"]["threshold"] < loose.notes["fastgen"]["threshold"]
     assert tight.cache_bytes <= tight.target.budget_bytes < tight.notes["fastgen"]["next_bytes"]
 
 
 def test_fastgen_budgets_are_the_profiled_ratios(small_policy):
-    plan = compile_policy(small_policy, 0.5, max_len=4000, strategy="fastgen")
+    plan = compile_plain(small_policy, 0.5, max_len=4000, strategy="fastgen")
     heavy = plan.has("frequency")
     assert (plan.heavy[heavy] == round(0.3 * 4000)).all()
     assert (plan.window[plan.has("local")] == 1200).all()
 
 
 def test_pyramid_follows_the_pyramidkv_schedule(wide_policy):
-    plan = compile_policy(wide_policy, 0.1, max_len=32768, strategy="pyramid")
+    plan = compile_plain(wide_policy, 0.1, max_len=32768, strategy="pyramid")
     per_layer = plan.capacity.double().mean(dim=1)
     assert (per_layer[1:] <= per_layer[:-1] + 1).all()
     mean = float(per_layer.mean())
@@ -106,7 +111,7 @@ def test_pyramid_follows_the_pyramidkv_schedule(wide_policy):
 
 
 def test_uniform_gives_every_head_the_same_budget(wide_policy):
-    plan = compile_policy(wide_policy, 0.1, max_len=32768, strategy="uniform")
+    plan = compile_plain(wide_policy, 0.1, max_len=32768, strategy="uniform")
     assert int(plan.capacity.max() - plan.capacity.min()) <= 1
     assert (plan.window == 32).all() and (plan.kind_codes == kind_code("frequency+local")).all()
 
@@ -131,7 +136,7 @@ def test_pyramid_weights_mean_one():
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_memory_is_planned_per_kv_head_never_per_query_head(small_policy, strategy):
     """GQA: 8 query heads share 2 KV heads; the full cache and every plan count KV heads only."""
-    plan = compile_policy(small_policy, 0.25, max_len=2048, strategy=strategy, dtype="fp16", batch=3)
+    plan = compile_plain(small_policy, 0.25, max_len=2048, strategy=strategy, dtype="fp16", batch=3)
     model = small_policy.model
     assert plan.capacity.shape == (model.num_layers, model.num_kv_heads)
     assert plan.full_cache_bytes == model.num_layers * model.num_kv_heads * 2048 * model.head_dim * 2 * 2 * 3
@@ -141,7 +146,7 @@ def test_memory_is_planned_per_kv_head_never_per_query_head(small_policy, strate
 
 
 def test_retrieval_keeps_the_copying_heads_whole_and_splits_the_rest_evenly(wide_policy):
-    plan = compile_policy(wide_policy, 0.25, max_len=8192, strategy="retrieval")
+    plan = compile_plain(wide_policy, 0.25, max_len=8192, strategy="retrieval")
     scores = np.array([head.retrieval for head in kv_heads(wide_policy)]).reshape(plan.capacity.shape)
     full = plan.has("full").numpy()
     chosen = plan.notes["retrieval"]["heads"]
@@ -156,7 +161,7 @@ def test_retrieval_keeps_the_copying_heads_whole_and_splits_the_rest_evenly(wide
 
 def test_retrieval_gives_fewer_heads_everything_when_memory_is_short(wide_policy):
     eligible = sum(head.retrieval >= RETRIEVAL_THRESHOLD for head in kv_heads(wide_policy))
-    counts = [int(compile_policy(wide_policy, t, max_len=8192, strategy="retrieval").has("full").sum()) for t in TARGETS]
+    counts = [int(compile_plain(wide_policy, t, max_len=8192, strategy="retrieval").has("full").sum()) for t in TARGETS]
     assert counts == sorted(counts) and counts[0] < eligible and counts[-1] == eligible
 
 
@@ -165,15 +170,15 @@ def test_retrieval_needs_retrieval_scores(wide_policy):
     for head in kv_heads(older):
         head.retrieval = None
     with pytest.raises(KvcError, match="no retrieval scores.*kvc profile"):
-        compile_policy(older, 0.25, max_len=8192, strategy="retrieval")
+        compile_plain(older, 0.25, max_len=8192, strategy="retrieval")
 
 
 def test_a_higher_retrieval_threshold_keeps_fewer_heads_whole(wide_policy):
     scores = sorted((head.retrieval for head in kv_heads(wide_policy)), reverse=True)
     threshold = (scores[1] + scores[2]) / 2  # exactly the two best heads clear it
-    plan = compile_policy(wide_policy, 0.6, max_len=8192, strategy="retrieval", retrieval_threshold=threshold)
+    plan = compile_plain(wide_policy, 0.6, max_len=8192, strategy="retrieval", retrieval_threshold=threshold)
     assert int(plan.has("full").sum()) == 2 and plan.notes["retrieval"]["threshold"] == threshold
-    default = compile_policy(wide_policy, 0.6, max_len=8192, strategy="retrieval")
+    default = compile_plain(wide_policy, 0.6, max_len=8192, strategy="retrieval")
     assert int(default.has("full").sum()) > 2 and default.notes["retrieval"]["threshold"] == RETRIEVAL_THRESHOLD
     assert plan.capacity[~plan.has("full")].min() > default.capacity[~default.has("full")].min()  # the rest get more
 
@@ -184,4 +189,4 @@ def test_a_higher_retrieval_threshold_keeps_fewer_heads_whole(wide_policy):
 ])
 def test_retrieval_threshold_errors(wide_policy, strategy, threshold, message):
     with pytest.raises(KvcError, match=message):
-        compile_policy(wide_policy, 0.25, max_len=8192, strategy=strategy, retrieval_threshold=threshold)
+        compile_plain(wide_policy, 0.25, max_len=8192, strategy=strategy, retrieval_threshold=threshold)
