@@ -37,6 +37,7 @@ def plan_report(plan: Plan) -> dict:
         "fingerprint": plan.fingerprint,
         "strategy": plan.strategy,
         "kv_bits": plan.kv_bits,
+        "kept_tokens": round(float(plan.capacity.sum()) / (plan.num_layers * plan.num_kv_heads * target.max_len), 6),
         "target": vars(target).copy(),
         "cache_bytes": plan.cache_bytes,
         "kv_bytes": plan.kv_bytes,
@@ -61,6 +62,10 @@ def summary_lines(report: dict) -> list[str]:
         f"for the full cache ({100 * report['fraction_of_full']:.2f}%, {report['compression_ratio']:.2f}x smaller) "
         f"at max length {target['max_len']}, batch {target['batch']}, {target['dtype']}"
     )]
+    if report["kv_bits"]:
+        share = report["kept_tokens"]
+        lines.append(f"keys and values as {report['kv_bits']}-bit rows: the cache holds {100 * share:.1f}% of the "
+                     f"tokens a full cache would (--kv-bits 0 keeps {target['dtype']})")
     if report["budget_used"] is not None:
         lines.append(f"budget {format_size(target['budget_bytes'])}, {100 * report['budget_used']:.2f}% used · "
                      f"expected recovery {report['expected_recovery']:.4f}")

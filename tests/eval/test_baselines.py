@@ -5,6 +5,7 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
+from kvc.compiler.compile import DEFAULT_KV_BITS
 from kvc.eval.baselines import METHODS, adakv_split, full_bytes, method_plan
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import kind_code
@@ -50,6 +51,13 @@ def test_every_plan_fits_its_budget_and_is_deterministic(smollm, shaped_policy, 
     again = plan_for(method, smollm, shaped_policy)
     assert all(bool((getattr(plan, name) == getattr(again, name)).all())
                for name in ("kind_codes", "sinks", "class_slots", "heavy", "window", "full_slots"))
+
+
+def test_kvc_stores_low_bit_rows_and_the_baselines_the_cache_dtype(smollm, shaped_policy):
+    plans = {method: plan_for(method, smollm, shaped_policy) for method in METHODS}
+    kvc_strategies = {"kvc", "kvc-knapsack", "kvc-fastgen"}
+    assert {m: p.kv_bits for m, p in plans.items()} == {m: DEFAULT_KV_BITS * (m in kvc_strategies) for m in METHODS}
+    assert int(plans["kvc"].capacity.sum()) > 2 * int(plans["kvc-plain"].capacity.sum())  # the same bytes
 
 
 def test_streamingllm_keeps_four_sinks_and_a_recent_window(smollm):

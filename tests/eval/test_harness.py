@@ -77,6 +77,7 @@ def test_a_given_plan_must_serve_the_length_within_the_budget(smollm):
     (["--lengths", ","], "at least one value"),
     (["--budgets", "half"], "not a number"),
     (["--methods", "full,kvc"], "need a policy"),
+    (["--cache-dtype", "int4"], "--cache-dtype: unknown cache dtype"),
 ])
 def test_cli_refuses_bad_input_in_one_line(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

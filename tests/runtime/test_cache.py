@@ -83,6 +83,20 @@ def test_compressed_bytes_equal_the_plan(smollm):
     assert all(len(kept) <= slots for kept, slots in zip(cache.kept_positions(7), capacity))
 
 
+def test_the_cache_is_taken_by_either_keyword(smollm, full_plan):
+    """transformers 5.24 renamed `past_key_values` to `cache` (the old name still works there, with a warning)."""
+    model, tokenizer = smollm.model, smollm.tokenizer
+    input_ids = tokenizer(PASSAGE, return_tensors="pt").input_ids
+    keywords = {cache_keyword(model), "past_key_values"}
+    logits = []
+    with kvc.apply(smollm, full_plan) as applied, torch.no_grad():
+        for keyword in keywords:
+            cache = applied.cache()
+            logits.append(model(input_ids, **{keyword: cache}).logits)
+            assert cache.get_seq_length() == input_ids.shape[1]
+    assert all(torch.equal(logits[0], other) for other in logits)
+
+
 def test_low_bit_rows_on_the_embedded_model(smollm):
     """A keep-everything plan with 8-bit rows continues as the full-precision cache does; 4-bit rows
     stay close; both take exactly their plan's bytes, a quarter and an eighth of float32 and a bit."""
