@@ -56,7 +56,7 @@ def run(console: Console) -> int:
     console.print("[bold]kvc demo[/]: SmolLM2-135M-Instruct, plan at 25% of the full cache, passkey retrieval")
     loaded = models.load(models.DEFAULT_MODEL, dtype="float32", device="cpu")
     policy = cached_policy(loaded, console)
-    plan = compile_policy(policy, target=TARGET, max_len=PROMPT_TOKENS + 32 + NEW_TOKENS, dtype="fp32")
+    plan = compile_policy(policy, target=TARGET, max_len=PROMPT_TOKENS + 32 + NEW_TOKENS)
     console.print(f"compiled ({plan.strategy}): {human_bytes(plan.cache_bytes)} of {human_bytes(plan.full_cache_bytes)} "
                   f"for {plan.target.max_len} tokens, expected recovery {float(plan.expected_recovery.mean()):.3f}")
     table = Table(title=f"passkey in ~{PROMPT_TOKENS} tokens of filler")

@@ -3,7 +3,9 @@
 Per (layer, KV head): a kind bitmask and the slots each component may use (sinks, special and
 punctuation slots, heavy hitters, recent window), whose sum is the head's static capacity; the
 per-layer offsets of a flat memory layout; the token-class bitmap; the target it was compiled
-for and the model fingerprint. Stored as one safetensors file (tensors plus a JSON header),
+for, the model fingerprint, and how a slot stores its key and value (in the target dtype, or as
+`kv_bits`-bit rows with float16 group parameters; `row_bytes` and `slot_bytes` are the one
+place either is counted). Stored as one safetensors file (tensors plus a JSON header),
 written atomically and loaded in milliseconds.
 """
 
