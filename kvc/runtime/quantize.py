@@ -2,14 +2,14 @@
 
 A vector is first turned by a fixed orthogonal matrix (the normalised Hadamard matrix when
 head_dim is a power of two, else a seeded random rotation), which spreads a few outlier channels
-over all of them (the idea of QuaRot and QuIP#), and turned back after decoding, so attention sees
-the same geometry. The turned vector of head_dim channels is cut into groups of `quant_group(head_dim)` channels; each group
-keeps its minimum and step as float16 and every channel as an unsigned `bits`-bit code,
-round-to-nearest (KIVI's asymmetric min/max quantiser, taken per token for keys and values
-alike, so that a slot stays self-contained: heads evict and swap single tokens, which
-KIVI's per-channel key groups of 32 tokens could not follow). Codes are packed low bits
-first, 8 / bits to a byte, and the row is [codes | steps | minimums], `row_bytes` long.
-Because a row is plain bytes, the store moves, swaps and gathers it like any other row.
+over all of them (the idea of QuaRot and QuIP#), and turned back after decoding, so attention
+sees the same geometry. The turned vector is cut into groups of `quant_group(head_dim)` channels;
+each group keeps its minimum and step as float16 and every channel as an unsigned `bits`-bit
+code, round-to-nearest (KIVI's asymmetric min/max quantiser, taken per token for keys and
+values alike, so that a slot stays self-contained: heads evict and swap single tokens, which
+KIVI's per-channel key groups of 32 tokens could not follow). Codes are packed low bits first,
+8 / bits to a byte, and the row is [codes | steps | minimums], `row_bytes` long. Because a row
+is plain bytes, the store moves, swaps and gathers it like any other row.
 """
 
 from __future__ import annotations
@@ -23,20 +23,20 @@ from kvc.plan import QUANT_BITS, quant_group, row_bytes
 _PARAMS = torch.float16
 
 
+def rotation(head_dim: int, device) -> torch.Tensor:
+    """(head_dim, head_dim) float32 orthogonal matrix that every row is turned by before quantising."""
+    return _rotation(head_dim, str(device))
+
+
 @lru_cache(maxsize=None)
-def _rotation_cpu(head_dim: int) -> torch.Tensor:
+def _rotation(head_dim: int, device: str) -> torch.Tensor:
     if head_dim & (head_dim - 1) == 0:
         matrix = torch.ones(1, 1)
         while matrix.shape[0] < head_dim:
             matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
-        return matrix / head_dim ** 0.5
+        return (matrix / head_dim ** 0.5).to(device)
     gaussian = torch.randn(head_dim, head_dim, generator=torch.Generator().manual_seed(head_dim), dtype=torch.float64)
-    return torch.linalg.qr(gaussian).Q.float()
-
-
-def rotation(head_dim: int, device) -> torch.Tensor:
-    """(head_dim, head_dim) float32 orthogonal matrix that every row is turned by before quantising."""
-    return _rotation_cpu(head_dim).to(device)
+    return torch.linalg.qr(gaussian).Q.float().to(device)
 
 
 def _check(bits: int) -> None:

@@ -15,9 +15,8 @@ import torch
 
 from kvc.plan import Plan, row_bytes
 from kvc.policies.errors import KvcError
-from kvc.runtime import kernels
+from kvc.runtime import kernels, quantize
 from kvc.runtime.admission import admit
-from kvc.runtime import quantize
 from kvc.runtime.layout import DTYPES, LayerLayout
 from kvc.runtime.selection import keep_groups, packed_indices
 
