@@ -83,6 +83,7 @@ def test_compressed_bytes_equal_the_plan(smollm):
     assert all(len(kept) <= slots for kept, slots in zip(cache.kept_positions(7), capacity))
 
 
+@pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
 def test_the_cache_is_taken_by_either_keyword(smollm, full_plan):
     """transformers 5.24 renamed `past_key_values` to `cache` (the old name still works there, with a warning)."""
     model, tokenizer = smollm.model, smollm.tokenizer
