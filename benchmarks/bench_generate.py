@@ -1,9 +1,10 @@
 """End-to-end generation: decode speed and cache bytes, full cache against compiled plans, on the embedded model.
 
 Rows: transformers' DynamicCache; a keep-everything plan run through the compressed runtime (its
-overhead at equal memory); plans compiled by `kvc.compile_policy` at each --targets share of the full
-cache (from the demo's policy: the built-in prompts profiled once and cached; or --policy). Each row runs the
-same prompt (an essay prefix of --prompt-tokens) greedily for --new-tokens; the decode speed is the
+overhead at equal memory); plans compiled by `kvc.compile_policy` at each --targets share of a full
+bf16 cache, with the default 8-bit rows and with bf16 rows (`plain`), from the demo's policy (the built-in
+prompts profiled once and cached; or --policy). "of full" is each cache against a full cache of the same
+tokens in its own dtype (fp32 for DynamicCache, bf16 for the plans). Each row runs the same prompt (an essay prefix of --prompt-tokens) greedily for --new-tokens; the decode speed is the
 median over --repeats runs. On CPU the runtime uses its torch reference kernels.
 """
 
@@ -76,7 +77,8 @@ def main():
     policy = policy_for(loaded, args.policy)
     plans = {"full (kvc runtime)": handmade_plan(loaded.model.config, loaded.tokenizer, "full", max_len)}
     for target in (float(t) for t in args.targets.split(",")):
-        plans[f"compiled {target:.0%}"] = compile_policy(policy, target, max_len=max_len, dtype="float32")
+        plans[f"kvc {target:.0%}"] = compile_policy(policy, target, max_len=max_len)
+        plans[f"kvc-plain {target:.0%}"] = compile_policy(policy, target, max_len=max_len, kv_bits=0)
     rows = {"full (DynamicCache)": measure(loaded, text, None, args)}
     for name, plan in plans.items():
         rows[name] = {**measure(loaded, text, plan, args), "plan_bytes": plan.cache_bytes,
@@ -86,7 +88,7 @@ def main():
           f"{args.new_tokens} new, median of {args.repeats}")
     print(f"{'cache':<22}{'bytes':>12}{'of full':>9}{'decode tok/s':>14}{'prefill s':>11}  same text")
     for name, row in rows.items():
-        share = row["cache_bytes"] / reference["cache_bytes"]
+        share = row["cache_bytes"] / row["full_cache_bytes"]
         same = "yes" if row["text"] == reference["text"] else "no"
         print(f"{name:<22}{human_bytes(row['cache_bytes']):>12}{share:>9.1%}{row['decode_tokens_per_second']:>14.1f}"
               f"{row['prefill_seconds']:>11.2f}  {same}")

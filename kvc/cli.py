@@ -196,7 +196,7 @@ def eval_command(
     policy: Optional[Path] = typer.Option(None, "--policy", help="A policy from `kvc profile` (kvc, kvc-knapsack, kvc-fastgen, snapkv, pyramidkv and adakv need one)."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="A compiled plan to evaluate as the kvc method instead of compiling one."),
     tasks: str = typer.Option("passkey,niah,ppl", "--tasks", help="Comma-separated: passkey, niah, ppl, recovery (attention mass the cache holds, on held-out text)."),
-    methods: str = typer.Option("kvc,kvc-knapsack,kvc-fastgen,full,streamingllm,h2o,snapkv,pyramidkv,adakv", "--methods", help="Comma-separated methods."),
+    methods: str = typer.Option("kvc,kvc-plain,kvc-knapsack,kvc-fastgen,full,streamingllm,h2o,snapkv,pyramidkv,adakv", "--methods", help="Comma-separated methods."),
     budgets: str = typer.Option("0.25", "--budgets", help="Comma-separated shares of the full cache's bytes, in (0, 1]."),
     lengths: str = typer.Option("1024", "--lengths", help="Comma-separated prompt lengths in tokens."),
     depths: str = typer.Option("0,0.5,1", "--depths", help="Comma-separated needle depths in [0, 1]."),
