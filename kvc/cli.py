@@ -209,8 +209,8 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ):
     """Evaluate kvc and the baselines at equal cache bytes on passkey, needle and perplexity."""
-    from kvc.eval import report
     from kvc.compiler.sizes import parse_dtype
+    from kvc.eval import report
     from kvc.eval.baselines import METHODS
     from kvc.eval.harness import TASKS, evaluate
     from kvc.eval.settings import parse_settings

@@ -99,7 +99,6 @@ def deployment_for(policy: Policy, max_len: int | None, batch: int, dtype: str, 
                       kv_bits=kv_bits)
 
 
-
 def target_for(deployment: Deployment, target: float | None, memory) -> Target:
     """The budget in bytes from a fraction of the full cache or an absolute memory size."""
     full = deployment.full_cache_bytes

@@ -2,8 +2,9 @@
 
 A slot holds one token's key and value for one KV head (never repeated over its query group),
 in the cache dtype or as low-bit rows, its int32 position and, on heads with a frequency
-component, a float32 score, for every sequence of the batch. A head costs its capacity times its slot bytes: exactly what
-`Plan.cache_bytes` counts and the runtime allocates.
+component, a float32 score, for every sequence of the batch. A head costs its capacity times
+its slot bytes (`kvc.plan.slot_bytes`): exactly what `Plan.cache_bytes` counts and the runtime
+allocates.
 """
 
 from __future__ import annotations
