@@ -1,6 +1,7 @@
 """compile_policy: requests checked with one clear error, plans that round-trip and know their model."""
 
 import copy
+import json
 import time
 
 import pytest
@@ -92,6 +93,18 @@ def test_low_bit_rows_hold_more_tokens_in_the_same_bytes(tmp_path, small_policy)
     assert int(low.capacity.sum()) > 2 * int(plain.capacity.sum())
     assert low.kv_bytes == int(low.capacity.sum()) * 2 * (8 + 4)
     assert Plan.load(low.save(tmp_path / "low.plan")).kv_bits == 4
+
+
+def test_a_plan_written_before_low_bit_rows_loads_with_rows_in_its_dtype(tmp_path, small_policy):
+    from safetensors.torch import save
+
+    plan = compile_policy(small_policy, 0.25, max_len=2048, kv_bits=0)
+    header = plan.header()
+    del header["kv_bits"]
+    path = tmp_path / "older.plan"
+    path.write_bytes(save(plan.tensors(), metadata={"kvc_plan": json.dumps(header)}))
+    older = Plan.load(path)
+    assert older.kv_bits == 0 and older.cache_bytes == plan.cache_bytes
 
 
 def test_a_plan_with_a_bad_bit_width_is_refused(tmp_path, small_policy):
