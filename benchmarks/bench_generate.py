@@ -4,7 +4,8 @@ Rows: transformers' DynamicCache; a keep-everything plan run through the compres
 overhead at equal memory); plans compiled by `kvc.compile_policy` at each --targets share of a full
 bf16 cache, with the default 8-bit rows and with bf16 rows (`plain`), from the demo's policy (the built-in
 prompts profiled once and cached; or --policy). "of full" is each cache against a full cache of the same
-tokens in its own dtype (fp32 for DynamicCache, bf16 for the plans). Each row runs the same prompt (an essay prefix of --prompt-tokens) greedily for --new-tokens; the decode speed is the
+tokens in its own dtype (fp32 for DynamicCache, bf16 for the plans). Each row runs the same prompt
+(an essay prefix of --prompt-tokens) greedily for --new-tokens; the decode speed is the
 median over --repeats runs. On CPU the runtime uses its torch reference kernels.
 """
 

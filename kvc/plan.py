@@ -35,14 +35,18 @@ def quant_group(head_dim: int) -> int:
     return QUANT_GROUP if head_dim % QUANT_GROUP == 0 else head_dim
 
 
-def row_bytes(head_dim: int, dtype: str, bits: int = 0) -> int:
-    """Bytes of one cached key (or value) vector: head_dim in `dtype`, or `bits`-bit codes plus group parameters."""
-    if not bits:
-        return head_dim * DTYPE_BYTES[dtype]
+def quant_row_bytes(head_dim: int, bits: int) -> int:
+    """Bytes of one low-bit row: `bits`-bit codes plus each group's float16 step and minimum."""
     return head_dim * bits // 8 + head_dim // quant_group(head_dim) * QUANT_PARAM_BYTES
 
 
+def row_bytes(head_dim: int, dtype: str, bits: int = 0) -> int:
+    """Bytes of one cached key (or value) vector: head_dim in `dtype`, or a low-bit row."""
+    return quant_row_bytes(head_dim, bits) if bits else head_dim * DTYPE_BYTES[dtype]
+
+
 def check_kv_bits(kv_bits, head_dim: int) -> None:
+    """One error unless kv_bits is 0 or a QUANT_BITS width whose codes fill whole bytes of a row."""
     if isinstance(kv_bits, bool) or kv_bits not in (0, *QUANT_BITS):
         raise KvcError(f"--kv-bits: expected one of {', '.join(map(str, QUANT_BITS))} (or 0: the cache dtype), "
                        f"got {kv_bits!r}")

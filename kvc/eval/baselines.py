@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvc.compiler import compile_policy
-from kvc.compiler.compile import assemble, deployment_for, target_for
+from kvc.compiler.compile import DEFAULT_KV_BITS, assemble, deployment_for, target_for
 from kvc.compiler.deployment import Deployment
 from kvc.compiler.schedules import (
     SNAPKV_KIND,
@@ -156,7 +156,7 @@ def adakv_plan(loaded, policy, max_len, fraction, dtype) -> Plan:
 
 
 METHODS: dict[str, Baseline] = {
-    "kvc": Baseline(compiled("retrieval"), True, "kvc: profiled retrieval heads whole, SnapKV elsewhere, 8-bit rows"),
+    "kvc": Baseline(compiled("retrieval"), True, f"kvc: profiled retrieval heads whole, SnapKV elsewhere, {DEFAULT_KV_BITS}-bit rows"),
     "kvc-plain": Baseline(compiled("retrieval", kv_bits=0), True, "kvc's retrieval plan with rows in the cache dtype"),
     "kvc-knapsack": Baseline(compiled("knapsack"), True, "kvc knapsack over profiled recovery curves"),
     "kvc-fastgen": Baseline(compiled("fastgen"), True, "FastGen 2310.01801, threshold fitted to the budget"),

@@ -1,11 +1,12 @@
 """`CompressedCache`: a transformers `Cache` whose layers hold only what the plan allows.
 
 Use it as `model.generate(..., cache=CompressedCache(plan, model))` (`past_key_values=` before
-transformers 5.24) after `kvc.apply(model, plan, tokenizer)`. Each layer speaks the `CacheLayerMixin` protocol around a
-`LayerStore`. A prefill `update` returns the prompt K/V unchanged so attention runs as usual; the
-kvc attention function then stores the keep-sets. A decode `update` writes the new token into the
-store, and the attention function attends over the segments. `update` hands the layer to the
-attention function through `pending_layer` (the interface does not pass the cache along).
+transformers 5.24) after `kvc.apply(model, plan, tokenizer)`. Each layer speaks the
+`CacheLayerMixin` protocol around a `LayerStore`. A prefill `update` returns the prompt K/V
+unchanged so attention runs as usual; the kvc attention function then stores the keep-sets. A
+decode `update` writes the new token into the store, and the attention function attends over the
+segments. `update` hands the layer to the attention function through `pending_layer` (the
+interface does not pass the cache along).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ each group keeps its minimum and step as float16 and every channel as an unsigne
 code, round-to-nearest (KIVI's asymmetric min/max quantiser, taken per token for keys and
 values alike, so that a slot stays self-contained: heads evict and swap single tokens, which
 KIVI's per-channel key groups of 32 tokens could not follow). Codes are packed low bits first,
-8 / bits to a byte, and the row is [codes | steps | minimums], `row_bytes` long. Because a row
+8 / bits to a byte, and the row is [codes | steps | minimums], `quant_row_bytes` long. Because a row
 is plain bytes, the store moves, swaps and gathers it like any other row.
 """
 
@@ -18,7 +18,7 @@ from functools import lru_cache
 
 import torch
 
-from kvc.plan import QUANT_BITS, quant_group, row_bytes
+from kvc.plan import QUANT_BITS, quant_group, quant_row_bytes
 
 _PARAMS = torch.float16
 
@@ -45,7 +45,7 @@ def _check(bits: int) -> None:
 
 
 def encode(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., head_dim) floats -> (..., row_bytes(head_dim, bits)) uint8 rows."""
+    """(..., head_dim) floats -> (..., quant_row_bytes(head_dim, bits)) uint8 rows."""
     _check(bits)
     head_dim = x.shape[-1]
     group = quant_group(head_dim)
@@ -64,9 +64,9 @@ def encode(x: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def decode(rows: torch.Tensor, bits: int, head_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(..., row_bytes(head_dim, bits)) uint8 rows -> (..., head_dim) in `dtype`."""
+    """(..., quant_row_bytes(head_dim, bits)) uint8 rows -> (..., head_dim) in `dtype`."""
     _check(bits)
-    assert rows.shape[-1] == row_bytes(head_dim, "", bits), (rows.shape, head_dim, bits)
+    assert rows.shape[-1] == quant_row_bytes(head_dim, bits), (rows.shape, head_dim, bits)
     group = quant_group(head_dim)
     groups = head_dim // group
     packed_bytes = head_dim * bits // 8

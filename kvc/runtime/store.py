@@ -3,8 +3,8 @@
 Buffers (allocated once): keys and values (batch, slots, head_dim) in the plan's dtype, or on a
 low-bit plan (batch, slots, row bytes) uint8 rows (`quantize.py`) that attention decodes first;
 the token position of every slot (int32) and the accumulated attention of every frequency-head
-slot (float32): exactly the plan's accounting. Group counts per (sequence, head) say which slots are
-filled. No transformers here: serving engines drive it directly (see `standalone.py`).
+slot (float32): exactly the plan's accounting. Group counts per (sequence, head) say which slots
+are filled. No transformers here: serving engines drive it directly (see `standalone.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import torch
 
-from kvc.plan import Plan, row_bytes
+from kvc.plan import Plan, quant_row_bytes
 from kvc.policies.errors import KvcError
 from kvc.runtime import kernels, quantize
 from kvc.runtime.admission import admit
@@ -68,7 +68,7 @@ class LayerStore:
         # On the CPU, testing a swap for a no-op costs less than doing it; on CUDA it would synchronise.
         self.skip_idle_swaps = device.type == "cpu"
         slots, head_dim = self.layout.total_slots, self.plan.head_dim
-        row, dtype = (row_bytes(head_dim, "", self.bits), torch.uint8) if self.bits else (head_dim, self.dtype)
+        row, dtype = (quant_row_bytes(head_dim, self.bits), torch.uint8) if self.bits else (head_dim, self.dtype)
         self.keys = torch.zeros(batch, slots, row, dtype=dtype, device=device)
         self.values = torch.zeros(batch, slots, row, dtype=dtype, device=device)
         self.positions = torch.full((batch, slots), -1, dtype=torch.int32, device=device)

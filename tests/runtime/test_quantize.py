@@ -6,7 +6,7 @@ are not powers of two) work."""
 import pytest
 import torch
 
-from kvc.plan import QUANT_BITS, quant_group, row_bytes
+from kvc.plan import QUANT_BITS, quant_group, quant_row_bytes, row_bytes
 from kvc.runtime.quantize import decode, encode, rotation
 
 HEAD_DIMS = [64, 96, 40, 8]  # 40 and 8: one group spanning the vector
@@ -22,7 +22,7 @@ def test_decoding_is_within_half_a_step(generator, bits, head_dim):
     x = torch.randn(3, 7, head_dim, generator=generator) * 2
     x[0, 0, 0] = 40.0  # an outlier widens its group's step, not the others'
     rows = encode(x, bits)
-    assert rows.dtype == torch.uint8 and rows.shape == (3, 7, row_bytes(head_dim, "", bits))
+    assert rows.dtype == torch.uint8 and rows.shape == (3, 7, quant_row_bytes(head_dim, bits))
     turn = rotation(head_dim, "cpu")
     error = grouped(((decode(rows, bits, head_dim) - x) @ turn).abs(), head_dim)
     spread = grouped(x @ turn, head_dim)
@@ -54,15 +54,15 @@ def test_constant_groups_empty_inputs_and_dtypes():
     x = torch.full((2, 64), 3.25) @ rotation(64, "cpu").T  # every group constant once turned: a step of 0
     torch.testing.assert_close(decode(encode(x, 4), 4, 64), x, atol=2e-6, rtol=0)
     empty = encode(torch.zeros(0, 5, 64), 4)
-    assert empty.shape == (0, 5, row_bytes(64, "", 4)) and decode(empty, 4, 64).shape == (0, 5, 64)
+    assert empty.shape == (0, 5, quant_row_bytes(64, 4)) and decode(empty, 4, 64).shape == (0, 5, 64)
     halves = decode(encode(torch.randn(4, 64, dtype=torch.bfloat16), 8), 8, 64, torch.bfloat16)
     assert halves.dtype == torch.bfloat16 and halves.shape == (4, 64)
 
 
 def test_row_sizes():
     assert row_bytes(128, "bfloat16") == 256 and row_bytes(64, "float32") == 256
-    assert row_bytes(128, "", 4) == 64 + 4 * 4  # codes, then a float16 step and minimum per 32 channels
-    assert row_bytes(64, "", 2) == 16 + 2 * 4 and row_bytes(64, "", 8) == 64 + 2 * 4
-    assert row_bytes(40, "", 4) == 20 + 4  # one group
+    assert quant_row_bytes(128, 4) == 64 + 4 * 4  # codes, then a float16 step and minimum per 32 channels
+    assert quant_row_bytes(64, 2) == 16 + 2 * 4 and quant_row_bytes(64, 8) == 64 + 2 * 4
+    assert quant_row_bytes(40, 4) == 20 + 4  # one group
     with pytest.raises(ValueError, match="bits=3"):
         encode(torch.zeros(2, 64), 3)
