@@ -27,7 +27,7 @@ console = Console()
 errors = Console(stderr=True)
 _state = {"debug": False}
 
-MODEL_ARGUMENT = typer.Argument(None, help="Alias, hub id, model folder or .gguf file [default: smollm2-135m].")
+MODEL_ARGUMENT = typer.Argument(None, help="Alias, hub id, model folder or .gguf file \\[default: smollm2-135m].")
 
 
 def _version(value: bool):
@@ -116,15 +116,15 @@ def generate_command(
 @app.command("compile")
 def compile_command(
     policy: Path = typer.Argument(..., help="A policy file (.yaml/.json) from `kvc profile`."),
-    target: Optional[float] = typer.Option(None, "--target", help="Share of the full cache's bytes at --max-len the plan may use [default: 0.25]."),
+    target: Optional[float] = typer.Option(None, "--target", help="Share of the full cache's bytes at --max-len the plan may use \\[default: 0.25]."),
     memory: Optional[str] = typer.Option(None, "--memory", help="The budget as a size instead of --target: 512MiB, 2GiB, 1.5GB or bytes."),
-    max_len: Optional[int] = typer.Option(None, "--max-len", help="Longest sequence the plan serves [default: the model's limit]."),
+    max_len: Optional[int] = typer.Option(None, "--max-len", help="Longest sequence the plan serves \\[default: the model's limit]."),
     batch: int = typer.Option(1, "--batch", help="Sequences served together."),
     dtype: str = typer.Option("bf16", "--dtype", help="Cache dtype: bf16, fp16 or fp32."),
     strategy: str = typer.Option("retrieval", "--strategy", help="retrieval (retrieval heads whole, SnapKV elsewhere), knapsack, fastgen, pyramid or uniform."),
-    retrieval_threshold: Optional[float] = typer.Option(None, "--retrieval-threshold", help="Least retrieval score of a head the retrieval strategy keeps whole [default: 0.02]; higher keeps fewer whole and gives the others more."),
-    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store keys and values as 8, 4 or 2-bit codes (float16 step and minimum per 32 channels), so the same memory holds more tokens; 0 keeps --dtype [default: 8]."),
-    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the plan [default: POLICY with suffix .plan]."),
+    retrieval_threshold: Optional[float] = typer.Option(None, "--retrieval-threshold", help="Least retrieval score of a head the retrieval strategy keeps whole \\[default: 0.02]; higher keeps fewer whole and gives the others more."),
+    kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store keys and values as 8, 4 or 2-bit codes (float16 step and minimum per 32 channels), so the same memory holds more tokens; 0 keeps --dtype \\[default: 8]."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Where to write the plan \\[default: POLICY with suffix .plan]."),
     json_report: Optional[Path] = typer.Option(None, "--json", help="Also write the compile report here as JSON."),
 ):
     """Compile a policy into a static KV-cache plan for a memory target and show what it costs and recovers."""

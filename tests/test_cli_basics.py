@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from kvc.cli import main
+from kvc.compiler.compile import DEFAULT_KV_BITS, DEFAULT_TARGET
 from kvc.policies.schema import save_policy
 
 
@@ -96,3 +97,12 @@ def test_defaults_named_in_help_texts_are_the_code_defaults():
     helps = {param.name: param.help for name in ("compile", "eval") for param in commands[name].params}
     assert f"[default: {RETRIEVAL_THRESHOLD:g}]" in helps["retrieval_threshold"]
     assert f"{PASSKEY} for the passkey, {NEEDLE} for the needle" in helps["answer_tokens"]
+    assert f"[default: {DEFAULT_KV_BITS}]" in helps["kv_bits"] and f"[default: {DEFAULT_TARGET:g}]" in helps["target"]
+
+
+def test_help_shows_the_defaults_it_names(capsys):
+    """Rich would take an unescaped "[default: ...]" for markup and print nothing."""
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    shown = " ".join(capsys.readouterr().out.replace("│", " ").split())
+    assert f"[default: {DEFAULT_KV_BITS}]" in shown and "[default: the model's limit]" in shown
