@@ -28,6 +28,10 @@ POSITION_BYTES = 4  # one int32 token position per slot of every head (ring orde
 QUANT_BITS = (2, 4, 8)  # low-bit K/V widths (0: the plan's dtype)
 QUANT_GROUP = 32  # channels sharing one float16 step and minimum
 QUANT_PARAM_BYTES = 4  # float16 step + float16 minimum per group
+COUNTER_BYTES = 4  # int32 sequence state the runtime keeps beside the slots:
+HEAD_COUNTERS = 2  # per (sequence, layer, KV head): class tokens and window tokens admitted (ring pointers)
+SEQUENCE_COUNTERS = 2  # per (sequence, layer): tokens seen and the first position after the padding
+LAYOUT_FIELDS = 12  # int32 columns of the runtime's per-layer head table (kvc.runtime.layout.FIELDS)
 
 
 def quant_group(head_dim: int) -> int:
@@ -53,6 +57,17 @@ def check_kv_bits(kv_bits, head_dim: int) -> None:
     if kv_bits and head_dim * kv_bits % 8:
         raise KvcError(f"--kv-bits {kv_bits}: a head dim of {head_dim} does not pack into whole bytes; "
                        "use --kv-bits 8")
+
+
+def state_bytes(num_layers: int, num_kv_heads: int, batch: int) -> int:
+    """Bytes of the per-sequence counters the runtime keeps for every layer and KV head."""
+    return num_layers * (num_kv_heads * HEAD_COUNTERS + SEQUENCE_COUNTERS) * COUNTER_BYTES * batch
+
+
+def table_bytes(num_layers: int, num_kv_heads: int, head_dim: int, vocab: int, kv_bits: int) -> int:
+    """Bytes of the tables a cache holds once: token classes, per-layer head tables, the row rotation."""
+    rotation = head_dim * head_dim * 4 if kv_bits else 0
+    return vocab + num_layers * num_kv_heads * LAYOUT_FIELDS * 4 + rotation
 
 
 def slot_bytes(head_dim: int, dtype: str, bits: int = 0, frequency=False):
@@ -148,9 +163,24 @@ class Plan:
         return int(self.layer_slots.sum()) * POSITION_BYTES * self.target.batch
 
     @property
+    def table_bytes(self) -> int:
+        """Bytes of the tables the runtime holds once, whatever the batch."""
+        return table_bytes(self.num_layers, self.num_kv_heads, self.head_dim, len(self.token_classes), self.kv_bits)
+
+    @property
+    def overhead_bytes(self) -> int:
+        """Bytes beside the slots: sequence counters and the tables the runtime holds."""
+        return state_bytes(self.num_layers, self.num_kv_heads, self.target.batch) + self.table_bytes
+
+    def cache_bytes_at(self, batch: int) -> int:
+        """What a cache of `batch` sequences holds: per-sequence bytes scale with the batch, tables do not."""
+        per_batch = self.cache_bytes - self.table_bytes
+        return per_batch * batch // self.target.batch + self.table_bytes
+
+    @property
     def cache_bytes(self) -> int:
         """Everything the runtime allocates for this plan; `CompressedCache.nbytes()` equals it."""
-        return self.kv_bytes + self.score_bytes + self.position_bytes
+        return self.kv_bytes + self.score_bytes + self.position_bytes + self.overhead_bytes
 
     @property
     def full_cache_bytes(self) -> int:

@@ -159,7 +159,8 @@ def render_plan(plan: Plan, console) -> None:
     console.print(KIND_LEGEND, style="dim")
     console.print(
         f"cache {human_bytes(plan.cache_bytes)} (keys and values {human_bytes(plan.kv_bytes)}, "
-        f"scores {human_bytes(plan.score_bytes)}, positions {human_bytes(plan.position_bytes)}) "
+        f"scores {human_bytes(plan.score_bytes)}, positions {human_bytes(plan.position_bytes)}, "
+        f"counters and tables {human_bytes(plan.overhead_bytes)}) "
         f"against {human_bytes(plan.full_cache_bytes)} full: {100 * plan.compression:.1f}% · "
         f"expected recovery {report['expected_recovery']:.4f}"
     )

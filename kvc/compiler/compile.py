@@ -70,10 +70,11 @@ def compile_policy(
     kv_bits = DEFAULT_KV_BITS if kv_bits is None else kv_bits
     deployment = deployment_for(policy, max_len, batch, parse_dtype(dtype), kv_bits)
     goal = target_for(deployment, target, memory)
+    overhead = deployment.overhead_bytes(len(token_classes(policy)))
     try:
-        allocation = plan_heads(policy, deployment, goal.budget_bytes)
+        allocation = plan_heads(policy, deployment, goal.budget_bytes - overhead)
     except BudgetTooSmall as error:
-        raise below_minimum(strategy, deployment, goal, error.minimum) from None
+        raise below_minimum(strategy, deployment, goal, error.minimum + overhead) from None
     plan = assemble(policy, deployment, goal, strategy, allocation)
     assert plan.cache_bytes <= goal.budget_bytes, (plan.cache_bytes, goal.budget_bytes)
     return plan

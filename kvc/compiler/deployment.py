@@ -3,8 +3,9 @@
 A slot holds one token's key and value for one KV head (never repeated over its query group),
 in the cache dtype or as low-bit rows, its int32 position and, on heads with a frequency
 component, a float32 score, for every sequence of the batch. A head costs its capacity times
-its slot bytes (`kvc.plan.slot_bytes`): exactly what `Plan.cache_bytes` counts and the runtime
-allocates.
+its slot bytes (`kvc.plan.slot_bytes`); the runtime's counters and tables
+(`overhead_bytes`) come off the budget first: exactly what `Plan.cache_bytes` counts and the
+runtime allocates.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from kvc.plan import DTYPE_BYTES, slot_bytes
+from kvc.plan import DTYPE_BYTES, slot_bytes, state_bytes, table_bytes
 from kvc.policies.kinds import kind_components
 from kvc.policies.schema import HeadProfile
 
@@ -53,6 +54,11 @@ class Deployment:
 
     def cost(self, head: HeadPlan) -> int:
         return head.capacity * self.slot_bytes(head.kind)
+
+    def overhead_bytes(self, vocab: int) -> int:
+        """What the runtime holds beside the slots (counters, tables): taken off the budget first."""
+        return (state_bytes(self.num_layers, self.num_kv_heads, self.batch)
+                + table_bytes(self.num_layers, self.num_kv_heads, self.head_dim, vocab, self.kv_bits))
 
     @property
     def full_cache_bytes(self) -> int:

@@ -43,6 +43,7 @@ def plan_report(plan: Plan) -> dict:
         "kv_bytes": plan.kv_bytes,
         "score_bytes": plan.score_bytes,
         "position_bytes": plan.position_bytes,
+        "overhead_bytes": plan.overhead_bytes,
         "full_cache_bytes": plan.full_cache_bytes,
         "fraction_of_full": round(plan.compression, 6),
         "compression_ratio": round(1 / plan.compression, 4),

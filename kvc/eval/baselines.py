@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvc.compiler import compile_policy
-from kvc.compiler.compile import DEFAULT_KV_BITS, assemble, deployment_for, target_for
+from kvc.compiler.compile import DEFAULT_KV_BITS, assemble, deployment_for, target_for, token_classes
 from kvc.compiler.deployment import Deployment
 from kvc.compiler.schedules import (
     SNAPKV_KIND,
@@ -60,7 +60,8 @@ def uniform_slots(loaded: LoadedModel, max_len: int, fraction: float, dtype: str
     """Slots per KV head when every head is `kind` and they share the budget equally."""
     target = deployment(loaded, max_len, dtype)
     heads = target.num_layers * target.num_kv_heads
-    slots = int(fraction * target.full_cache_bytes) // (target.slot_bytes(kind) * heads)
+    budget = int(fraction * target.full_cache_bytes) - target.overhead_bytes(architecture(loaded.model.config.get_text_config()).vocab_size)
+    slots = budget // (target.slot_bytes(kind) * heads)
     return min(slots, max_len)
 
 
@@ -152,7 +153,8 @@ def adakv_plan(loaded, policy, max_len, fraction, dtype) -> Plan:
     """Ada-KV: SnapKV selection, equal budget per layer, split over its heads by the policy's curves."""
     target = deployment_for(policy, max_len, 1, dtype)
     goal = target_for(target, fraction, None)
-    return assemble(policy, target, goal, "adakv", adakv_allocation(policy, target, goal.budget_bytes))
+    slots = goal.budget_bytes - target.overhead_bytes(len(token_classes(policy)))
+    return assemble(policy, target, goal, "adakv", adakv_allocation(policy, target, slots))
 
 
 METHODS: dict[str, Baseline] = {

@@ -1,109 +1,109 @@
-"""Where a decoded token goes in each KV head: the per-step write rule of every kind.
+"""Where a new token goes in each KV head: the write rule of every kind, one token at a time.
 
-The new token joins the first group that takes it: sinks (while the sequence is shorter than
-them), class tokens if it is one of the head's classes, else the recent window, else (frequency
-heads without a window) the heavy hitters. A group with room grows by rotating the later groups
-one slot along; a full one evicts: the oldest class token, the oldest window token (a ring), or the
-heavy hitter with the least accumulated attention (H2O). On frequency heads the token leaving the
-window competes for a heavy slot with its accumulated score. Everything is fixed-shape tensor work.
+The token joins the first group that takes it: sinks (while the sequence is shorter than them),
+class tokens if it is one of the head's classes, else the recent window, else (frequency heads
+without a window) the heavy hitters. Sinks sit at their position; class tokens and the window are
+rings whose counters say the next slot, so the oldest is overwritten; a heavy-only head replaces its
+weakest hitter (H2O). On frequency heads with a window, the token the window is about to overwrite
+moves to the heavy region if it has room or beats the weakest hitter's accumulated score. All of it
+is fixed-shape tensor work over (sequence, head): no search of the segment, no host decision.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-from kvc.runtime.layout import CLASS, HEAVY, NO_GROUP, SINK, WINDOW, LayerLayout
+from kvc.runtime.layout import CLASS, FIELDS, HEAVY, NO_GROUP, SINK, WINDOW, LayerLayout
 
-_LATEST = torch.iinfo(torch.int32).max
+_COLUMN = {name: index for index, name in enumerate(FIELDS)}
 
 
-@dataclass
-class Admission:
-    """Slot moves and the new token's slot for one decode step; slots are relative to each head's segment.
+class Admission(NamedTuple):
+    """One token's writes, as absolute slots of the layer buffer, per (sequence, head).
 
-    swaps: (first, second) pairs of (batch, heads) slots to exchange, applied in order (a pair of equal
-    slots is a no-op); slot (batch, heads) where the token is written if stored (batch, heads).
+    First `move_from` is copied to `move_to` where `moved` (a window token graduating to the heavy
+    hitters), then the new token is written at `slot` where `stored`.
     """
 
-    swaps: list[tuple[torch.Tensor, torch.Tensor]]
     slot: torch.Tensor
     stored: torch.Tensor
-    counts: torch.Tensor  # (batch, heads, 4) group counts after the step
+    move_from: torch.Tensor | None
+    move_to: torch.Tensor | None
+    moved: torch.Tensor | None
+    counts: torch.Tensor  # (batch, heads, 2) int32 class and window tokens admitted after this one
 
 
-def admit(
-    layout: LayerLayout,
-    counts: torch.Tensor,
-    positions: torch.Tensor,
-    scores: torch.Tensor | None,
-    classes: torch.Tensor,
-    relative_position: torch.Tensor,
-) -> Admission:
-    """Plan one decode step for every (sequence, head) of a layout whose heads all have slots.
+def column(layout: LayerLayout, name: str) -> torch.Tensor:
+    """(kv_heads,) int32 view of one field of the head table."""
+    return layout.table[:, _COLUMN[name]]
 
-    counts (batch, heads, 4) int64; positions (batch, heads, max_capacity) int32 and scores (same
-    shape, float32, None without frequency heads) are per-head views of the segments; classes
-    (batch,) uint8 bits of the new token; relative_position (batch,) its index after the padding.
+
+def token_group(layout: LayerLayout, classes: torch.Tensor, relative_position: torch.Tensor) -> torch.Tensor:
+    """(batch, kv_heads) int64: the group a new token joins in each head, NO_GROUP if the head drops it.
+
+    classes (batch,) uint8 token-class bits; relative_position (batch,) the token's index after the padding.
     """
-    quotas = layout.quotas  # (heads, 4)
-    batch = counts.shape[0]
-    begin = counts.cumsum(-1) - counts
-    group = new_token_group(layout, classes, relative_position)
-    stored = group != NO_GROUP
-    target = group.clamp(max=WINDOW)[..., None]
-    count = counts.gather(-1, target)[..., 0]
-    grow = stored & (count < quotas.expand(batch, -1, -1).gather(-1, target)[..., 0])
-    end = begin.gather(-1, target)[..., 0] + count
-
-    slots = torch.arange(positions.shape[-1], device=counts.device)
-
-    def members(g):  # (batch, heads, max_capacity) slots of group g
-        return (slots >= begin[..., g, None]) & (slots < begin[..., g, None] + counts[..., g, None])
-
-    oldest_class = positions.masked_fill(~members(CLASS), _LATEST).argmin(-1)
-    oldest_window = positions.masked_fill(~members(WINDOW), _LATEST).argmin(-1)  # the ring's next victim
-    replace = stored & ~grow
-    graduate = replace & (group == WINDOW) & layout.frequency & (quotas[:, HEAVY] > 0)
-    heavy_room = counts[..., HEAVY] < quotas[:, HEAVY]
-    if scores is None:
-        lowest_heavy = torch.zeros_like(oldest_window)
-        promote = torch.zeros_like(graduate)
-    else:
-        lowest_heavy = scores.masked_fill(~members(HEAVY), float("inf")).argmin(-1)
-        leaving = scores.gather(-1, oldest_window[..., None])[..., 0]
-        promote = graduate & ~heavy_room & (leaving > scores.gather(-1, lowest_heavy[..., None])[..., 0])
-    window_end = begin[..., WINDOW] + counts[..., WINDOW]
-
-    # One pair per head and step: the window's rotation when an earlier group grows, or the token
-    # leaving the window changing places with the heavy group's boundary (room) or weakest slot.
-    rotate_window = grow & (group < WINDOW)
-    moves_up = graduate & (heavy_room | promote)
-    partner = torch.where(heavy_room, begin[..., WINDOW], lowest_heavy)
-    none = torch.zeros_like(count)
-    swaps = [(
-        torch.where(rotate_window, begin[..., WINDOW], torch.where(moves_up, oldest_window, none)),
-        torch.where(rotate_window, window_end, torch.where(moves_up, partner, none)),
-    )]
-    for later in (HEAVY, CLASS):
-        rotate = grow & (group < later)
-        swaps.append((torch.where(rotate, begin[..., later], none),
-                      torch.where(rotate, begin[..., later] + counts[..., later], none)))
-
-    evicted = torch.where(group == CLASS, oldest_class, torch.where(group == HEAVY, lowest_heavy, oldest_window))
-    slot = torch.where(grow, end, torch.where(graduate & heavy_room, window_end, evicted))
-    slot = torch.where(stored, slot, none)
-    added = torch.nn.functional.one_hot(group.clamp(max=WINDOW), 4) * grow[..., None]
-    added[..., HEAVY] += (graduate & heavy_room).long()
-    return Admission(swaps, slot, stored, counts + added)
-
-
-def new_token_group(layout: LayerLayout, classes: torch.Tensor, relative_position: torch.Tensor) -> torch.Tensor:
-    """(batch, heads) int64: the group a new token joins in each head, NO_GROUP if the head drops it."""
-    quotas = layout.quotas
-    member = ((classes[:, None] & layout.class_bits[None, :]) != 0) & (quotas[:, CLASS] > 0)
-    heavy_only = layout.frequency & (quotas[:, HEAVY] > 0)
-    fallback = torch.where(quotas[:, WINDOW] > 0, WINDOW, torch.where(heavy_only, HEAVY, NO_GROUP))  # (heads,)
+    quota = {name: column(layout, f"{name}_quota") for name in ("sink", "class", "heavy", "window")}
+    member = ((classes.to(torch.int32)[:, None] & column(layout, "class_bits")[None, :]) != 0) & (quota["class"] > 0)
+    heavy_only = (column(layout, "frequency") > 0) & (quota["heavy"] > 0)
+    fallback = torch.where(quota["window"] > 0, WINDOW, torch.where(heavy_only, HEAVY, NO_GROUP))  # (heads,)
     group = torch.where(member, CLASS, fallback[None, :])
-    return torch.where(relative_position[:, None] < quotas[:, SINK], SINK, group)
+    return torch.where(relative_position[:, None] < quota["sink"][None, :], SINK, group)
+
+
+def ring_slot(layout: LayerLayout, group: str, count: torch.Tensor) -> torch.Tensor:
+    """(batch, heads) absolute slot a ring (class or window) writes next; a head without the ring
+    names its own first slot (every index stays inside its head's segment)."""
+    quota = column(layout, f"{group}_quota")
+    return torch.where(quota > 0, column(layout, f"{group}_base") + count % quota.clamp(min=1),
+                       column(layout, "offset"))
+
+
+def weakest_heavy(layout: LayerLayout, positions: torch.Tensor, scores: torch.Tensor):
+    """Per (sequence, head) the heavy slot to fill next: an empty one, else the lowest accumulated score.
+
+    Returns (slot (batch, heads) absolute, its score with -inf for an empty slot). Heads without
+    heavy slots get their own first slot and score +inf; they never use it.
+    """
+    quota, base = column(layout, "heavy_quota"), column(layout, "heavy_base")
+    rank = torch.arange(layout.max_heavy, device=positions.device, dtype=torch.int32)
+    inside = rank[None, :] < quota[:, None]  # (heads, max_heavy)
+    offset = column(layout, "offset")[:, None]
+    slots = torch.where(inside, base[:, None] + rank[None, :], offset)
+    score_slots = torch.where(inside, slots - offset + column(layout, "score_offset")[:, None], 0)
+    held = torch.where(positions[:, slots] >= 0, scores[:, score_slots], float("-inf"))
+    held = torch.where(inside[None], held, float("inf"))  # (batch, heads, max_heavy)
+    lowest, choice = held.min(-1)  # (batch, heads)
+    return slots.gather(1, choice.T).T, lowest
+
+
+def admit(layout: LayerLayout, counts: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor | None,
+          classes: torch.Tensor, relative_position: torch.Tensor) -> Admission:
+    """Plan one token's writes for every (sequence, head).
+
+    counts (batch, heads, 2) int32 ring counters; positions (batch, slots) int32 and scores
+    (batch, score slots) float32 (None without frequency heads) are the layer's buffers; classes
+    (batch,) uint8 the token's class bits; relative_position (batch,) its index after the padding.
+    """
+    group = token_group(layout, classes, relative_position)
+    class_slot = ring_slot(layout, "class", counts[..., 0])
+    window_slot = ring_slot(layout, "window", counts[..., 1])
+    sink_slot = column(layout, "offset")[None, :] + relative_position[:, None].to(torch.int32)
+    slot = torch.where(group == SINK, sink_slot, torch.where(group == CLASS, class_slot, window_slot))
+    move_from = move_to = moved = None
+    if scores is not None and layout.max_heavy:
+        heavy_slot, lowest = weakest_heavy(layout, positions, scores)
+        slot = torch.where(group == HEAVY, heavy_slot, slot)
+        frequency = column(layout, "frequency") > 0
+        graduates = ((group == WINDOW) & frequency & (column(layout, "heavy_quota") > 0)
+                     & (counts[..., 1] >= column(layout, "window_quota")))
+        leaving = torch.where(frequency, window_slot - column(layout, "offset") + column(layout, "score_offset"), 0)
+        score_of_leaving = scores.gather(1, leaving)
+        moved = graduates & (score_of_leaving > lowest)  # an empty heavy slot scores -inf
+        move_from, move_to = window_slot, heavy_slot
+    stored = group != NO_GROUP
+    admitted = torch.stack([group == CLASS, group == WINDOW], -1).to(torch.int32)
+    slot = torch.where(stored, slot, column(layout, "offset"))
+    return Admission(slot, stored, move_from, move_to, moved, counts + admitted)

@@ -1,15 +1,16 @@
 """`kvc.apply(model, plan, tokenizer)`: switch a model to kvc attention, after checking the plan fits.
 
-Applying sets the model's attention implementation to 'kvc' and adds a forward pre-hook on its
-base model that hands each forward's input ids (token classes) and padding to a
-`CompressedCache`. Nothing changes a model before `apply`; `restore(model)`, or leaving the
-`with kvc.apply(...)` block, puts the previous attention back and removes the hook.
+Applying sets the model's attention implementation to 'kvc' and adds two hooks on its base model:
+before each forward, a `CompressedCache` passed to it observes the input ids (token classes) and
+padding, and is handed on to the attention function as a keyword argument the model passes down
+to every layer; after it, the cache counts the forward's tokens. Nothing changes a model before
+`apply`; `restore(model)`, or leaving the `with kvc.apply(...)` block, puts the previous attention
+back and removes the hooks.
 """
 
 from __future__ import annotations
 
 import inspect
-import weakref
 from dataclasses import dataclass
 from typing import Self
 
@@ -17,9 +18,8 @@ from kvc.models import LoadedModel, fingerprint
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.runtime import attention
-from kvc.runtime.cache import CompressedCache, pending_layer
-
-_applied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+from kvc.runtime.applied import applied_fingerprint, mark_applied, mark_restored, sliding_windows
+from kvc.runtime.cache import CACHE_KEYWORD, CompressedCache
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Applied:
     plan: Plan
     fingerprint: str
     previous_attention: str
-    hook: object
+    hooks: tuple
 
     def __enter__(self) -> Self:
         return self
@@ -67,7 +67,7 @@ def apply(model, plan: Plan, tokenizer=None) -> Applied:
         model_fingerprint = fingerprint(model.config, tokenizer)
     plan.check_model(model_fingerprint)
     sliding_windows(model.config)
-    if model in _applied:
+    if applied_fingerprint(model) is not None:
         restore(model)
     attention.register()
     previous = model.config._attn_implementation
@@ -75,46 +75,39 @@ def apply(model, plan: Plan, tokenizer=None) -> Applied:
     if model.config._attn_implementation != attention.ATTENTION_NAME:
         raise KvcError(f"{type(model).__name__} does not run its attention through transformers' "
                        "AttentionInterface, so the compressed cache cannot serve it")
-    hook = model.base_model.register_forward_pre_hook(_observe_inputs, with_kwargs=True)
-    _applied[model] = Applied(model, plan, model_fingerprint, previous, hook)
-    return _applied[model]
+    hooks = (model.base_model.register_forward_pre_hook(_observe_inputs, with_kwargs=True),
+             model.base_model.register_forward_hook(_count_tokens, with_kwargs=True))
+    state = Applied(model, plan, model_fingerprint, previous, hooks)
+    mark_applied(model, state)
+    return state
 
 
 def restore(model) -> None:
-    """Undo `apply`: the model's previous attention implementation, no input hook."""
+    """Undo `apply`: the model's previous attention implementation, no hooks."""
     model = model.model if isinstance(model, LoadedModel) else model
-    state = _applied.pop(model, None)
+    state = mark_restored(model)
     if state is None:
         return
-    state.hook.remove()
+    for hook in state.hooks:
+        hook.remove()
     model.set_attn_implementation(state.previous_attention)
 
 
-def applied_fingerprint(model) -> str | None:
-    """The fingerprint `apply` checked for this model, or None when it is not applied."""
-    state = _applied.get(model)
-    return None if state is None else state.fingerprint
-
-
-def sliding_windows(config) -> list[int | None]:
-    """Per layer, the model's sliding attention window (None for full attention)."""
-    config = config.get_text_config()
-    layers = config.num_hidden_layers
-    window = getattr(config, "sliding_window", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is None:
-        return [window] * layers
-    unknown = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
-    if unknown:
-        raise KvcError(f"layers of type {', '.join(unknown)} are not supported by the compressed cache "
-                       "(full and sliding-window attention are)")
-    return [window if kind == "sliding_attention" else None for kind in layer_types]
-
-
 def _observe_inputs(module, args, kwargs):
-    """Forward pre-hook: give a CompressedCache the input ids and padding of the forward about to run."""
-    pending_layer.set(None)
+    """Forward pre-hook: give a CompressedCache the input ids and padding of the forward about to
+    run, and pass the cache on to the attention function."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if not isinstance(cache, CompressedCache):
+        kwargs.pop(CACHE_KEYWORD, None)
+        return args, kwargs
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    cache.observe(input_ids, kwargs.get("attention_mask"))
+    kwargs[CACHE_KEYWORD] = cache
+    return args, kwargs
+
+
+def _count_tokens(module, args, kwargs, output):
+    """Forward hook: the forward is done, so the cache counts its tokens."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if isinstance(cache, CompressedCache):
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache.observe(input_ids, kwargs.get("attention_mask"))
+        cache.finish()

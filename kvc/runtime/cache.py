@@ -2,16 +2,15 @@
 
 Use it as `model.generate(..., cache=CompressedCache(plan, model))` (`past_key_values=` before
 transformers 5.24) after `kvc.apply(model, plan, tokenizer)`. Each layer speaks the
-`CacheLayerMixin` protocol around a `LayerStore`. A prefill `update` returns the prompt K/V
-unchanged so attention runs as usual; the kvc attention function then stores the keep-sets. A
-decode `update` writes the new token into the store, and the attention function attends over the
-segments. `update` hands the layer to the attention function through `pending_layer` (the
-interface does not pass the cache along).
+`CacheLayerMixin` protocol around a `LayerStore`. `update` returns the new K/V unchanged; the kvc
+attention function, which finds the cache in its keyword arguments (`apply`'s input hook puts it
+there), then either runs the prompt's usual attention and stores the keep-sets (prefill), or runs
+the store's `extend` on the chunk (any number of new tokens: decode, a second chat turn, a
+question after a cached document).
 """
 
 from __future__ import annotations
 
-from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -20,27 +19,26 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvc.models import LoadedModel
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
+from kvc.runtime.applied import applied_fingerprint, sliding_windows
 from kvc.runtime.selection import padding_start
-from kvc.runtime.store import LayerStore
+from kvc.runtime.store import LayerStore, storage_bytes
 
-# The layer whose `update` ran last in this thread and awaits its attention call.
-pending_layer: ContextVar[CompressedLayer | None] = ContextVar("kvc_pending_layer", default=None)
+CACHE_KEYWORD = "kvc_cache"  # the keyword the input hook adds to the model's forward for the attention function
 
 
 @dataclass
 class ObservedInputs:
-    """What the forward in progress feeds: token classes (batch, query_length) uint8, the tokens seen
-    before it, and at prefill the padding start (batch,)."""
+    """What the forward in progress feeds: token classes (batch, query_length) uint8 and, at
+    prefill, the padding start (batch,)."""
 
     classes: torch.Tensor
-    seen: int
     start: torch.Tensor | None
 
 
 class CompressedLayer(CacheLayerMixin):
     """One layer of a `CompressedCache`; its memory lives in `store`."""
 
-    is_compileable = False
+    is_compileable = True
     is_croppable = False
 
     def __init__(self, cache: CompressedCache, store: LayerStore):
@@ -48,25 +46,22 @@ class CompressedLayer(CacheLayerMixin):
         self.cache = cache
         self.store = store
         self.is_sliding = store.sliding_window is not None
-        self.prefilling = False
 
-    def lazy_initialization(self, key_states, value_states=None) -> None:
-        self.store.allocate(key_states.shape[0], key_states.device)
+    @property
+    def prefilling(self) -> bool:
+        return not self.store.prefilled
+
+    def lazy_initialization(self, key_states, value_states=None, *args, **kwargs) -> None:
+        if not self.store.allocated:
+            self.store.allocate(key_states.shape[0], key_states.device)
         self.batch_size = key_states.shape[0]
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        """Prefill: return the prompt K/V for the usual attention. Decode: store the new token, return it."""
+        """The new K/V go to the attention function unchanged: it stores them (prefill or extend)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        inputs = self.cache.observed
-        batch, _, length, _ = key_states.shape
-        assert inputs.seen == self.store.seen and inputs.classes.shape == (batch, length), \
-            "the observed input ids do not belong to this forward"
-        self.prefilling = self.store.seen == 0
-        if not self.prefilling:
-            self.store.append(key_states[:, :, 0], value_states[:, :, 0], inputs.classes[:, 0])
         return key_states, value_states
 
     def compress(self, query, keys, values, scale) -> None:
@@ -74,15 +69,19 @@ class CompressedLayer(CacheLayerMixin):
         inputs = self.cache.observed
         window = min(self.store.plan.observation_window, query.shape[2])
         self.store.prefill(keys, values, inputs.classes, inputs.start, query[:, :, -window:], scale)
-        self.prefilling = False
+
+    def extend(self, query, keys, values, scale) -> torch.Tensor:
+        """Attend a chunk of new tokens and admit them: (batch, q_heads, chunk, head_dim)."""
+        return self.store.extend(query, keys, values, self.cache.observed.classes, scale)
 
     def get_seq_length(self) -> int:
-        return self.store.seen
+        return self.cache.length
 
-    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
         # Earlier transformers releases pass the cache positions (a tensor) instead of the query length.
         length = query_length if isinstance(query_length, int) else query_length.shape[-1]
-        return self.store.seen + length, 0
+        # Only the prompt's attention uses the mask; a chunk's attention masks slots itself.
+        return length, 0
 
     def get_max_length(self) -> int:
         return self.store.plan.target.max_len
@@ -101,14 +100,13 @@ class CompressedCache(Cache):
     """The compressed KV cache of one batch of sequences, laid out by a plan.
 
     Memory is allocated at the first forward for its batch (at most the plan's batch) and never
-    grows: `nbytes()` is the plan's `cache_bytes` scaled by batch / plan.target.batch. One cache
-    holds one prompt and its continuation; `reset()` makes it ready for another.
-    kernels: 'auto' (Triton on CUDA, torch references on CPU), 'triton' or 'reference'.
+    grows: `nbytes()` counts every tensor the cache holds, the plan's `cache_bytes` at its batch.
+    A cache holds one prompt and whatever follows it (turns, questions, decoded tokens);
+    `reset()` makes it ready for another. kernels: 'auto' (Triton on CUDA, torch references on
+    CPU), 'triton' or 'reference'.
     """
 
     def __init__(self, plan: Plan, model, kernels: str = "auto"):
-        from kvc.runtime.apply import applied_fingerprint, sliding_windows
-
         if isinstance(model, LoadedModel):
             model = model.model
         fingerprint = applied_fingerprint(model)
@@ -121,33 +119,45 @@ class CompressedCache(Cache):
         self.plan = plan
         self.token_classes = plan.token_classes  # (vocab,) uint8, moved to the inputs' device once
         self.observed: ObservedInputs | None = None
+        self.length = 0  # tokens held so far, counted on the host (the step itself never reads it)
 
     def observe(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
         """Record the token classes (and, at prefill, the padding) of the forward about to run."""
         if input_ids is None:
             raise KvcError("the compressed cache needs input_ids (token classes); inputs_embeds are not supported")
         batch, length = input_ids.shape
-        seen = self.get_seq_length()
-        if seen and length != 1:
-            raise KvcError(f"a compressed cache continues one token at a time, got {length}; "
-                           "use a new cache (or reset()) for a new prompt")
-        self.plan.check_length(seen + length)
         if self.token_classes.device != input_ids.device:
             self.token_classes = self.token_classes.to(input_ids.device)
-        start = None if seen else padding_start(attention_mask, batch, length, input_ids.device)
-        self.observed = ObservedInputs(self.token_classes[input_ids], seen, start)
+        prefill = not self.layers[0].store.prefilled
+        start = padding_start(attention_mask, batch, length, input_ids.device) if prefill else None
+        self.observed = ObservedInputs(self.token_classes[input_ids], start)
+        if not torch.compiler.is_compiling():  # a compiled step leaves the host count to its caller
+            self.plan.check_length(self.length + length)
+
+    def finish(self) -> None:
+        """After the forward: count its tokens (the model read the old count for their positions)."""
+        if self.observed is not None and not torch.compiler.is_compiling():
+            self.advance(self.observed.classes.shape[1])
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self.observed is None:
             raise KvcError("no input ids were observed for this forward; call kvc.apply(model, plan, tokenizer) "
                            "and pass the cache by keyword (cache=, or past_key_values= before transformers 5.24)")
-        keys, values = self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
-        pending_layer.set(self.layers[layer_idx])
-        return keys, values
+        return self.layers[layer_idx].update(key_states, value_states)
+
+    def advance(self, length: int) -> None:
+        """Count `length` more tokens on the host, refusing more than the plan's max length."""
+        self.plan.check_length(self.length + length)
+        self.length += length
+
+    def reset(self) -> None:
+        super().reset()
+        self.length = 0
 
     def nbytes(self) -> int:
-        """Bytes allocated for keys, values, slot positions and scores: the plan's accounting."""
-        return sum(layer.store.nbytes() for layer in self.layers)
+        """Bytes of every tensor the cache holds: slots, counters and tables (the plan's `cache_bytes`)."""
+        held = [tensor for layer in self.layers for tensor in layer.store.held_tensors()]
+        return storage_bytes([*held, self.token_classes])
 
     def kept_positions(self, layer: int, sequence: int = 0) -> list[torch.Tensor]:
         """Per KV head of a layer, the sorted positions (after padding) of the tokens it holds."""

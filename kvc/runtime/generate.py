@@ -19,7 +19,8 @@ from kvc.models import LoadedModel, architecture
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.report import human_bytes
-from kvc.runtime.apply import applied_fingerprint, apply, cache_keyword
+from kvc.runtime.applied import applied_fingerprint
+from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import CompressedCache
 
 

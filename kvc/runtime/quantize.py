@@ -1,26 +1,35 @@
-"""Low-bit K/V rows: each cached key or value vector stored as one row of bytes.
+"""Low-bit K/V rows: each cached key or value vector stored as codes plus float16 group parameters.
 
-A vector is first turned by a fixed orthogonal matrix (the normalised Hadamard matrix when
+A vector is first turned by a fixed orthogonal matrix R (the normalised Hadamard matrix when
 head_dim is a power of two, else a seeded random rotation), which spreads a few outlier channels
-over all of them (the idea of QuaRot and QuIP#), and turned back after decoding, so attention
-sees the same geometry. The turned vector is cut into groups of `quant_group(head_dim)` channels;
-each group keeps its minimum and step as float16 and every channel as an unsigned `bits`-bit
-code, round-to-nearest (KIVI's asymmetric min/max quantiser, taken per token for keys and
-values alike, so that a slot stays self-contained: heads evict and swap single tokens, which
-KIVI's per-channel key groups of 32 tokens could not follow). Codes are packed low bits first,
-8 / bits to a byte, and the row is [codes | steps | minimums], `quant_row_bytes` long. Because a row
-is plain bytes, the store moves, swaps and gathers it like any other row.
+over all of them (the idea of QuaRot and QuIP#). The turned vector is cut into groups of
+`quant_group(head_dim)` channels; each group keeps its step and minimum as float16 and every channel
+as an unsigned `bits`-bit code, round-to-nearest (KIVI's asymmetric min/max quantiser, taken per
+token for keys and values alike, so that a slot stays self-contained: heads evict and move single
+tokens). Codes are packed low bits first, 8 / bits to a byte.
+
+Rows stay turned in the cache and are read where they lie: since R is orthogonal,
+q·k = (qR)·(kR), so attention turns the query once and its output back once (`turn`, `turn_back`)
+instead of every cached row. Codes and parameters are separate tensors and packing is integer
+multiply, divide and remainder (no dtype reinterpretation, no bit shifts), so the same code exports
+to ONNX.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 
-from kvc.plan import QUANT_BITS, quant_group, quant_row_bytes
+from kvc.plan import QUANT_BITS, quant_group
 
-_PARAMS = torch.float16
+
+class Rows(NamedTuple):
+    """Low-bit rows: codes (..., head_dim * bits / 8) uint8 and params (..., groups, 2) float16 (step, minimum)."""
+
+    codes: torch.Tensor
+    params: torch.Tensor
 
 
 def rotation(head_dim: int, device) -> torch.Tensor:
@@ -39,42 +48,62 @@ def _rotation(head_dim: int, device: str) -> torch.Tensor:
     return torch.linalg.qr(gaussian).Q.float().to(device)
 
 
+def turn(x: torch.Tensor) -> torch.Tensor:
+    """(..., head_dim) vectors into the turned space the rows live in, as float32."""
+    return x.float() @ rotation(x.shape[-1], x.device)
+
+
+def turn_back(x: torch.Tensor) -> torch.Tensor:
+    """(..., head_dim) turned vectors back into the model's space, as float32."""
+    return x.float() @ rotation(x.shape[-1], x.device).T
+
+
 def _check(bits: int) -> None:
     if bits not in QUANT_BITS:
         raise ValueError(f"bits={bits}: expected one of {QUANT_BITS}")
 
 
-def encode(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., head_dim) floats -> (..., quant_row_bytes(head_dim, bits)) uint8 rows."""
+def _place_values(bits: int, device) -> torch.Tensor:
+    """(8 // bits,) int32 place value of each code inside its byte, low bits first."""
+    return (2 ** torch.arange(0, 8, bits, device=device, dtype=torch.int32))
+
+
+def encode_turned(turned: torch.Tensor, bits: int) -> Rows:
+    """(..., head_dim) already-turned vectors -> low-bit rows."""
     _check(bits)
-    head_dim = x.shape[-1]
+    head_dim = turned.shape[-1]
     group = quant_group(head_dim)
-    turned = x.float() @ rotation(head_dim, x.device)
-    grouped = turned.reshape(*x.shape[:-1], head_dim // group, group)
-    low = grouped.amin(-1).to(_PARAMS)
-    step = ((grouped.amax(-1) - low.float()) / (2 ** bits - 1)).to(_PARAMS)
-    # The codes are computed from the rounded float16 parameters, the ones decode will use.
+    grouped = turned.float().reshape(*turned.shape[:-1], head_dim // group, group)
+    low = grouped.amin(-1).to(torch.float16)
+    step = ((grouped.amax(-1) - low.float()) / (2 ** bits - 1)).to(torch.float16)
+    # The codes are computed from the rounded float16 parameters, the ones reading will use.
     safe = torch.where(step > 0, step.float(), torch.ones_like(step, dtype=torch.float32))
     codes = torch.round((grouped - low.float()[..., None]) / safe[..., None]).clamp_(0, 2 ** bits - 1)
-    codes = codes.to(torch.uint8).reshape(*x.shape[:-1], head_dim // (8 // bits), 8 // bits)
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=x.device)
-    packed = (codes << shifts).sum(-1, dtype=torch.uint8)
-    params = torch.cat([step, low], -1).contiguous().view(torch.uint8)
-    return torch.cat([packed, params], -1)
+    codes = codes.to(torch.int32).reshape(*turned.shape[:-1], head_dim * bits // 8, 8 // bits)
+    packed = (codes * _place_values(bits, turned.device)).sum(-1).to(torch.uint8)
+    return Rows(packed, torch.stack([step, low], -1))
 
 
-def decode(rows: torch.Tensor, bits: int, head_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(..., quant_row_bytes(head_dim, bits)) uint8 rows -> (..., head_dim) in `dtype`."""
+def encode(x: torch.Tensor, bits: int) -> Rows:
+    """(..., head_dim) floats -> low-bit rows of their turned vectors."""
+    return encode_turned(turn(x), bits)
+
+
+def decode_turned(rows: Rows, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Low-bit rows -> (..., head_dim) turned vectors in `dtype` (what attention reads)."""
     _check(bits)
-    assert rows.shape[-1] == quant_row_bytes(head_dim, bits), (rows.shape, head_dim, bits)
-    group = quant_group(head_dim)
-    groups = head_dim // group
-    packed_bytes = head_dim * bits // 8
-    packed = rows[..., :packed_bytes]
-    params = rows[..., packed_bytes:].contiguous().view(_PARAMS).float()
-    step, low = params[..., :groups], params[..., groups:]
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=rows.device)
-    codes = (packed[..., None] >> shifts) & (2 ** bits - 1)
-    codes = codes.reshape(*rows.shape[:-1], groups, group).float()
-    turned = (codes * step[..., None] + low[..., None]).reshape(*rows.shape[:-1], head_dim)
-    return (turned @ rotation(head_dim, rows.device).T).to(dtype)
+    codes, params = rows
+    if bits == 8:
+        values = codes.to(torch.float32)
+    else:
+        unpacked = (codes.to(torch.int32)[..., None] // _place_values(bits, codes.device)) % (2 ** bits)
+        values = unpacked.reshape(*codes.shape[:-1], codes.shape[-1] * (8 // bits)).to(torch.float32)
+    groups = params.shape[-2]
+    grouped = values.reshape(*values.shape[:-1], groups, values.shape[-1] // groups)
+    params = params.float()
+    return (grouped * params[..., 0:1] + params[..., 1:2]).reshape(values.shape).to(dtype)
+
+
+def decode(rows: Rows, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Low-bit rows -> (..., head_dim) vectors in the model's space, in `dtype`."""
+    return turn_back(decode_turned(rows, bits)).to(dtype)

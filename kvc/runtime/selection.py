@@ -3,7 +3,8 @@
 A head keeps its first `sinks` tokens, its special/punctuation tokens (the most recent ones when
 more than its class slots), the recent window, and, for frequency heads, the best remaining
 tokens by SnapKV observation scores (SnapKV: the top (budget - window) plus the window). This is
-`kinds.keep_set` within static quotas: each token is stored once, in the first group that keeps it.
+`kinds.keep_set` within static quotas: each token is stored once, in the first group that keeps it,
+and each group's tokens fill its region of the head's segment in position order.
 """
 
 from __future__ import annotations
@@ -14,10 +15,20 @@ from kvc.policies.errors import KvcError
 from kvc.runtime.layout import CLASS, HEAVY, NO_GROUP, SINK, WINDOW, LayerLayout
 
 
-def padding_start(attention_mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
-    """(batch,) int64 first non-padding position of each left-padded sequence."""
+def padding_start(attention_mask, batch: int, length: int, device) -> torch.Tensor:
+    """(batch,) int64 first non-padding position of each left-padded sequence.
+
+    attention_mask: (batch, length) 0/1; or the 4-D mask transformers builds for a compileable
+    cache (batch, 1, length, keys), boolean or additive, whose last row shows the padding; or a
+    dict of such masks per layer type (the full-attention one is read).
+    """
+    if isinstance(attention_mask, dict):
+        attention_mask = attention_mask.get("full_attention", next(iter(attention_mask.values()), None))
     if attention_mask is None:
         return torch.zeros(batch, dtype=torch.int64, device=device)
+    if attention_mask.dim() == 4:
+        last_row = attention_mask[:, 0, -1, :length]
+        attention_mask = last_row if last_row.dtype == torch.bool else last_row == 0
     mask = attention_mask.to(device=device, dtype=torch.bool)
     start = length - mask.sum(dim=1)
     expected = torch.arange(length, device=device) >= start[:, None]
@@ -40,19 +51,21 @@ def keep_groups(
     """
     length = classes.shape[1]
     quota = layout.quotas[None, :, None, :]  # (1, kv_heads, 1, 4)
+    class_bits = layout.column("class_bits")
+    frequency = layout.column("frequency").bool()
     positions = torch.arange(length, device=classes.device)
     relative = (positions[None, :] - start[:, None])[:, None, :]  # (batch, 1, length)
     valid = relative >= 0
 
     sink = valid & (relative < quota[..., SINK])
-    member = valid & ~sink & ((classes[:, None, :] & layout.class_bits[None, :, None]) != 0)
+    member = valid & ~sink & ((classes[:, None, :] & class_bits[None, :, None]) != 0)
     members_after = member.flip(-1).cumsum(-1).flip(-1)  # class tokens at or after each position
     klass = member & (members_after <= quota[..., CLASS])
     window = valid & ~sink & ~klass & (positions >= length - quota[..., WINDOW])
     groups = torch.full(sink.shape, NO_GROUP, dtype=torch.int64, device=classes.device)
     groups = groups.masked_fill(window, WINDOW).masked_fill(klass, CLASS).masked_fill(sink, SINK)
     if scores is not None:
-        rest = valid & (groups == NO_GROUP) & layout.frequency[None, :, None]
+        rest = valid & (groups == NO_GROUP) & frequency[None, :, None]
         heavy = rest & (score_ranks(scores, rest) < quota[..., HEAVY])
         groups = groups.masked_fill(heavy, HEAVY)
     return groups
@@ -66,14 +79,24 @@ def score_ranks(scores: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
     return ranks.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
 
 
-def packed_indices(groups: torch.Tensor, max_capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token positions in slot order (grouped, then by position) and the group counts.
+def slot_sources(layout: LayerLayout, groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each kept token goes: the prompt position of every slot, and the ring counters.
 
-    groups (batch, kv_heads, length) -> indices (batch, kv_heads, min(length, max_capacity)) int64
-    whose first counts.sum(-1) entries are the kept positions, and counts (batch, kv_heads, 4) int64.
+    groups (batch, kv_heads, length) from `keep_groups` -> index (batch, kv_heads, max_capacity)
+    int64, the position each slot of a head's segment takes (-1: empty), and counts (batch,
+    kv_heads, 2) int32, the class and window tokens admitted (where each ring goes on).
     """
-    length = groups.shape[-1]
-    positions = torch.arange(length, device=groups.device)
-    order = torch.argsort(groups * length + positions, dim=-1)
-    counts = torch.stack([(groups == g).sum(-1) for g in (SINK, CLASS, HEAVY, WINDOW)], dim=-1)
-    return order[..., :min(length, max_capacity)], counts
+    batch, heads, length = groups.shape
+    capacity = layout.max_capacity
+    offsets = layout.column("offset")
+    bases = torch.stack([offsets, layout.column("class_base"), layout.column("heavy_base"),
+                         layout.column("window_base")], 1) - offsets[:, None]  # (kv_heads, 4) region starts
+    slot = torch.full_like(groups, capacity)  # tokens kept nowhere go to a spare column, cut below
+    for group in (SINK, CLASS, HEAVY, WINDOW):
+        member = groups == group
+        slot = torch.where(member, bases[None, :, group, None] + member.cumsum(-1) - 1, slot)
+    index = torch.full((batch, heads, capacity + 1), -1, dtype=torch.int64, device=groups.device)
+    positions = torch.arange(length, device=groups.device).expand_as(groups)
+    index.scatter_(-1, slot, positions)
+    counts = torch.stack([(groups == CLASS).sum(-1), (groups == WINDOW).sum(-1)], -1).to(torch.int32)
+    return index[..., :capacity], counts

@@ -4,11 +4,12 @@
     cache = CompressedKV(plan, batch=1, device="cuda")               # the plan's memory, allocated once
     # prefill, per layer, after the engine's own prompt attention:
     cache.prefill(layer, keys, values, token_ids, query_window=queries[:, :, -32:])
-    # each decode step, per layer, instead of the engine's attention:
-    output = cache.decode(layer, query, key, value, token_ids)       # (batch, q_heads, head_dim)
+    # then any number of new tokens at a time, per layer, instead of the engine's attention:
+    output = cache.extend(layer, queries, keys, values, token_ids)   # (batch, q_heads, chunk, head_dim)
+    output = cache.decode(layer, query, key, value, token_id)        # one token: (batch, q_heads, head_dim)
 
-keys/values (batch, kv_heads, length, head_dim) after RoPE; query (batch, q_heads, head_dim);
-key/value (batch, kv_heads, head_dim); token_ids (batch, length) then (batch,).
+keys/values (batch, kv_heads, length, head_dim) after RoPE; queries (batch, q_heads, chunk,
+head_dim); token_ids (batch, length); for `decode` the chunk dimension is dropped.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from kvc.plan import Plan
 from kvc.runtime.selection import padding_start
-from kvc.runtime.store import LayerStore
+from kvc.runtime.store import LayerStore, storage_bytes
 
 
 class CompressedKV:
@@ -46,13 +47,20 @@ class CompressedKV:
         start = padding_start(attention_mask, batch, length, keys.device)
         self.layers[layer].prefill(keys, values, self.token_classes[token_ids], start, query_window, scale)
 
-    def decode(self, layer: int, query, key, value, token_ids, scale=None) -> torch.Tensor:
-        """Write one token per sequence into a layer's cache and return its attention output."""
-        return self.layers[layer].decode(query, key, value, self.token_classes[token_ids], scale)
+    def extend(self, layer: int, queries, keys, values, token_ids, scale=None) -> torch.Tensor:
+        """Attend a chunk of new tokens (to the layer's slots and causally to itself), then admit them."""
+        return self.layers[layer].extend(queries, keys, values, self.token_classes[token_ids], scale)
+
+    def decode(self, layer: int, query, key, value, token_id, scale=None) -> torch.Tensor:
+        """`extend` by one token per sequence: query (batch, q_heads, head_dim), key/value (batch,
+        kv_heads, head_dim), token_id (batch,); returns (batch, q_heads, head_dim)."""
+        output = self.extend(layer, query[:, :, None], key[:, :, None], value[:, :, None], token_id[:, None], scale)
+        return output[:, :, 0]
 
     def nbytes(self) -> int:
-        """Bytes allocated: the plan's `cache_bytes` scaled by batch / plan.target.batch."""
-        return sum(store.nbytes() for store in self.layers)
+        """Bytes of every tensor the cache holds: the plan's `cache_bytes` at its batch."""
+        held = [tensor for store in self.layers for tensor in store.held_tensors()]
+        return storage_bytes([*held, self.token_classes])
 
     def reset(self) -> None:
         """Forget the sequences, keep the memory."""

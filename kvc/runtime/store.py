@@ -1,10 +1,13 @@
-"""One layer's compressed K/V: the plan's static buffers, filled at prefill, written per decode step.
+"""One layer's compressed K/V: the plan's static buffers, filled at prefill, extended by chunks.
 
 Buffers (allocated once): keys and values (batch, slots, head_dim) in the plan's dtype, or on a
-low-bit plan (batch, slots, row bytes) uint8 rows (`quantize.py`) that attention decodes first;
-the token position of every slot (int32) and the accumulated attention of every frequency-head
-slot (float32): exactly the plan's accounting. Group counts per (sequence, head) say which slots
-are filled. No transformers here: serving engines drive it directly (see `standalone.py`).
+low-bit plan codes and float16 group parameters (`quantize.Rows`), kept turned; the token
+position of every slot (int32, -1 when empty) and the accumulated attention of every
+frequency-head slot (float32); per sequence the ring counters of every head, the tokens seen and
+where the padding ends. `extend` is the one step for any number of new tokens: the chunk attends
+to each head's slots and to itself (causally), then its tokens are admitted one by one by each
+head's rule (`admission.py`). It has fixed shapes and no host synchronisation. No transformers
+here: serving engines drive it directly (see `standalone.py`).
 """
 
 from __future__ import annotations
@@ -13,12 +16,13 @@ from types import SimpleNamespace
 
 import torch
 
-from kvc.plan import Plan, quant_row_bytes
+from kvc.plan import Plan, quant_group
 from kvc.policies.errors import KvcError
 from kvc.runtime import kernels, quantize
-from kvc.runtime.admission import admit
+from kvc.runtime.admission import admit, column
 from kvc.runtime.layout import DTYPES, LayerLayout
-from kvc.runtime.selection import keep_groups, packed_indices
+from kvc.runtime.quantize import Rows
+from kvc.runtime.selection import keep_groups, slot_sources
 
 KERNEL_CHOICES = ("auto", "triton", "reference")
 
@@ -29,7 +33,16 @@ def kernel_set(device: torch.device, choice: str = "auto") -> SimpleNamespace:
         raise KvcError(f"kernels={choice!r}: expected one of {', '.join(KERNEL_CHOICES)}")
     suffix = "triton" if choice == "triton" or (choice == "auto" and device.type == "cuda") else "reference"
     return SimpleNamespace(**{name: getattr(kernels, f"{name}_{suffix}") for name in
-                              ("decode_attention", "observation_scores", "gather_into_segments")})
+                              ("slot_attention", "observation_scores", "gather_slots")})
+
+
+def storage_bytes(tensors) -> int:
+    """Bytes of the distinct storages behind `tensors` (views and shared tables counted once)."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[(storage.device, storage.data_ptr())] = storage.nbytes()
+    return sum(storages.values())
 
 
 class LayerStore:
@@ -47,8 +60,8 @@ class LayerStore:
         self.dtype = DTYPES[plan.target.dtype]
         self.bits = plan.kv_bits
         self.kernel_choice = kernels
-        self.keys = self.values = self.positions = self.scores = None
-        self.seen = 0
+        self.keys = self.values = None
+        self.prefilled = False
 
     # ------------------------------------------------------------ allocation
     @property
@@ -62,31 +75,44 @@ class LayerStore:
                            f"{self.plan.target.batch}; recompile with `kvc compile POLICY --batch {batch}` or more")
         device = torch.device(device)
         self.layout = self.layout.to(device)
-        self.stored_heads = self.layout.stored_heads
-        self.decode_layout = self.layout.restricted(self.stored_heads)
         self.kernels = kernel_set(device, self.kernel_choice)
-        # On the CPU, testing a swap for a no-op costs less than doing it; on CUDA it would synchronise.
-        self.skip_idle_swaps = device.type == "cpu"
-        slots, head_dim = self.layout.total_slots, self.plan.head_dim
-        row, dtype = (quant_row_bytes(head_dim, self.bits), torch.uint8) if self.bits else (head_dim, self.dtype)
-        self.keys = torch.zeros(batch, slots, row, dtype=dtype, device=device)
-        self.values = torch.zeros(batch, slots, row, dtype=dtype, device=device)
+        slots, head_dim, heads = self.layout.total_slots, self.plan.head_dim, self.layout.num_kv_heads
+        self.keys, self.values = (self._empty_rows(batch, slots, head_dim, device) for _ in range(2))
+        self.rotation = quantize.rotation(head_dim, device) if self.bits else None
         self.positions = torch.full((batch, slots), -1, dtype=torch.int32, device=device)
         self.scores = torch.zeros(batch, self.layout.score_slots, dtype=torch.float32, device=device)
-        self.counts = torch.zeros(batch, self.layout.num_kv_heads, 4, dtype=torch.int64, device=device)
-        self.start = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.seen = 0
+        self.counts = torch.zeros(batch, heads, 2, dtype=torch.int32, device=device)
+        self.seen = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.start = torch.zeros(batch, dtype=torch.int32, device=device)
+        # Heads with slots own their writes; the others (a plan may starve some) repeat the first owner's.
+        stored = self.layout.stored_heads
+        self.writers = None if not stored else (stored[0], len(stored) < heads)
+        self.prefilled = False
+
+    def _empty_rows(self, batch, slots, head_dim, device):
+        if not self.bits:
+            return torch.zeros(batch, slots, head_dim, dtype=self.dtype, device=device)
+        groups = head_dim // quant_group(head_dim)
+        return Rows(torch.zeros(batch, slots, head_dim * self.bits // 8, dtype=torch.uint8, device=device),
+                    torch.zeros(batch, slots, groups, 2, dtype=torch.float16, device=device))
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        """Every tensor this store keeps between steps."""
+        if not self.allocated:
+            return []
+        rows = [*self.keys, *self.values] if self.bits else [self.keys, self.values]
+        extra = [self.rotation] if self.bits else []
+        return [*rows, self.positions, self.scores, self.counts, self.seen, self.start, self.layout.table, *extra]
 
     def nbytes(self) -> int:
-        """Bytes of the slot buffers (K, V, positions, scores); the plan's `cache_bytes` at its batch."""
-        if not self.allocated:
-            return 0
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions, self.scores))
+        """Bytes of everything the store holds (its share of the plan's `cache_bytes`)."""
+        return storage_bytes(self.held_tensors())
 
-    @property
-    def lengths(self) -> torch.Tensor:
-        """(batch, kv_heads) int32 filled slots of each head."""
-        return self.counts.sum(-1).to(torch.int32)
+    def filled_slots(self) -> torch.Tensor:
+        """(batch, kv_heads) int32 filled slots of each head (diagnostics and tests; not used by the step)."""
+        filled = self.positions >= 0
+        return torch.stack([filled[:, offset:offset + capacity].sum(-1) for offset, capacity in self.layout.segments],
+                           -1).to(torch.int32)
 
     # ------------------------------------------------------------ prefill
     def prefill(self, keys, values, classes, start, query_window=None, scale=None) -> None:
@@ -96,139 +122,186 @@ class LayerStore:
         bits; start (batch,) first non-padding position; query_window (batch, q_heads, window,
         head_dim) the last prompt queries, needed when the layer has frequency heads.
         """
-        batch, _, length, _ = keys.shape
+        batch, _, length, head_dim = keys.shape
         self.plan.check_length(length)
         if not self.allocated:
             self.allocate(batch, keys.device)
-        if self.seen:
+        if self.prefilled:
             raise KvcError("this cache already holds a sequence; call reset() before a new prompt")
         layout = self.layout
         scores = None
         if layout.has_frequency:
             assert query_window is not None, "frequency heads need the observation-window queries"
+            scale = head_dim ** -0.5 if scale is None else scale
             scores = self.kernels.observation_scores(query_window, keys, start, scale, self.plan.pool_kernel)
-        indices, counts = packed_indices(keep_groups(layout, classes, start, scores), layout.max_capacity)
-        kept = counts.sum(-1)  # (batch, kv_heads)
-        self.kernels.gather_into_segments(self._stored(keys), self._stored(values), indices, kept, layout.offsets,
-                                          layout.capacities, self.keys, self.values)
-        slot = torch.arange(indices.shape[-1], device=keys.device)
-        filled = slot < kept[..., None]  # (batch, kv_heads, kept slots)
-        sequence = torch.arange(batch, device=keys.device)[:, None, None].expand_as(filled)
-        self.positions.fill_(-1)
-        self.positions[sequence[filled], (layout.offsets[:, None] + slot).expand_as(filled)[filled]] = (
-            indices[filled].to(torch.int32))
-        if scores is not None:
-            scored = filled & layout.frequency[:, None]
-            self.scores.zero_()
-            self.scores[sequence[scored], (layout.score_offsets[:, None] + slot).expand_as(scored)[scored]] = (
-                scores.gather(-1, indices)[scored])
+        index, counts = slot_sources(layout, keep_groups(layout, classes, start, scores))
+        for source, buffer in zip(self._as_rows(keys), self._buffers(self.keys)):
+            self.kernels.gather_slots(source, index, layout.segments, buffer, layout.table)
+        for source, buffer in zip(self._as_rows(values), self._buffers(self.values)):
+            self.kernels.gather_slots(source, index, layout.segments, buffer, layout.table)
+        self.scores.zero_()
+        for head, (offset, capacity) in enumerate(layout.segments):
+            slot_index = index[:, head, :capacity]
+            self.positions[:, offset:offset + capacity] = slot_index.to(torch.int32)
+            if scores is not None and layout.heads[head]["frequency"]:
+                first = layout.heads[head]["score_offset"]
+                kept = scores[:, head].gather(-1, slot_index.clamp(min=0))
+                self.scores[:, first:first + capacity] = torch.where(slot_index >= 0, kept, 0.0)
         self.counts.copy_(counts)
+        self.seen.fill_(length)
         self.start.copy_(start)
-        self.seen = length
+        self.prefilled = True
 
-    # ------------------------------------------------------------ decode
-    def decode(self, query, key, value, classes, scale=None) -> torch.Tensor:
-        """Append one token per sequence, then attend to each head's segment.
+    def _as_rows(self, vectors: torch.Tensor) -> list[torch.Tensor]:
+        """(batch, heads, length, head_dim) vectors as the buffers' row tensors, each (batch, heads, length, width)."""
+        if not self.bits:
+            return [vectors.to(self.dtype)]
+        codes, params = quantize.encode(vectors, self.bits)
+        return [codes, params.flatten(-2)]
 
-        query (batch, q_heads, head_dim); key, value (batch, kv_heads, head_dim); classes (batch,)
-        uint8. Returns (batch, q_heads, head_dim) in the query's dtype.
+    def _buffers(self, rows) -> list[torch.Tensor]:
+        """A K or V buffer as (batch, slots, width) row tensors."""
+        return [rows.codes, rows.params.flatten(-2)] if self.bits else [rows]
+
+    # ------------------------------------------------------------ extend
+    def extend(self, query, keys, values, classes, scale=None) -> torch.Tensor:
+        """Attend a chunk of new tokens to the slots and to itself, then admit its tokens.
+
+        query (batch, q_heads, chunk, head_dim); keys, values (batch, kv_heads, chunk, head_dim) after
+        RoPE; classes (batch, chunk) uint8. Returns (batch, q_heads, chunk, head_dim) in the query's dtype.
         """
-        self.append(key, value, classes)
-        return self.attend(query, scale)
-
-    def append(self, key, value, classes) -> None:
-        """Write one new token per sequence into each head by its kind (the token is at position `seen`)."""
-        assert self.allocated and self.seen > 0, f"layer {self.layer} was not prefilled"
-        self.plan.check_length(self.seen + 1)
-        layout, heads = self.decode_layout, self.stored_heads
-        if not len(heads):  # a layer the plan gave no slots
-            self.seen += 1
-            return
-        admission = admit(layout, self.counts[:, heads],
-                          self._segment_view(self.positions, layout.offsets, layout.capacities),
-                          self._score_view(), classes, self.seen - self.start)
-        rows = torch.arange(key.shape[0], device=key.device)[:, None]
-        score_heads = layout.frequency_heads
-        slot_base, score_base = layout.offsets, layout.score_offsets[score_heads]
-        for first, second in admission.swaps:
-            if self.skip_idle_swaps and torch.equal(first, second):
-                continue
-            _swap((self.keys, self.values, self.positions), rows, slot_base + first, slot_base + second)
-            if len(score_heads):
-                _swap((self.scores,), rows, score_base + first[:, score_heads], score_base + second[:, score_heads])
-        slot, stored = slot_base + admission.slot, admission.stored
-        _write(self.keys, rows, slot, stored, self._stored(key[:, heads]))
-        _write(self.values, rows, slot, stored, self._stored(value[:, heads]))
-        _write(self.positions, rows, slot, stored, torch.full_like(slot, self.seen, dtype=torch.int32))
-        if len(score_heads):
-            _write(self.scores, rows, score_base + admission.slot[:, score_heads], stored[:, score_heads],
-                   torch.zeros(slot.shape[0], len(score_heads), device=slot.device))
-        self.counts[:, heads] = admission.counts
-        self.seen += 1
-
-    def attend(self, query, scale=None) -> torch.Tensor:
-        """Decode attention of (batch, q_heads, head_dim) queries over every head's filled slots."""
+        assert self.prefilled, f"layer {self.layer} was not prefilled"
+        batch, q_heads, chunk, head_dim = query.shape
+        if self.sliding_window is not None and chunk > 1:
+            # A sliding layer's window moves with every query: token by token, each sees exactly its window.
+            return torch.cat([self.extend(query[:, :, i:i + 1], keys[:, :, i:i + 1], values[:, :, i:i + 1],
+                                          classes[:, i:i + 1], scale) for i in range(chunk)], 2)
+        kv_heads = keys.shape[1]
+        group = q_heads // kv_heads
+        scale = head_dim ** -0.5 if scale is None else scale
         layout = self.layout
-        keys, values = (self._readable(buffer, query.dtype) for buffer in (self.keys, self.values))
-        args = (query, keys, values, layout.offsets, layout.capacities, self.lengths, scale)
-        if not layout.has_frequency:
-            return self.kernels.decode_attention(*args)
-        output, probs = self.kernels.decode_attention(*args, return_probs=True)
-        self.scores += probs[:, layout.frequency_slots]
-        return output
-
-    def _stored(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(..., head_dim) vectors in the buffers' form: the plan's dtype, or low-bit rows."""
-        return quantize.encode(vectors, self.bits) if self.bits else vectors.to(self.dtype)
-
-    def _readable(self, buffer: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """A K or V buffer as (batch, slots, head_dim) in `dtype`, decoded from low-bit rows if need be."""
+        # The chunk's rows as the cache will hold them, and what attention reads of them.
         if self.bits:
-            return quantize.decode(buffer, self.bits, self.plan.head_dim, dtype)
-        return buffer if buffer.dtype == dtype else buffer.to(dtype)
+            key_rows, value_rows = quantize.encode(keys, self.bits), quantize.encode(values, self.bits)
+            chunk_keys, chunk_values = (quantize.decode_turned(rows, self.bits) for rows in (key_rows, value_rows))
+            turned_query = quantize.turn(query)
+        else:
+            key_rows, value_rows = keys.to(self.dtype), values.to(self.dtype)
+            chunk_keys, chunk_values = key_rows.float(), value_rows.float()
+            turned_query = query.float()
+        # The chunk attending to itself, causally: (batch, kv_heads, group, chunk, chunk).
+        grouped = turned_query.reshape(batch, kv_heads, group, chunk, head_dim)
+        own = grouped @ chunk_keys[:, :, None].transpose(-1, -2) * scale
+        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).tril()
+        own = own.masked_fill(~causal, float("-inf"))
+        own_lse = torch.logsumexp(own, -1)
+        own_weights = torch.exp(own - own_lse[..., None])
+        own_output = own_weights @ chunk_values[:, :, None]
+        own_lse = own_lse.reshape(batch, q_heads, chunk)
+        # The chunk attending to the slots, merged with the above.
+        attended = self.kernels.slot_attention(
+            turned_query, self.keys, self.values, self.positions, layout.segments, scale, self.bits,
+            extra_lse=own_lse, return_probs=layout.has_frequency, table=layout.table)
+        slot_output, slot_lse = attended[0], attended[1]
+        lse = torch.logaddexp(slot_lse, own_lse)
+        output = (torch.exp(slot_lse - lse)[..., None] * slot_output
+                  + torch.exp(own_lse - lse)[..., None] * own_output.reshape(batch, q_heads, chunk, head_dim))
+        own_scores = None
+        if layout.has_frequency:
+            self._accumulate(attended[2])
+            share = torch.exp(own_lse - lse).reshape(batch, kv_heads, group, chunk, 1)
+            own_scores = (own_weights * share).sum((2, 3))  # (batch, kv_heads, chunk) each token's attention received
+        if self.writers is not None:
+            for index in range(chunk):
+                self._admit(index, key_rows, value_rows, classes[:, index],
+                            None if own_scores is None else own_scores[:, :, index])
+        self.seen += chunk
+        if self.bits:
+            output = quantize.turn_back(output)
+        return output.to(query.dtype)
+
+    def _accumulate(self, probs: torch.Tensor) -> None:
+        """Add the chunk's attention to the accumulated score of every frequency-head slot."""
+        for head in self.layout.frequency_heads:
+            first, (offset, capacity) = self.layout.heads[head]["score_offset"], self.layout.segments[head]
+            self.scores[:, first:first + capacity] += probs[:, offset:offset + capacity]
+
+    def _admit(self, index, key_rows, value_rows, classes, own_scores) -> None:
+        """Write token `index` of the chunk into every head by its kind."""
+        layout = self.layout
+        relative = self.seen + index - self.start
+        admission = admit(layout, self.counts, self.positions, self.scores if layout.has_frequency else None,
+                          classes, relative)
+        sequences = torch.arange(classes.shape[0], device=classes.device)[:, None]
+        rows = [*zip(self._buffers(self.keys), self._token_rows(key_rows, index)),
+                *zip(self._buffers(self.values), self._token_rows(value_rows, index)),
+                (self.positions, (self.seen + index)[:, None].expand_as(admission.slot))]
+        owners = column(layout, "capacity") > 0
+        first, some_idle = self.writers
+        writer = (owners, first) if some_idle else None
+        scored = owners & (column(layout, "frequency") > 0)
+        scorer = (scored, layout.frequency_heads[0]) if layout.has_frequency else None
+        if admission.moved is not None:
+            for buffer, _ in rows:
+                _write(buffer, sequences, admission.move_to, admission.moved, buffer[sequences, admission.move_from],
+                       writer)
+            moved_score = self.scores[sequences, _score_index(layout, admission.move_from)]
+            _write(self.scores, sequences, _score_index(layout, admission.move_to), admission.moved, moved_score,
+                   scorer)
+        for buffer, value in rows:
+            _write(buffer, sequences, admission.slot, admission.stored, value, writer)
+        if own_scores is not None:
+            _write(self.scores, sequences, _score_index(layout, admission.slot), admission.stored, own_scores, scorer)
+        self.counts.copy_(admission.counts)
+
+    def _token_rows(self, rows, index) -> list[torch.Tensor]:
+        """Token `index` of a chunk's (batch, heads, chunk, ...) rows, as (batch, heads, width) per buffer."""
+        if not self.bits:
+            return [rows[:, :, index]]
+        return [rows.codes[:, :, index], rows.params[:, :, index].flatten(-2)]
 
     # ------------------------------------------------------------ bookkeeping
     def reorder(self, sequences: torch.Tensor) -> None:
         """Keep the given sequences in the given order (beam search)."""
-        for buffer in (self.keys, self.values, self.positions, self.scores, self.counts, self.start):
+        rows = [*self.keys, *self.values] if self.bits else [self.keys, self.values]
+        for buffer in (*rows, self.positions, self.scores, self.counts, self.seen, self.start):
             buffer.copy_(buffer.index_select(0, sequences.to(buffer.device)))
 
     def reset(self) -> None:
-        """Forget the sequence, keep the buffers."""
+        """Forget the sequences, keep the buffers."""
         if self.allocated:
             self.counts.zero_()
             self.positions.fill_(-1)
             self.scores.zero_()
-        self.seen = 0
+            self.seen.zero_()
+        self.prefilled = False
 
     def kept_positions(self, sequence: int = 0) -> list[torch.Tensor]:
         """Per KV head, the sorted positions (after the sequence's padding) of the tokens it holds."""
-        lengths, start = self.lengths[sequence].tolist(), int(self.start[sequence])
-        return [torch.sort(self.positions[sequence, offset:offset + length].long() - start).values
-                for offset, length in zip(self.layout.offsets.tolist(), lengths)]
-
-    def _segment_view(self, buffer, offsets, capacities):
-        """(batch, heads, max_capacity) view of each head's segment (slots past capacity repeat the last)."""
-        slots = torch.arange(self.decode_layout.max_capacity, device=buffer.device)
-        return buffer[:, offsets[:, None] + torch.minimum(slots, capacities[:, None] - 1)]
-
-    def _score_view(self):
-        """Scores as a segment view; heads without scores read score 0 (and never use it)."""
-        layout = self.decode_layout
-        if not self.layout.has_frequency:
-            return None
-        return self._segment_view(self.scores, layout.score_offsets, torch.where(layout.frequency, layout.capacities, 1))
+        start, kept = int(self.start[sequence]), []
+        for offset, capacity in self.layout.segments:
+            positions = self.positions[sequence, offset:offset + capacity].long()
+            kept.append(torch.sort(positions[positions >= 0] - start).values)
+        return kept
 
 
-def _swap(buffers, rows, first, second):
-    """Exchange slots first[b, h] and second[b, h] of every sequence b (pairs of distinct heads never overlap)."""
-    destination, source = torch.cat([first, second], 1), torch.cat([second, first], 1)
-    for buffer in buffers:
-        buffer[rows, destination] = buffer[rows, source]
+def _score_index(layout, slot):
+    """(batch, heads) index into the scores of the slots `slot` (0 on heads without scores; their
+    writes repeat a scored head's)."""
+    shift = column(layout, "score_offset") - column(layout, "offset")
+    return torch.where(column(layout, "frequency") > 0, slot + shift, 0)
 
 
-def _write(buffer, rows, slot, stored, value):
-    """buffer[b, slot[b, h]] = value[b, h] where stored[b, h]."""
-    current = buffer[rows, slot]
-    mask = stored.view(*stored.shape, *([1] * (value.dim() - stored.dim())))
-    buffer[rows, slot] = torch.where(mask, value, current)
+def _write(buffer, sequences, slot, mask, value, owners=None):
+    """buffer[b, slot[b, h]] = value[b, h] where mask[b, h], in fixed shapes: unmasked entries write
+    their slot's own row back. With owners = (heads (heads,) bool, first): only those heads own an
+    index; the others repeat the first owner's write, so no index is written twice with two rows."""
+    if owners is not None:
+        heads, first = owners
+        slot = torch.where(heads, slot, slot[:, first:first + 1])
+    current = buffer[sequences, slot]
+    shape = (*mask.shape, *([1] * (current.dim() - mask.dim())))
+    written = torch.where(mask.view(shape), value.to(buffer.dtype), current)
+    if owners is not None:
+        written = torch.where(heads.view(1, -1, *shape[2:]), written, written[:, first:first + 1])
+    buffer[sequences, slot] = written

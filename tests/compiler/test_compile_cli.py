@@ -29,7 +29,7 @@ def test_compile_writes_the_plan_and_the_report(tmp_path, policy_file, capsys):
     assert report["fraction_of_full"] == pytest.approx(plan.compression, abs=1e-6)
     assert report["compression_ratio"] == pytest.approx(1 / plan.compression, rel=1e-4)
     assert len(report["layers"]) == plan.num_layers
-    assert sum(layer["bytes"] for layer in report["layers"]) == plan.cache_bytes
+    assert sum(layer["bytes"] for layer in report["layers"]) + report["overhead_bytes"] == plan.cache_bytes
     assert report["expected_recovery"] == pytest.approx(float(plan.expected_recovery.mean()), abs=1e-6)
     assert "retrieval plan" in printed and "expected recovery" in printed and f"wrote {plan_path}" in printed
     chosen = report["notes"]["retrieval"]["heads"]

@@ -41,7 +41,7 @@ def assert_runtime_invariants(plan):
         assert (getattr(plan, name) >= 0).all() and getattr(plan, name).dtype == torch.int32
     assert (plan.capacity >= 1).all() and (plan.capacity <= plan.target.max_len).all()
     assert ((plan.expected_recovery >= 0) & (plan.expected_recovery <= 1)).all()
-    assert int(plan.head_bytes().sum()) == plan.cache_bytes
+    assert int(plan.head_bytes().sum()) + plan.overhead_bytes == plan.cache_bytes
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))

@@ -1,4 +1,4 @@
-"""SnapKV scoring and the segment gather: the Triton kernels (interpreted) against the PyTorch references,
+"""SnapKV scoring and the slot gather: the Triton kernels (interpreted) against the PyTorch references,
 and the references against loop-by-loop computations that are correct by inspection."""
 
 import pytest
@@ -6,9 +6,9 @@ import torch
 
 from kvc.runtime.kernels import prefill_scoring
 from kvc.runtime.kernels.prefill_scoring import (
-    gather_into_segments,
-    gather_into_segments_reference,
-    gather_into_segments_triton,
+    gather_slots,
+    gather_slots_reference,
+    gather_slots_triton,
     observation_scores,
     observation_scores_reference,
     observation_scores_triton,
@@ -27,12 +27,13 @@ SCORING_CASES = [
     ([0, 9], 2, 3, 50, 50, 48, 1, torch.float32),  # H2O's observation: every prompt query, padding ones too
 ]
 
-# (batch, seq_len, head_dim, capacities, dtype)
+# (batch, seq_len, row width, capacities, dtype)
 GATHER_CASES = [
     (1, 30, 64, [5, 0, 1, 12], torch.float32),
     (3, 40, 80, [0, 33, 7], torch.bfloat16),
     (3, 64, 48, [64, 1], torch.float32),
-    (2, 30, 40, [5, 0, 1, 12], torch.uint8),  # low-bit rows: 4-bit codes and group parameters of 64 channels
+    (2, 30, 32, [5, 0, 1, 12], torch.uint8),  # low-bit rows: the 4-bit codes of 64 channels
+    (2, 30, 4, [5, 0, 1, 12], torch.float16),  # and their float16 group parameters
 ]
 
 
@@ -134,20 +135,15 @@ def test_scoring_errors(generator, implementation):
         implementation(query_window, keys[:, :, :3], key_start)
 
 
-def make_selection(generator, batch, seq_len, head_dim, capacities, dtype):
-    """Prompt K/V and, per (sequence, kv_head), a random subset of up to capacity positions."""
+def make_selection(generator, batch, seq_len, width, capacities, dtype):
+    """Prompt rows and, per (sequence, kv_head), the prompt position of every slot (-1 for about a
+    third of them: empty slots)."""
     kv_heads = len(capacities)
-    capacities = torch.tensor(capacities, dtype=torch.int64)
-    offsets = torch.cumsum(capacities, 0) - capacities
-    keys, values = (random_rows(generator, (batch, kv_heads, seq_len, head_dim), dtype) for _ in range(2))
-    max_capacity = int(capacities.max())
-    indices = torch.stack([
-        torch.stack([torch.randperm(seq_len, generator=generator)[:max_capacity] for _ in range(kv_heads)])
-        for _ in range(batch)
-    ])  # (batch, kv_heads, max_capacity)
-    counts = (torch.rand(batch, kv_heads, generator=generator) * (capacities + 1)).floor().long()
-    counts[0] = capacities
-    return keys, values, indices, counts, offsets, capacities
+    segments = [(sum(capacities[:head]), capacities[head]) for head in range(kv_heads)]
+    source = random_rows(generator, (batch, kv_heads, seq_len, width), dtype)
+    index = torch.randint(0, seq_len, (batch, kv_heads, max(capacities)), generator=generator)
+    index[torch.rand(index.shape, generator=generator) < 0.3] = -1
+    return source, index, segments
 
 
 def random_rows(generator, shape, dtype):
@@ -156,45 +152,36 @@ def random_rows(generator, shape, dtype):
     return torch.randn(shape, generator=generator).to(dtype)
 
 
-def sentinel_buffers(batch, total_slots, head_dim, dtype):
-    first, second = (-7, -9) if dtype.is_floating_point else (251, 249)
-    return (torch.full((batch, total_slots, head_dim), first, dtype=dtype),
-            torch.full((batch, total_slots, head_dim), second, dtype=dtype))
+def sentinel_buffer(batch, total_slots, width, dtype):
+    return torch.full((batch, total_slots, width), -7 if dtype.is_floating_point else 251, dtype=dtype)
 
 
 @pytest.mark.parametrize("case", GATHER_CASES, ids=case_id)
 def test_gather_triton_matches_reference(generator, case):
-    batch, seq_len, head_dim, capacities, dtype = case
-    selection = make_selection(generator, batch, seq_len, head_dim, capacities, dtype)
-    expected = sentinel_buffers(batch, sum(capacities), head_dim, dtype)
-    actual = sentinel_buffers(batch, sum(capacities), head_dim, dtype)
-    gather_into_segments_reference(*selection, *expected)
-    gather_into_segments_triton(*selection, *actual)
-    assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
+    batch, seq_len, width, capacities, dtype = case
+    source, index, segments = make_selection(generator, *case)
+    expected, actual = (sentinel_buffer(batch, sum(capacities), width, dtype) for _ in range(2))
+    gather_slots_reference(source, index, segments, expected)
+    gather_slots_triton(source, index, segments, actual)
+    assert torch.equal(actual, expected)
 
 
 @pytest.mark.parametrize("case", GATHER_CASES, ids=case_id)
-def test_gather_reference_matches_take_along_dim(generator, case):
-    batch, seq_len, head_dim, capacities, dtype = case
-    keys, values, indices, counts, offsets, capacities = make_selection(
-        generator, batch, seq_len, head_dim, capacities, dtype
-    )
-    sentinel = sentinel_buffers(batch, int(capacities.sum()), head_dim, dtype)
-    out_keys, out_values = (buffer.clone() for buffer in sentinel)
-    gather_into_segments_reference(keys, values, indices, counts, offsets, capacities, out_keys, out_values)
-    picked_keys = torch.take_along_dim(keys, indices[..., None], dim=2)  # (batch, kv_heads, max_capacity, head_dim)
-    picked_values = torch.take_along_dim(values, indices[..., None], dim=2)
-    for kv_head, (offset, capacity) in enumerate(zip(offsets.tolist(), capacities.tolist())):
-        for b in range(batch):
-            count = int(counts[b, kv_head])
-            assert torch.equal(out_keys[b, offset:offset + count], picked_keys[b, kv_head, :count])
-            assert torch.equal(out_values[b, offset:offset + count], picked_values[b, kv_head, :count])
-            assert torch.equal(out_keys[b, offset + count:offset + capacity], sentinel[0][b, offset + count:offset + capacity])
-            assert torch.equal(out_values[b, offset + count:offset + capacity], sentinel[1][b, offset + count:offset + capacity])
+def test_gather_reference_matches_a_loop(generator, case):
+    batch, seq_len, width, capacities, dtype = case
+    source, index, segments = make_selection(generator, *case)
+    out = sentinel_buffer(batch, sum(capacities), width, dtype)
+    gather_slots_reference(source, index, segments, out)
+    for b in range(batch):
+        for kv_head, (offset, capacity) in enumerate(segments):
+            for slot in range(capacity):
+                position = int(index[b, kv_head, slot])
+                expected = source[b, kv_head, position] if position >= 0 else torch.zeros(width, dtype=dtype)
+                assert torch.equal(out[b, offset + slot], expected)
 
 
 def test_dispatch(monkeypatch, generator):
-    selection = make_selection(generator, 2, 20, 48, [6, 3], torch.float32)
+    source, index, segments = make_selection(generator, 2, 20, 48, [6, 3], torch.float32)
     query_window, keys, key_start = make_prompt(generator, [0, 4], 2, 2, 4, 20, 48, torch.float32)
     for interpret in ("1", None):
         if interpret is None:
@@ -202,29 +189,23 @@ def test_dispatch(monkeypatch, generator):
         else:
             monkeypatch.setenv("TRITON_INTERPRET", interpret)
         scores = observation_scores_triton if interpret else observation_scores_reference
-        gather = gather_into_segments_triton if interpret else gather_into_segments_reference
+        gather = gather_slots_triton if interpret else gather_slots_reference
         torch.testing.assert_close(
             observation_scores(query_window, keys, key_start), scores(query_window, keys, key_start)
         )
-        dispatched, direct = sentinel_buffers(2, 9, 48, torch.float32), sentinel_buffers(2, 9, 48, torch.float32)
-        gather_into_segments(*selection, *dispatched)
-        gather(*selection, *direct)
-        assert torch.equal(dispatched[0], direct[0]) and torch.equal(dispatched[1], direct[1])
+        dispatched, direct = sentinel_buffer(2, 9, 48, torch.float32), sentinel_buffer(2, 9, 48, torch.float32)
+        gather_slots(source, index, segments, dispatched)
+        gather(source, index, segments, direct)
+        assert torch.equal(dispatched, direct)
 
 
-@pytest.mark.parametrize("implementation", [gather_into_segments_reference, gather_into_segments_triton])
+@pytest.mark.parametrize("implementation", [gather_slots_reference, gather_slots_triton])
 def test_gather_errors(generator, implementation):
-    keys, values, indices, counts, offsets, capacities = make_selection(generator, 2, 20, 48, [6, 3], torch.float32)
-    out_keys, out_values = sentinel_buffers(2, 9, 48, torch.float32)
-    too_many = counts.clone()
-    too_many[1, 1] = 4
-    with pytest.raises(ValueError, match="counts"):
-        implementation(keys, values, indices, too_many, offsets, capacities, out_keys, out_values)
-    out_of_range = indices.clone()
-    out_of_range[0, 0, 0] = 20
-    with pytest.raises(ValueError, match="indices"):
-        implementation(keys, values, out_of_range, counts, offsets, capacities, out_keys, out_values)
+    source, index, segments = make_selection(generator, 2, 20, 48, [6, 3], torch.float32)
+    out = sentinel_buffer(2, 9, 48, torch.float32)
     with pytest.raises(ValueError, match="total_slots"):
-        implementation(keys, values, indices, counts, offsets, capacities, out_keys[:, :8], out_values[:, :8])
-    with pytest.raises(ValueError, match="int64"):
-        implementation(keys, values, indices.int(), counts, offsets, capacities, out_keys, out_values)
+        implementation(source, index, segments, out[:, :8])
+    with pytest.raises(ValueError, match="does not fit"):
+        implementation(source, index, segments, out.to(torch.float16))
+    with pytest.raises(ValueError, match="segments"):
+        implementation(source, index, segments[:1], out)

@@ -3,30 +3,30 @@
 The plain names dispatch: Triton on CUDA tensors or under TRITON_INTERPRET=1, the reference otherwise.
 """
 
-from kvc.runtime.kernels.decode_attention import (
-    decode_attention,
-    decode_attention_reference,
-    decode_attention_triton,
-    use_triton,
-)
 from kvc.runtime.kernels.prefill_scoring import (
-    gather_into_segments,
-    gather_into_segments_reference,
-    gather_into_segments_triton,
+    gather_slots,
+    gather_slots_reference,
+    gather_slots_triton,
     observation_scores,
     observation_scores_reference,
     observation_scores_triton,
 )
+from kvc.runtime.kernels.slot_attention import (
+    slot_attention,
+    slot_attention_reference,
+    slot_attention_triton,
+    use_triton,
+)
 
 __all__ = [
-    "decode_attention",
-    "decode_attention_reference",
-    "decode_attention_triton",
-    "gather_into_segments",
-    "gather_into_segments_reference",
-    "gather_into_segments_triton",
+    "gather_slots",
+    "gather_slots_reference",
+    "gather_slots_triton",
     "observation_scores",
     "observation_scores_reference",
     "observation_scores_triton",
+    "slot_attention",
+    "slot_attention_reference",
+    "slot_attention_triton",
     "use_triton",
 ]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kvc.runtime.kernels.decode_attention import block_rows, dot_precision, use_triton
+from kvc.runtime.kernels.slot_attention import block_rows, dot_precision, use_triton
 
 REFERENCE_QUERY_CHUNK = 256  # window queries per step of the reference
 
@@ -191,7 +191,7 @@ def observation_scores_triton(query_window, keys, key_start, scale=None, pool_ke
 
     rows = group * window
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_n = block_rows(block_d, keys.dtype)
+    block_n = block_rows(block_d, keys.element_size())
     block_m = min(block_n, max(16, triton.next_power_of_2(rows)))
     strides = (*query_window.stride(), *keys.stride())
 
@@ -227,125 +227,77 @@ def observation_scores(query_window, keys, key_start, scale=None, pool_kernel=7)
 
 @triton.jit
 def _gather_kernel(
-    keys_ptr, values_ptr, indices_ptr, counts_ptr, offsets_ptr, out_keys_ptr, out_values_ptr,
-    head_dim,
-    stride_keys_batch, stride_keys_head, stride_keys_seq, stride_keys_dim,
-    stride_values_batch, stride_values_head, stride_values_seq, stride_values_dim,
-    stride_indices_batch, stride_indices_head, stride_indices_slot,
-    stride_counts_batch, stride_counts_head,
-    stride_out_keys_batch, stride_out_keys_slot, stride_out_keys_dim,
-    stride_out_values_batch, stride_out_values_slot, stride_out_values_dim,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    source_ptr, index_ptr, table_ptr, out_ptr, width, table_width,
+    stride_source_batch, stride_source_head, stride_source_seq,
+    stride_index_batch, stride_index_head, stride_out_batch, stride_out_slot,
+    BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """One program per (slot block, kv_head, batch): copy the kept rows into the head's segment."""
+    """One program per (slot block, kv_head, batch): each slot of the head takes its source row, or zeros."""
     block = tl.program_id(0)
     kv_head = tl.program_id(1)
     batch = tl.program_id(2).to(tl.int64)
-
-    count = tl.load(counts_ptr + batch * stride_counts_batch + kv_head * stride_counts_head)
-    offset = tl.load(offsets_ptr + kv_head).to(tl.int64)
+    offset = tl.load(table_ptr + kv_head * table_width).to(tl.int64)
+    capacity = tl.load(table_ptr + kv_head * table_width + 1)
     slots = block * BLOCK_N + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, BLOCK_D)
-    slot_mask = slots < count
-    tile_mask = slot_mask[:, None] & (dims[None, :] < head_dim)
-
-    positions = tl.load(
-        indices_ptr + batch * stride_indices_batch + kv_head * stride_indices_head + slots * stride_indices_slot,
-        mask=slot_mask, other=0,
+    columns = tl.arange(0, BLOCK_W)
+    in_segment = slots < capacity
+    index = tl.load(index_ptr + batch * stride_index_batch + kv_head * stride_index_head + slots,
+                    mask=in_segment, other=-1)
+    filled = index >= 0
+    column_mask = columns[None, :] < width
+    rows = tl.load(
+        source_ptr + batch * stride_source_batch + kv_head * stride_source_head
+        + tl.maximum(index, 0)[:, None] * stride_source_seq + columns[None, :],
+        mask=filled[:, None] & column_mask, other=0,
     )
-    keys = tl.load(
-        keys_ptr + batch * stride_keys_batch + kv_head * stride_keys_head
-        + positions[:, None] * stride_keys_seq + dims[None, :] * stride_keys_dim,
-        mask=tile_mask,
-    )  # (BLOCK_N, BLOCK_D)
-    values = tl.load(
-        values_ptr + batch * stride_values_batch + kv_head * stride_values_head
-        + positions[:, None] * stride_values_seq + dims[None, :] * stride_values_dim,
-        mask=tile_mask,
-    )  # (BLOCK_N, BLOCK_D)
-    tl.store(
-        out_keys_ptr + batch * stride_out_keys_batch + (offset + slots[:, None]) * stride_out_keys_slot
-        + dims[None, :] * stride_out_keys_dim,
-        keys.to(out_keys_ptr.dtype.element_ty), mask=tile_mask,
-    )
-    tl.store(
-        out_values_ptr + batch * stride_out_values_batch + (offset + slots[:, None]) * stride_out_values_slot
-        + dims[None, :] * stride_out_values_dim,
-        values.to(out_values_ptr.dtype.element_ty), mask=tile_mask,
-    )
+    tl.store(out_ptr + batch * stride_out_batch + (offset + slots[:, None]) * stride_out_slot + columns[None, :],
+             rows, mask=in_segment[:, None] & column_mask)
 
 
-def _check_gather_inputs(keys, values, indices, counts, offsets, capacities, out_keys, out_values):
-    """Raise ValueError unless shapes fit and every count and kept index is in range (syncs once)."""
-    if keys.dim() != 4 or keys.shape != values.shape:
-        raise ValueError(
-            "keys and values must both be (batch, kv_heads, seq_len, head_dim), "
-            f"got {tuple(keys.shape)} and {tuple(values.shape)}"
-        )
-    batch, kv_heads, seq_len, head_dim = keys.shape
-    if indices.dim() != 3 or indices.shape[:2] != (batch, kv_heads) or indices.dtype != torch.int64:
-        raise ValueError(
-            f"indices must be int64 (batch, kv_heads, max_capacity) with batch={batch}, kv_heads={kv_heads}, "
-            f"got {indices.dtype} {tuple(indices.shape)}"
-        )
-    if counts.shape != (batch, kv_heads):
-        raise ValueError(f"counts must be (batch, kv_heads) = {(batch, kv_heads)}, got {tuple(counts.shape)}")
-    if offsets.shape != (kv_heads,) or capacities.shape != (kv_heads,):
-        raise ValueError(
-            f"offsets and capacities must both be (kv_heads,) = ({kv_heads},), "
-            f"got {tuple(offsets.shape)} and {tuple(capacities.shape)}"
-        )
-    if out_keys.dim() != 3 or out_keys.shape != out_values.shape:
-        raise ValueError(
-            "out_keys and out_values must both be (batch, total_slots, head_dim), "
-            f"got {tuple(out_keys.shape)} and {tuple(out_values.shape)}"
-        )
-    if out_keys.shape[0] != batch or out_keys.shape[2] != head_dim:
-        raise ValueError(f"out_keys {tuple(out_keys.shape)} do not match keys {tuple(keys.shape)}")
-    capacities = capacities.to(counts.device)
-    if bool((offsets.to(capacities.device) + capacities > out_keys.shape[1]).any()):
-        raise ValueError(f"a segment ends beyond total_slots={out_keys.shape[1]}")
-    if bool(((counts < 0) | (counts > capacities) | (counts > indices.shape[2])).any()):
-        raise ValueError("counts must lie in [0, min(capacities[h], indices.shape[2])]")
-    kept = torch.arange(indices.shape[2], device=indices.device) < counts.to(indices.device)[..., None]
-    if bool((kept & ((indices < 0) | (indices >= seq_len))).any()):
-        raise ValueError(f"kept indices must lie in [0, seq_len={seq_len})")
+def _check_gather_inputs(source, index, segments, out):
+    if source.dim() != 4 or out.dim() != 3 or index.dim() != 3:
+        raise ValueError("source must be (batch, kv_heads, seq_len, width), index (batch, kv_heads, slots) and "
+                         f"out (batch, total_slots, width), got {tuple(source.shape)}, {tuple(index.shape)}, "
+                         f"{tuple(out.shape)}")
+    if (source.shape[0], source.shape[3]) != (out.shape[0], out.shape[2]) or source.dtype != out.dtype:
+        raise ValueError(f"source {tuple(source.shape)} {source.dtype} does not fit out {tuple(out.shape)} {out.dtype}")
+    if index.shape[:2] != source.shape[:2] or len(segments) != source.shape[1]:
+        raise ValueError(f"index {tuple(index.shape)} and {len(segments)} segments do not match source "
+                         f"{tuple(source.shape)}")
+    if any(offset + capacity > out.shape[1] or capacity > index.shape[2] for offset, capacity in segments):
+        raise ValueError(f"a segment ends beyond total_slots={out.shape[1]} or the index's {index.shape[2]} slots")
 
 
-def gather_into_segments_reference(keys, values, indices, counts, offsets, capacities, out_keys, out_values):
-    """Plain-PyTorch gather: out[b, offsets[h] + j] = source[b, h, indices[b, h, j]] for j < counts[b, h]."""
-    _check_gather_inputs(keys, values, indices, counts, offsets, capacities, out_keys, out_values)
-    batch, kv_heads = counts.shape
-    for b in range(batch):
-        for kv_head in range(kv_heads):
-            offset, count = int(offsets[kv_head]), int(counts[b, kv_head])
-            positions = indices[b, kv_head, :count]
-            out_keys[b, offset:offset + count] = keys[b, kv_head, positions]
-            out_values[b, offset:offset + count] = values[b, kv_head, positions]
+def gather_slots_reference(source, index, segments, out, table=None):
+    """Plain-PyTorch gather: out[b, offset_h + j] = source[b, h, index[b, h, j]], zeros where index < 0."""
+    _check_gather_inputs(source, index, segments, out)
+    for kv_head, (offset, capacity) in enumerate(segments):
+        slot_index = index[:, kv_head, :capacity]  # (batch, capacity)
+        rows = source[:, kv_head].gather(1, slot_index.clamp(min=0)[..., None].expand(-1, -1, source.shape[3]))
+        out[:, offset:offset + capacity] = torch.where(slot_index[..., None] >= 0, rows, torch.zeros_like(rows))
 
 
-def gather_into_segments_triton(keys, values, indices, counts, offsets, capacities, out_keys, out_values):
-    """Triton gather of the kept rows of every (batch, kv_head) into the flat out buffers, in place."""
-    _check_gather_inputs(keys, values, indices, counts, offsets, capacities, out_keys, out_values)
-    batch, kv_heads, _, head_dim = keys.shape
-    counts = counts.to(keys.device)
-    offsets = offsets.to(keys.device)
+def gather_slots_triton(source, index, segments, out, table=None):
+    """Triton gather of every (batch, kv_head)'s slot rows into the flat out buffer, in place."""
+    _check_gather_inputs(source, index, segments, out)
+    assert source.stride(3) == 1 and out.stride(2) == 1 and index.stride(2) == 1
+    if table is None:
+        table = torch.tensor(segments, dtype=torch.int32, device=out.device).reshape(len(segments), 2)
     block_n = 32
-    _gather_kernel[(max(1, triton.cdiv(indices.shape[2], block_n)), kv_heads, batch)](
-        keys, values, indices, counts, offsets, out_keys, out_values,
-        head_dim,
-        *keys.stride(), *values.stride(), *indices.stride(), *counts.stride(),
-        *out_keys.stride(), *out_values.stride(),
-        BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(head_dim),
+    max_capacity = max((capacity for _, capacity in segments), default=0)
+    _gather_kernel[(max(1, triton.cdiv(max_capacity, block_n)), len(segments), out.shape[0])](
+        source, index, table, out, source.shape[3], table.shape[1],
+        *source.stride()[:3], *index.stride()[:2], *out.stride()[:2],
+        BLOCK_N=block_n, BLOCK_W=max(16, triton.next_power_of_2(source.shape[3])),
     )
 
 
-def gather_into_segments(keys, values, indices, counts, offsets, capacities, out_keys, out_values):
-    """Write the kept prompt rows of each KV head into its segment of the flat cache (in place).
+def gather_slots(source, index, segments, out, table=None):
+    """Write each KV head's slots of the flat cache from the prompt's rows (in place).
 
-    keys, values (batch, kv_heads, seq_len, head_dim); indices int64 (batch, kv_heads, max_capacity),
-    of which the first counts[b, h] <= capacities[h] are kept; out_keys, out_values (batch,
-    total_slots, head_dim), head h owning slots [offsets[h], offsets[h] + capacities[h]).
+    source (batch, kv_heads, seq_len, width) rows of any dtype; index (batch, kv_heads, >= capacity)
+    int64: the prompt position each slot takes, -1 for a slot left empty (zeroed); segments: per KV
+    head (offset, capacity); out (batch, total_slots, width); table: the segments on the device.
     """
-    implementation = gather_into_segments_triton if use_triton(keys) else gather_into_segments_reference
-    implementation(keys, values, indices, counts, offsets, capacities, out_keys, out_values)
+    implementation = gather_slots_triton if use_triton(source) else gather_slots_reference
+    implementation(source, index, segments, out, table)

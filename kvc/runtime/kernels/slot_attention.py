@@ -1,0 +1,338 @@
+"""Attention of a chunk of queries over each KV head's slots of the flat compressed cache.
+
+Each KV head reads its own segment of the layer buffer; a slot counts when its position is >= 0.
+All query heads of a GQA group and all queries of the chunk share one pass over the segment.
+Rows are read where they lie: floats in the cache dtype, or low-bit codes with their float16 step
+and minimum, dequantised in registers (Triton) or block by block (the reference), never as a
+float copy of the layer. The result is the attention over the slots alone, with its log-sum-exp,
+so the caller merges it with the chunk's attention to itself; with `extra_lse` (that other part's
+log-sum-exp) it can also return each slot's probability under the merged softmax, summed over the
+group's query heads and the chunk (what frequency heads accumulate).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kvc.runtime.quantize import Rows, decode_turned
+
+REFERENCE_BLOCK = 2048  # rows the reference dequantises at a time
+MIN_BLOCKS_PER_SPLIT = 4
+MAX_SPLITS = 128
+
+
+def dot_precision(dtype):
+    """tl.dot precision for operands upcast from dtype to float32: ieee for float32 inputs, tf32 holds 16-bit exactly."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def block_rows(block_d, itemsize):
+    """Rows of a (rows, block_d) tile: 16..64, at most 16 KiB per tile (fits the shared memory of any GPU since Ampere)."""
+    return min(64, max(16, 16384 // (block_d * itemsize)))
+
+
+def use_triton(tensor):
+    """Triton runs on CUDA tensors, or anywhere under the Triton interpreter (TRITON_INTERPRET=1)."""
+    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def read_rows(rows, first: int, last: int, bits: int) -> torch.Tensor:
+    """Slots [first, last) of a K or V buffer as (batch, slots, head_dim) float32."""
+    if bits:
+        return decode_turned(Rows(rows.codes[:, first:last], rows.params[:, first:last]), bits)
+    return rows[:, first:last].float()
+
+
+def _check(query, keys, values, positions, segments, bits):
+    if query.dim() != 4:
+        raise ValueError(f"query must be (batch, q_heads, chunk, head_dim), got {tuple(query.shape)}")
+    codes = keys.codes if bits else keys
+    if codes.dim() != 3 or positions.shape != codes.shape[:2] or codes.shape[0] != query.shape[0]:
+        raise ValueError(f"keys {tuple(codes.shape)} and positions {tuple(positions.shape)} do not match "
+                         f"query {tuple(query.shape)} as (batch, slots, ...)")
+    kv_heads = len(segments)
+    if kv_heads == 0 or query.shape[1] % kv_heads:
+        raise ValueError(f"q_heads={query.shape[1]} is not a positive multiple of kv_heads={kv_heads}")
+    if any(offset + capacity > positions.shape[1] for offset, capacity in segments):
+        raise ValueError(f"a segment ends beyond the {positions.shape[1]} slots")
+    return query.shape[1] // kv_heads
+
+
+def _probability_weights(lse, extra_lse):
+    """exp(lse - merged lse) per query row: how much of the merged softmax the slots hold."""
+    if extra_lse is None:
+        return torch.ones_like(lse)
+    total = torch.logaddexp(lse, extra_lse)
+    return torch.exp(lse - total).nan_to_num(0.0)
+
+
+def slot_attention_reference(query, keys, values, positions, segments, scale, bits=0, extra_lse=None,
+                             return_probs=False, table=None):
+    """Plain-PyTorch slot attention, one KV head at a time, rows dequantised REFERENCE_BLOCK at a time."""
+    group = _check(query, keys, values, positions, segments, bits)
+    batch, q_heads, chunk, head_dim = query.shape
+    output = torch.zeros(batch, q_heads, chunk, head_dim, dtype=torch.float32, device=query.device)
+    lse = torch.full((batch, q_heads, chunk), float("-inf"), dtype=torch.float32, device=query.device)
+    probs = torch.zeros(positions.shape, dtype=torch.float32, device=query.device) if return_probs else None
+    for kv_head, (offset, capacity) in enumerate(segments):
+        if capacity == 0:
+            continue
+        heads = slice(kv_head * group, (kv_head + 1) * group)
+        head_query = query[:, heads].float().reshape(batch, group * chunk, head_dim)
+        blocks = [(first, min(first + REFERENCE_BLOCK, capacity)) for first in range(0, capacity, REFERENCE_BLOCK)]
+        scores = torch.cat([head_query @ read_rows(keys, offset + a, offset + b, bits).transpose(1, 2)
+                            for a, b in blocks], -1) * scale  # (batch, group * chunk, capacity)
+        empty = positions[:, offset:offset + capacity] < 0
+        scores = scores.masked_fill(empty[:, None, :], float("-inf"))
+        head_lse = torch.logsumexp(scores, -1)  # -inf where no slot is filled
+        weights = torch.exp(scores - head_lse.nan_to_num(0.0, neginf=0.0)[..., None])
+        head_output = sum(weights[..., a:b] @ read_rows(values, offset + a, offset + b, bits) for a, b in blocks)
+        output[:, heads] = head_output.reshape(batch, group, chunk, head_dim)
+        lse[:, heads] = head_lse.reshape(batch, group, chunk)
+        if return_probs:
+            share = _probability_weights(head_lse, None if extra_lse is None
+                                         else extra_lse[:, heads].reshape(batch, group * chunk))
+            probs[:, offset:offset + capacity] = (weights * share[..., None]).sum(1)
+    return (output, lse, probs) if return_probs else (output, lse)
+
+
+@triton.jit
+def _load_rows(rows_ptr, params_ptr, slots, dims, slot_mask, dim_mask, stride_batch, stride_slot,
+               params_stride_batch, params_stride_slot, batch,
+               BITS: tl.constexpr, QUANT_GROUP: tl.constexpr):
+    """A (slots, dims) tile as float32: floats as stored, or low-bit codes dequantised here."""
+    mask = slot_mask[:, None] & dim_mask[None, :]
+    base = rows_ptr + batch * stride_batch + slots[:, None].to(tl.int64) * stride_slot
+    if BITS == 0:
+        return tl.load(base + dims[None, :], mask=mask, other=0.0).to(tl.float32)
+    PER_BYTE: tl.constexpr = 8 // BITS
+    packed = tl.load(base + (dims // PER_BYTE)[None, :], mask=mask, other=0).to(tl.int32)
+    codes = (packed >> ((dims % PER_BYTE) * BITS)[None, :]) & ((1 << BITS) - 1)
+    params = (params_ptr + batch * params_stride_batch + slots[:, None].to(tl.int64) * params_stride_slot
+              + (dims // QUANT_GROUP)[None, :] * 2)
+    step = tl.load(params, mask=mask, other=0.0).to(tl.float32)
+    low = tl.load(params + 1, mask=mask, other=0.0).to(tl.float32)
+    return codes.to(tl.float32) * step + low
+
+
+@triton.jit
+def _split_kernel(
+    query_ptr, keys_ptr, key_params_ptr, values_ptr, value_params_ptr, positions_ptr, table_ptr,
+    partial_max_ptr, partial_sum_ptr, partial_out_ptr,
+    scale_log2, head_dim, chunk, num_splits, table_width,
+    stride_query_batch, stride_query_head, stride_query_chunk,
+    stride_rows_batch, stride_rows_slot, stride_params_batch, stride_params_slot, stride_positions_batch,
+    GROUP: tl.constexpr, ROWS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BITS: tl.constexpr, QUANT_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (split, kv_head, batch): partial softmax statistics of every query row of the group."""
+    split = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    num_q_heads = tl.num_programs(1) * GROUP
+
+    rows = tl.arange(0, ROWS_PAD)
+    dims = tl.arange(0, BLOCK_D)
+    row_mask = rows < GROUP * chunk
+    dim_mask = dims < head_dim
+    q_heads = kv_head * GROUP + rows // chunk
+    queries = rows % chunk
+    query = tl.load(
+        query_ptr + batch * stride_query_batch + q_heads[:, None] * stride_query_head
+        + queries[:, None] * stride_query_chunk + dims[None, :],
+        mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
+    ).to(tl.float32)  # (ROWS_PAD, BLOCK_D)
+
+    offset = tl.load(table_ptr + kv_head * table_width)
+    capacity = tl.load(table_ptr + kv_head * table_width + 1)
+    share = tl.cdiv(capacity, num_splits)
+    first = split * share
+    last = tl.minimum(first + share, capacity)
+
+    running_max = tl.full((ROWS_PAD,), float("-inf"), tl.float32)
+    running_sum = tl.zeros((ROWS_PAD,), tl.float32)
+    acc = tl.zeros((ROWS_PAD, BLOCK_D), tl.float32)
+    for block in range(first, last, BLOCK_N):
+        local = block + tl.arange(0, BLOCK_N)
+        slots = offset + local
+        in_segment = local < last
+        filled = in_segment & (tl.load(positions_ptr + batch * stride_positions_batch + slots,
+                                       mask=in_segment, other=-1) >= 0)
+        keys = _load_rows(keys_ptr, key_params_ptr, slots, dims, in_segment, dim_mask, stride_rows_batch,
+                          stride_rows_slot, stride_params_batch, stride_params_slot, batch, BITS, QUANT_GROUP)
+        scores = tl.dot(query, tl.trans(keys), input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.where(filled[None, :], scores, float("-inf"))  # (ROWS_PAD, BLOCK_N)
+        new_max = tl.maximum(running_max, tl.max(scores, axis=1))
+        shift = tl.where(new_max == float("-inf"), 0.0, new_max)  # a block of empty slots keeps NaN out
+        alpha = tl.exp2(running_max - shift)
+        weights = tl.exp2(scores - shift[:, None])
+        running_sum = running_sum * alpha + tl.sum(weights, axis=1)
+        values = _load_rows(values_ptr, value_params_ptr, slots, dims, in_segment, dim_mask, stride_rows_batch,
+                            stride_rows_slot, stride_params_batch, stride_params_slot, batch, BITS, QUANT_GROUP)
+        acc = acc * alpha[:, None] + tl.dot(weights, values, input_precision=DOT_PRECISION)
+        running_max = new_max
+
+    stat_index = ((batch * num_q_heads + q_heads) * chunk + queries) * num_splits + split
+    tl.store(partial_max_ptr + stat_index, running_max, mask=row_mask)
+    tl.store(partial_sum_ptr + stat_index, running_sum, mask=row_mask)
+    tl.store(partial_out_ptr + stat_index[:, None] * BLOCK_D + dims[None, :], acc, mask=row_mask[:, None])
+
+
+@triton.jit
+def _merge_kernel(
+    partial_max_ptr, partial_sum_ptr, partial_out_ptr, output_ptr, lse_ptr, head_dim, num_splits,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program per query row (batch, q_head, chunk position): log-sum-exp merge of the splits."""
+    row = tl.program_id(0).to(tl.int64)
+    splits = tl.arange(0, BLOCK_S)
+    dims = tl.arange(0, BLOCK_D)
+    split_mask = splits < num_splits
+    index = row * num_splits + splits
+    split_max = tl.load(partial_max_ptr + index, mask=split_mask, other=float("-inf"))
+    split_sum = tl.load(partial_sum_ptr + index, mask=split_mask, other=0.0)
+    split_out = tl.load(partial_out_ptr + index[:, None] * BLOCK_D + dims[None, :], mask=split_mask[:, None], other=0.0)
+    global_max = tl.max(split_max, axis=0)
+    shift = tl.where(global_max == float("-inf"), 0.0, global_max)
+    weight = tl.where(split_max == float("-inf"), 0.0, tl.exp2(split_max - shift))
+    denominator = tl.sum(weight * split_sum, axis=0)
+    safe = tl.where(denominator > 0.0, denominator, 1.0)
+    output = tl.sum(weight[:, None] * split_out, axis=0) / safe
+    lse_log2 = tl.where(denominator > 0.0, shift + tl.log2(safe), float("-inf"))
+    tl.store(output_ptr + row * head_dim + dims, output, mask=dims < head_dim)
+    tl.store(lse_ptr + row, lse_log2)
+
+
+@triton.jit
+def _probs_kernel(
+    query_ptr, keys_ptr, key_params_ptr, positions_ptr, table_ptr, lse_ptr, share_ptr, probs_ptr,
+    scale_log2, head_dim, chunk, table_width,
+    stride_query_batch, stride_query_head, stride_query_chunk,
+    stride_rows_batch, stride_rows_slot, stride_params_batch, stride_params_slot, stride_positions_batch,
+    GROUP: tl.constexpr, ROWS_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BITS: tl.constexpr, QUANT_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program per (slot block, kv_head, batch): merged-softmax probabilities summed over the group's rows."""
+    block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    batch = tl.program_id(2).to(tl.int64)
+    num_q_heads = tl.num_programs(1) * GROUP
+
+    rows = tl.arange(0, ROWS_PAD)
+    dims = tl.arange(0, BLOCK_D)
+    row_mask = rows < GROUP * chunk
+    dim_mask = dims < head_dim
+    q_heads = kv_head * GROUP + rows // chunk
+    queries = rows % chunk
+    row_index = (batch * num_q_heads + q_heads) * chunk + queries
+
+    offset = tl.load(table_ptr + kv_head * table_width)
+    capacity = tl.load(table_ptr + kv_head * table_width + 1)
+    local = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    slots = offset + local
+    in_segment = local < capacity
+    filled = in_segment & (tl.load(positions_ptr + batch * stride_positions_batch + slots,
+                                   mask=in_segment, other=-1) >= 0)
+    query = tl.load(
+        query_ptr + batch * stride_query_batch + q_heads[:, None] * stride_query_head
+        + queries[:, None] * stride_query_chunk + dims[None, :],
+        mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
+    ).to(tl.float32)
+    keys = _load_rows(keys_ptr, key_params_ptr, slots, dims, in_segment, dim_mask, stride_rows_batch,
+                      stride_rows_slot, stride_params_batch, stride_params_slot, batch, BITS, QUANT_GROUP)
+    lse_log2 = tl.load(lse_ptr + row_index, mask=row_mask, other=0.0)
+    lse_log2 = tl.where(lse_log2 == float("-inf"), 0.0, lse_log2)
+    share = tl.load(share_ptr + row_index, mask=row_mask, other=0.0)
+    scores = tl.dot(query, tl.trans(keys), input_precision=DOT_PRECISION) * scale_log2
+    probs = tl.exp2(scores - lse_log2[:, None]) * share[:, None]
+    probs = tl.where(row_mask[:, None] & filled[None, :], probs, 0.0)
+    tl.store(probs_ptr + batch * stride_positions_batch + slots, tl.sum(probs, axis=0), mask=in_segment)
+
+
+def _default_num_splits(batch, kv_heads, max_capacity, block_n, device):
+    """Enough splits to fill the GPU twice over, as long as each keeps MIN_BLOCKS_PER_SPLIT blocks."""
+    if device.type != "cuda":
+        return 1
+    wanted_programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    by_occupancy = triton.cdiv(wanted_programs, batch * kv_heads)
+    by_length = triton.cdiv(max_capacity, block_n) // MIN_BLOCKS_PER_SPLIT
+    return max(1, min(by_occupancy, by_length, MAX_SPLITS))
+
+
+def slot_attention_triton(query, keys, values, positions, segments, scale, bits=0, extra_lse=None,
+                          return_probs=False, table=None, num_splits=None):
+    """Triton slot attention: split kernel, log-sum-exp merge kernel, optional probabilities kernel.
+
+    table: the layout's (kv_heads, width) int32 head table on the query's device, whose first two
+    columns are each head's offset and capacity (built from `segments` when not given).
+    """
+    group = _check(query, keys, values, positions, segments, bits)
+    batch, q_heads, chunk, head_dim = query.shape
+    device = query.device
+    if table is None:
+        table = torch.tensor(segments, dtype=torch.int32, device=device).reshape(len(segments), 2)
+    query = query.float().contiguous()
+    if bits:
+        key_rows, key_params, value_rows, value_params = keys.codes, keys.params, values.codes, values.params
+        quant_group = head_dim // keys.params.shape[-2]
+        params_strides = (key_params.stride(0), key_params.stride(1))
+    else:
+        key_rows, key_params, value_rows, value_params = keys, keys, values, values
+        quant_group, params_strides = head_dim, (0, 0)
+    assert key_rows.stride() == value_rows.stride() and key_rows.stride(2) == 1
+    max_capacity = max(capacity for _, capacity in segments)
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    rows_pad = max(16, triton.next_power_of_2(group * chunk))
+    block_n = block_rows(block_d, 4)  # tiles are float32 once loaded
+    if num_splits is None:
+        num_splits = _default_num_splits(batch, len(segments), max_capacity, block_n, device)
+    scale_log2 = scale * math.log2(math.e)
+    common = (scale_log2, head_dim, chunk)
+    strides = (*query.stride()[:3], key_rows.stride(0), key_rows.stride(1), *params_strides, positions.stride(0))
+    constants = dict(GROUP=group, ROWS_PAD=rows_pad, BLOCK_N=block_n, BLOCK_D=block_d, BITS=bits,
+                     QUANT_GROUP=quant_group, DOT_PRECISION="ieee")
+
+    partial_max = torch.empty(batch, q_heads, chunk, num_splits, dtype=torch.float32, device=device)
+    partial_sum = torch.empty_like(partial_max)
+    partial_out = torch.empty(batch, q_heads, chunk, num_splits, block_d, dtype=torch.float32, device=device)
+    _split_kernel[(num_splits, len(segments), batch)](
+        query, key_rows, key_params, value_rows, value_params, positions, table,
+        partial_max, partial_sum, partial_out, *common, num_splits, table.shape[1], *strides, **constants,
+    )
+    output = torch.empty(batch, q_heads, chunk, head_dim, dtype=torch.float32, device=device)
+    lse_log2 = torch.empty(batch, q_heads, chunk, dtype=torch.float32, device=device)
+    _merge_kernel[(batch * q_heads * chunk,)](
+        partial_max, partial_sum, partial_out, output, lse_log2, head_dim, num_splits,
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=block_d,
+    )
+    lse = lse_log2 * math.log(2.0)
+    if not return_probs:
+        return output, lse
+    share = _probability_weights(lse, extra_lse).contiguous()
+    probs = torch.zeros(positions.shape, dtype=torch.float32, device=device)
+    _probs_kernel[(max(1, triton.cdiv(max_capacity, block_n)), len(segments), batch)](
+        query, key_rows, key_params, positions, table, lse_log2, share, probs,
+        *common, table.shape[1], *strides, **constants,
+    )
+    return output, lse, probs
+
+
+def slot_attention(query, keys, values, positions, segments, scale, bits=0, extra_lse=None, return_probs=False,
+                   table=None):
+    """Attention of (batch, q_heads, chunk, head_dim) queries over every head's filled slots.
+
+    keys, values: (batch, slots, head_dim) floats, or low-bit `Rows` (queries then turned);
+    positions (batch, slots) int32, -1 for an empty slot; segments: per KV head (offset, capacity).
+    Returns the output (batch, q_heads, chunk, head_dim) float32 normalised over the slots, its
+    log-sum-exp (batch, q_heads, chunk) (-inf where a head has no filled slot) and, with
+    return_probs, (batch, slots) float32 probabilities under the softmax merged with `extra_lse`.
+    table: the segments as a device tensor whose first columns are (offset, capacity), so the Triton
+    path reads them without a host copy per call.
+    """
+    implementation = slot_attention_triton if use_triton(query) else slot_attention_reference
+    return implementation(query, keys, values, positions, segments, scale, bits, extra_lse, return_probs, table)

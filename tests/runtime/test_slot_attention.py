@@ -1,0 +1,119 @@
+"""Slot attention: the reference against obviously-correct attention over the decoded filled slots
+(floats and 2/4/8-bit rows read in place, ragged segments with holes, empty heads, chunks of
+several queries, blocks smaller than a segment), and the Triton kernels (interpreted) against the
+reference, probabilities under a merged softmax included."""
+
+import importlib
+
+import pytest
+import torch
+
+from kvc.runtime.kernels import slot_attention, slot_attention_reference, slot_attention_triton, use_triton
+
+slot_module = importlib.import_module("kvc.runtime.kernels.slot_attention")
+from kvc.runtime.quantize import decode_turned, encode_turned
+
+# (batch, group, chunk, head_dim, capacities, bits, dtype)
+CASES = [
+    (1, 1, 1, 64, [5, 0, 1, 37], 0, torch.float32),
+    (3, 3, 2, 80, [0, 1, 20, 33], 0, torch.float32),
+    (2, 4, 7, 48, [17, 1, 0], 0, torch.bfloat16),
+    (2, 3, 1, 64, [40, 7, 0], 8, torch.float32),
+    (1, 3, 3, 64, [33, 2], 4, torch.float32),
+    (2, 2, 1, 64, [21, 5], 2, torch.float32),
+    (2, 3, 2, 96, [19, 0, 6], 8, torch.float32),
+    (1, 2, 5, 96, [30, 3], 4, torch.float32),
+    (2, 1, 1, 96, [12, 12], 2, torch.float32),
+]
+
+
+def case_id(value):
+    return str(value).replace("torch.", "").replace(" ", "")
+
+
+def make_cache(generator, batch, group, chunk, head_dim, capacities, bits, dtype):
+    """Random flat cache: each slot filled with probability 0.7 (the first sequence fills every slot,
+    the last leaves its first segment empty); K/V as floats or low-bit rows of random turned vectors."""
+    kv_heads, total = len(capacities), sum(capacities)
+    segments = [(sum(capacities[:head]), capacities[head]) for head in range(kv_heads)]
+    query = torch.randn(batch, kv_heads * group, chunk, head_dim, generator=generator)
+    positions = torch.randint(0, 1000, (batch, total), generator=generator, dtype=torch.int32)
+    positions[torch.rand(batch, total, generator=generator) > 0.7] = -1
+    positions[0] = torch.arange(total, dtype=torch.int32)
+    if batch > 1 and capacities[0]:
+        positions[-1, :capacities[0]] = -1
+    raw = [torch.randn(batch, total, head_dim, generator=generator) * 2 for _ in range(2)]
+    if bits:
+        keys, values = (encode_turned(x, bits) for x in raw)
+    else:
+        keys, values = (x.to(dtype) for x in raw)
+    return query.to(dtype) if not bits else query, keys, values, positions, segments
+
+
+def dense_per_head(query, keys, values, positions, segments, scale, bits, extra_lse):
+    """Obviously-correct attention: every (sequence, kv_head) separately, over its filled slots only."""
+    batch, q_heads, chunk, head_dim = query.shape
+    group = q_heads // len(segments)
+    read = (lambda rows: decode_turned(rows, bits)) if bits else (lambda rows: rows.float())
+    all_keys, all_values = read(keys), read(values)
+    output = torch.zeros(batch, q_heads, chunk, head_dim)
+    lse = torch.full((batch, q_heads, chunk), float("-inf"))
+    probs = torch.zeros(positions.shape)
+    for b in range(batch):
+        for kv_head, (offset, capacity) in enumerate(segments):
+            slots = torch.arange(offset, offset + capacity)
+            slots = slots[positions[b, slots] >= 0]
+            if not len(slots):
+                continue
+            heads = slice(kv_head * group, (kv_head + 1) * group)
+            scores = query[b, heads].float() @ all_keys[b, slots].T * scale  # (group, chunk, filled)
+            lse[b, heads] = torch.logsumexp(scores, -1)
+            output[b, heads] = torch.softmax(scores, -1) @ all_values[b, slots]
+            merged = lse[b, heads] if extra_lse is None else torch.logaddexp(lse[b, heads], extra_lse[b, heads])
+            probs[b, slots] = torch.exp(scores - merged[..., None]).sum((0, 1))
+    return output, lse, probs
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("with_extra", [False, True])
+def test_reference_matches_dense_attention(generator, case, with_extra, monkeypatch):
+    monkeypatch.setattr(slot_module, "REFERENCE_BLOCK", 16)  # several blocks per long segment
+    batch, group, chunk, head_dim, capacities, bits, dtype = case
+    query, keys, values, positions, segments = make_cache(generator, *case)
+    extra = torch.randn(batch, query.shape[1], chunk, generator=generator) if with_extra else None
+    scale = head_dim ** -0.5
+    output, lse, probs = slot_attention_reference(query, keys, values, positions, segments, scale, bits, extra, True)
+    expected = dense_per_head(query, keys, values, positions, segments, scale, bits, extra)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(output, expected[0], atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(lse, expected[1], atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(probs, expected[2], atol=tolerance, rtol=tolerance)
+    assert bool((probs[positions < 0] == 0).all())
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_triton_matches_reference(generator, case, num_splits):
+    batch, group, chunk, head_dim, capacities, bits, dtype = case
+    query, keys, values, positions, segments = make_cache(generator, *case)
+    extra = torch.randn(batch, query.shape[1], chunk, generator=generator)
+    scale = head_dim ** -0.5
+    expected = slot_attention_reference(query, keys, values, positions, segments, scale, bits, extra, True)
+    actual = slot_attention_triton(query, keys, values, positions, segments, scale, bits, extra, True,
+                                   num_splits=num_splits)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+
+
+def test_dispatch_and_refusals(generator):
+    query, keys, values, positions, segments = make_cache(generator, *CASES[0])
+    assert use_triton(query)  # the tests run Triton through its interpreter
+    output, lse = slot_attention(query, keys, values, positions, segments, 0.125)
+    assert output.shape == query.shape and lse.shape == query.shape[:3]
+    with pytest.raises(ValueError, match="q_heads"):
+        slot_attention_reference(query[:, :3], keys, values, positions, segments, 0.125)
+    with pytest.raises(ValueError, match="beyond"):
+        slot_attention_reference(query, keys, values, positions, [(0, 5), (5, 0), (5, 1), (6, 99)], 0.125)
+    with pytest.raises(ValueError, match="chunk"):
+        slot_attention_reference(query[:, :, 0], keys, values, positions, segments, 0.125)
