@@ -1,103 +1,228 @@
-"""End-to-end generation: decode speed and cache bytes, full cache against compiled plans, on the embedded model.
+"""Decode speed and memory: the compressed step against transformers' DynamicCache and StaticCache.
 
-Rows: transformers' DynamicCache; a keep-everything plan run through the compressed runtime (its
-overhead at equal memory); plans compiled by `kvc.compile_policy` at each --targets share of a full
-bf16 cache, with the default 8-bit rows and with bf16 rows (`plain`), from the demo's policy (the built-in
-prompts profiled once and cached; or --policy). "of full" is each cache against a full cache of the same
-tokens in its own dtype (fp32 for DynamicCache, bf16 for the plans). Each row runs the same prompt
-(an essay prefix of --prompt-tokens) greedily for --new-tokens; the decode speed is the
-median over --repeats runs. On CPU the runtime uses its torch reference kernels.
+For each prompt length the prompt is prefilled once (through a kvc plan, recording every layer's
+keys, values and observation-window queries); every cache is then built from that record, so each
+configuration decodes from the same state. Rounds interleave the configurations (their order
+rotates) and restore each cache before decoding --new-tokens greedily, timing wall seconds and
+process CPU seconds (one thread by default: steadier on a shared machine). Ratios to DynamicCache
+are taken per round. Also: the peak transient allocation and total allocations of one decode step
+(torch profiler) against the cache's bytes, and with --compile the same step under
+`torch.compile(fullgraph=True)` (kvc and StaticCache; compiling takes minutes per plan on a CPU).
 """
 
 import argparse
 import json
 import platform
 import statistics
+import time
 from pathlib import Path
 
 import torch
 import transformers
 from rich.console import Console
+from transformers import DynamicCache, StaticCache
 
+import kvc
 from kvc.compiler import compile_policy
 from kvc.demo import cached_policy
 from kvc.eval.niah import essays_text
 from kvc.models import load
 from kvc.policies.schema import load_policy
 from kvc.report import human_bytes
-from kvc.runtime.generate import generate
-from kvc.runtime.handmade import handmade_plan
+from kvc.runtime.apply import cache_keyword
+from kvc.runtime.cache import CompressedLayer
+from kvc.runtime.step import Step
 
 RESULTS = Path(__file__).parent / "results"
+REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--lengths", default="512,2048,4096,7680", help="prompt lengths in tokens")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--targets", default="0.5,0.25,0.1")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is steadiest on a shared CPU)")
-    parser.add_argument("--policy", type=Path, default=None, help="a profiled policy (default: profile once, cache it)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while decoding")
+    parser.add_argument("--prefill-threads", type=int, default=2)
+    parser.add_argument("--compile", default="", help="lengths at which to also time compiled steps (e.g. 512)")
+    parser.add_argument("--policy", type=Path, default=None, help="a profiled policy (default: the demo's, cached)")
     parser.add_argument("--json", type=Path, default=RESULTS / "bench_generate.json")
     return parser.parse_args()
 
 
-def prompt_text(tokenizer, tokens: int) -> str:
-    ids = tokenizer(essays_text()[: tokens * 8], add_special_tokens=False).input_ids[:tokens]
-    return tokenizer.decode(ids)
+def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
+    ids = tokenizer(essays_text()[: tokens * 8], add_special_tokens=False, return_tensors="pt").input_ids
+    assert ids.shape[1] >= tokens, "the essays are shorter than the prompt asked for"
+    return ids[:, :tokens]
 
 
-def policy_for(loaded, path: Path | None):
-    """The given policy, else the demo's: the built-in prompts, profiled once and cached."""
-    return load_policy(path) if path else cached_policy(loaded, Console(stderr=True))
+def record_prefill(loaded, plan, ids):
+    """Prefill once through `plan`; returns (first token, per layer the arguments its store's prefill took)."""
+    recorded, compress = [], CompressedLayer.compress
+
+    def recording(layer, query, keys, values, scale):
+        window = min(layer.store.plan.observation_window, query.shape[2])
+        inputs = layer.cache.observed
+        recorded.append((keys.clone(), values.clone(), inputs.classes, inputs.start, query[:, :, -window:].clone(), scale))
+        compress(layer, query, keys, values, scale)
+
+    CompressedLayer.compress = recording
+    try:
+        with kvc.apply(loaded, plan) as applied, torch.no_grad():
+            cache = applied.cache()
+            logits = loaded.model(ids, **{applied.cache_keyword: cache}).logits[:, -1]
+    finally:
+        CompressedLayer.compress = compress
+    return logits.argmax(-1)[:, None], recorded
 
 
-def measure(loaded, text, plan, args) -> dict:
-    runs = [generate(loaded, text, plan, max_new_tokens=args.new_tokens) for _ in range(args.repeats)]
-    first = runs[0]
-    return {
-        "cache_bytes": first.cache_bytes,
-        "full_cache_bytes": first.full_cache_bytes,
-        "prompt_tokens": first.prompt_tokens[0],
-        "new_tokens": first.new_tokens,
-        "decode_tokens_per_second": statistics.median(r.decode_tokens_per_second for r in runs),
-        "prefill_seconds": statistics.median(r.prefill_seconds for r in runs),
-        "text": first.texts[0],
-    }
+class KvcCase:
+    """A plan's compressed cache, prefilled from the record; restore() puts the prefilled state back."""
+
+    def __init__(self, loaded, plan, record, compile=False):
+        self.applied = kvc.apply(loaded, plan)
+        self.cache = self.applied.cache()
+        for layer, args in zip(self.cache.layers, record):
+            layer.lazy_initialization(args[0])
+            layer.store.prefill(*args)
+        self.length = record[0][0].shape[2]
+        self.cache.length = self.length
+        self.saved = [t.clone() for layer in self.cache.layers for t in layer.store.held_tensors()]
+        self.step = Step(loaded.model, self.cache, compile=compile)
+        self.nbytes = self.cache.nbytes()
+
+    def restore(self):
+        held = [t for layer in self.cache.layers for t in layer.store.held_tensors()]
+        for tensor, saved in zip(held, self.saved):
+            tensor.copy_(saved)
+        self.cache.length = self.length
+
+    def __call__(self, token):
+        return self.step(token)
+
+    def close(self):
+        self.applied.__exit__(None, None, None)
+
+
+class HfCase:
+    """DynamicCache or StaticCache holding the recorded prompt K/V; restore() rebuilds it."""
+
+    def __init__(self, loaded, record, kind, max_len, compile=False):
+        self.model, self.record, self.kind, self.max_len = loaded.model, record, kind, max_len
+        self.keyword = cache_keyword(loaded.model)
+        self.length = record[0][0].shape[2]
+        self.forward = torch.compile(self._forward, fullgraph=True) if compile else self._forward
+        self.restore()
+        self.nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers)
+
+    def restore(self):
+        config = self.model.config
+        self.cache = (DynamicCache(config=config) if self.kind == "dynamic"
+                      else StaticCache(config=config, max_cache_len=self.max_len))
+        positions = torch.arange(self.length)
+        for index, (keys, values, *_) in enumerate(self.record):
+            self.cache.update(keys, values, index, {"cache_position": positions})
+        self.position = self.length
+
+    def _forward(self, token, cache_position, cache):
+        return self.model(input_ids=token, cache_position=cache_position, position_ids=cache_position[None],
+                          use_cache=True, **{self.keyword: cache}).logits
+
+    def __call__(self, token):
+        cache_position = torch.tensor([self.position])
+        with torch.no_grad():
+            logits = self.forward(token, cache_position, self.cache)
+        self.position += 1
+        return logits
+
+
+def decode(case, first, new_tokens):
+    """Greedy tokens from the restored state: (tokens, wall seconds, CPU seconds)."""
+    case.restore()
+    token, tokens = first, []
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(new_tokens):
+        token = case(token)[:, -1].argmax(-1)[:, None]
+        tokens.append(int(token))
+    return tokens, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def step_memory(case, first):
+    """The largest single allocation and the sum of all allocations (bytes, each op's own) of one decode step."""
+    case.restore()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        case(first)
+    sizes = [event.self_cpu_memory_usage for event in profile.events() if event.self_cpu_memory_usage > 0]
+    return max(sizes, default=0), sum(sizes)
 
 
 def main():
     args = parse_args()
-    torch.set_num_threads(args.threads)
-    loaded = load(args.model, dtype="float32", device=args.device)
-    text = prompt_text(loaded.tokenizer, args.prompt_tokens)
-    max_len = args.prompt_tokens + args.new_tokens + 8  # room for re-tokenisation differences
-    policy = policy_for(loaded, args.policy)
-    plans = {"full (kvc runtime)": handmade_plan(loaded.model.config, loaded.tokenizer, "full", max_len)}
-    for target in (float(t) for t in args.targets.split(",")):
-        plans[f"kvc {target:.0%}"] = compile_policy(policy, target, max_len=max_len)
-        plans[f"kvc-plain {target:.0%}"] = compile_policy(policy, target, max_len=max_len, kv_bits=0)
-    rows = {"full (DynamicCache)": measure(loaded, text, None, args)}
-    for name, plan in plans.items():
-        rows[name] = {**measure(loaded, text, plan, args), "plan_bytes": plan.cache_bytes,
-                      "plan_compression": plan.compression}
-    reference = rows["full (DynamicCache)"]
-    print(f"{loaded.source.name} on {args.device}, {args.threads} thread(s): prompt {reference['prompt_tokens']} tokens, "
-          f"{args.new_tokens} new, median of {args.repeats}")
-    print(f"{'cache':<22}{'bytes':>12}{'of full':>9}{'decode tok/s':>14}{'prefill s':>11}  same text")
-    for name, row in rows.items():
-        share = row["cache_bytes"] / row["full_cache_bytes"]
-        same = "yes" if row["text"] == reference["text"] else "no"
-        print(f"{name:<22}{human_bytes(row['cache_bytes']):>12}{share:>9.1%}{row['decode_tokens_per_second']:>14.1f}"
-              f"{row['prefill_seconds']:>11.2f}  {same}")
-    environment = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-                   "machine": platform.machine(), "threads": args.threads, "device": args.device}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"model": loaded.source.name, "environment": environment,
-                                     "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+    loaded = load(args.model, dtype="float32", device="cpu")
+    policy = load_policy(args.policy) if args.policy else cached_policy(loaded, Console(stderr=True))
+    compiled_at = {int(length) for length in args.compile.split(",") if length}
+    results = {"model": loaded.source.name, "settings": {**{k: str(v) for k, v in vars(args).items()},
+               "json": str(args.json.resolve().relative_to(REPOSITORY)) if args.json.resolve().is_relative_to(REPOSITORY)
+               else str(args.json)},
+               "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
+                               "python": platform.python_version(), "machine": platform.machine()},
+               "lengths": {}}
+    for length in (int(text) for text in args.lengths.split(",")):
+        max_len = length + args.new_tokens + 8
+        plans = {"kvc 25%": compile_policy(policy, 0.25, max_len=max_len),
+                 "kvc 10%": compile_policy(policy, 0.1, max_len=max_len),
+                 "kvc 25% bf16 rows": compile_policy(policy, 0.25, max_len=max_len, kv_bits=0)}
+        torch.set_num_threads(args.prefill_threads)
+        began = time.perf_counter()
+        first, record = record_prefill(loaded, plans["kvc 25%"], prompt_ids(loaded.tokenizer, length))
+        prefill_seconds = time.perf_counter() - began
+        torch.set_num_threads(args.threads)
+        cases = {"DynamicCache": HfCase(loaded, record, "dynamic", max_len),
+                 "StaticCache": HfCase(loaded, record, "static", max_len)}
+        cases.update({name: KvcCase(loaded, plan, record) for name, plan in plans.items()})
+        if length in compiled_at:
+            cases["StaticCache compiled"] = HfCase(loaded, record, "static", max_len, compile=True)
+            cases["kvc 25% compiled"] = KvcCase(loaded, plans["kvc 25%"], record, compile=True)
+        warmup = {}
+        for name, case in cases.items():  # the first call compiles or warms up; not timed
+            began = time.perf_counter()
+            warmup[name] = decode(case, first, 2)[1]
+        names, rounds = list(cases), []
+        for number in range(args.rounds):
+            order = names[number % len(names):] + names[:number % len(names)]
+            measured = {name: decode(cases[name], first, args.new_tokens) for name in order}
+            reference = measured["DynamicCache"]
+            rounds.append({name: {"tokens_per_second": args.new_tokens / wall, "tokens_per_cpu_second": args.new_tokens / cpu,
+                                  "cpu_ratio_to_dynamic": reference[2] / cpu, "wall_ratio_to_dynamic": reference[1] / wall,
+                                  "same_tokens": tokens == reference[0]}
+                           for name, (tokens, wall, cpu) in measured.items()})
+        rows = {}
+        for name, case in cases.items():
+            peak, allocated = step_memory(case, first)
+            per_round = [r[name] for r in rounds]
+            rows[name] = {"cache_bytes": case.nbytes, "peak_step_allocation": peak, "step_allocations": allocated,
+                          "first_call_seconds": warmup[name],
+                          "tokens_per_cpu_second": statistics.median(r["tokens_per_cpu_second"] for r in per_round),
+                          "tokens_per_second": statistics.median(r["tokens_per_second"] for r in per_round),
+                          "cpu_ratio_per_round": [round(r["cpu_ratio_to_dynamic"], 3) for r in per_round],
+                          "wall_ratio_per_round": [round(r["wall_ratio_to_dynamic"], 3) for r in per_round],
+                          "same_tokens_as_dynamic": all(r["same_tokens"] for r in per_round)}
+        for case in cases.values():
+            if isinstance(case, KvcCase):
+                case.close()
+        results["lengths"][str(length)] = {"prefill_seconds": prefill_seconds, "rows": rows}
+        print(f"\n{loaded.source.name}: prompt {length} tokens, {args.new_tokens} new, {args.threads} thread(s), "
+              f"{args.rounds} rounds (prefill {prefill_seconds:.0f} s)")
+        print(f"{'cache':<22}{'bytes':>11}{'tok/CPU s':>10}{'x Dynamic per round (CPU)':>28}{'peak step':>11}"
+              f"{'allocs':>10}  same")
+        for name, row in rows.items():
+            ratios = " ".join(f"{r:.2f}" for r in row["cpu_ratio_per_round"])
+            print(f"{name:<22}{human_bytes(row['cache_bytes']):>11}{row['tokens_per_cpu_second']:>10.1f}{ratios:>28}"
+                  f"{human_bytes(row['peak_step_allocation']):>11}{human_bytes(row['step_allocations']):>10}  "
+                  f"{'yes' if row['same_tokens_as_dynamic'] else 'no'}")
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))  # after every length: a long run keeps what it measured
     print(f"wrote {args.json}")
 
 

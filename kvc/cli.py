@@ -97,20 +97,57 @@ def generate_command(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="The prompt text."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
     max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate."),
-    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template; a prompt file "
+                              "with several user turns, separated by lines of ---, is one conversation in one cache."),
+    interactive: bool = typer.Option(False, "--interactive", help="Chat: read user turns from the terminal, one a "
+                                     "line, until an empty line or end of input; the cache carries the conversation."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
 ):
     """Continue a prompt greedily through a plan's compressed cache (or the full cache) and show the bytes."""
     from kvc.models import load
     from kvc.plan import Plan
+    from kvc.runtime.conversation import split_turns
     from kvc.runtime.generate import generate, read_prompt
 
-    text = read_prompt(prompt, prompt_file)
+    if interactive and not chat:
+        raise KvcError("--interactive is a chat: add --chat")
+    text = None if interactive and prompt is None and prompt_file is None else read_prompt(prompt, prompt_file)
+    turns = split_turns(text) if chat and text is not None else []
     compiled = Plan.load(plan) if plan is not None else None
-    result = generate(load(model, dtype=dtype, device=device), text, compiled, max_new_tokens, chat)
+    loaded = load(model, dtype=dtype, device=device)
+    if interactive or len(turns) > 1:
+        converse(loaded, compiled, turns, interactive, max_new_tokens)
+        return
+    result = generate(loaded, text, compiled, max_new_tokens, chat)
     console.print(result.texts[0], markup=False, highlight=False)
     console.print(result.summary(), style="dim", highlight=False, soft_wrap=True)
+
+
+def converse(loaded, plan, turns: list[str], interactive: bool, max_new_tokens: int) -> None:
+    """A conversation through one cache: the given turns, then (interactive) the terminal's."""
+    from kvc.report import human_bytes
+    from kvc.runtime.conversation import Conversation
+
+    def lines():
+        yield from turns
+        while interactive:
+            try:
+                line = input("you> ")
+            except EOFError:
+                return
+            if not line.strip():
+                return
+            yield line
+
+    with Conversation(loaded, plan) as conversation:
+        for text in lines():
+            turn = conversation.say(text, max_new_tokens)
+            if not interactive:
+                console.print(f"user: {text}", markup=False, highlight=False)
+            console.print(f"assistant: {turn.reply}", markup=False, highlight=False)
+            console.print(f"turn fed {turn.added_tokens} tokens, replied {turn.new_tokens}; the cache holds "
+                          f"{turn.cached_tokens} tokens in {human_bytes(turn.cache_bytes)}", style="dim", highlight=False)
 
 
 @app.command("compile")

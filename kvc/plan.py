@@ -31,7 +31,7 @@ QUANT_PARAM_BYTES = 4  # float16 step + float16 minimum per group
 COUNTER_BYTES = 4  # int32 sequence state the runtime keeps beside the slots:
 HEAD_COUNTERS = 2  # per (sequence, layer, KV head): class tokens and window tokens admitted (ring pointers)
 SEQUENCE_COUNTERS = 2  # per (sequence, layer): tokens seen and the first position after the padding
-LAYOUT_FIELDS = 12  # int32 columns of the runtime's per-layer head table (kvc.runtime.layout.FIELDS)
+LAYOUT_FIELDS = 12  # int64 columns of the runtime's per-layer head table (kvc.runtime.layout.FIELDS)
 
 
 def quant_group(head_dim: int) -> int:
@@ -67,7 +67,7 @@ def state_bytes(num_layers: int, num_kv_heads: int, batch: int) -> int:
 def table_bytes(num_layers: int, num_kv_heads: int, head_dim: int, vocab: int, kv_bits: int) -> int:
     """Bytes of the tables a cache holds once: token classes, per-layer head tables, the row rotation."""
     rotation = head_dim * head_dim * 4 if kv_bits else 0
-    return vocab + num_layers * num_kv_heads * LAYOUT_FIELDS * 4 + rotation
+    return vocab + num_layers * num_kv_heads * LAYOUT_FIELDS * 8 + rotation
 
 
 def slot_bytes(head_dim: int, dtype: str, bits: int = 0, frequency=False):

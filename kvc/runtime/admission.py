@@ -36,7 +36,7 @@ class Admission(NamedTuple):
 
 
 def column(layout: LayerLayout, name: str) -> torch.Tensor:
-    """(kv_heads,) int32 view of one field of the head table."""
+    """(kv_heads,) int64 view of one field of the head table."""
     return layout.table[:, _COLUMN[name]]
 
 
@@ -46,7 +46,7 @@ def token_group(layout: LayerLayout, classes: torch.Tensor, relative_position: t
     classes (batch,) uint8 token-class bits; relative_position (batch,) the token's index after the padding.
     """
     quota = {name: column(layout, f"{name}_quota") for name in ("sink", "class", "heavy", "window")}
-    member = ((classes.to(torch.int32)[:, None] & column(layout, "class_bits")[None, :]) != 0) & (quota["class"] > 0)
+    member = ((classes.long()[:, None] & column(layout, "class_bits")[None, :]) != 0) & (quota["class"] > 0)
     heavy_only = (column(layout, "frequency") > 0) & (quota["heavy"] > 0)
     fallback = torch.where(quota["window"] > 0, WINDOW, torch.where(heavy_only, HEAVY, NO_GROUP))  # (heads,)
     group = torch.where(member, CLASS, fallback[None, :])
@@ -68,7 +68,7 @@ def weakest_heavy(layout: LayerLayout, positions: torch.Tensor, scores: torch.Te
     heavy slots get their own first slot and score +inf; they never use it.
     """
     quota, base = column(layout, "heavy_quota"), column(layout, "heavy_base")
-    rank = torch.arange(layout.max_heavy, device=positions.device, dtype=torch.int32)
+    rank = torch.arange(layout.max_heavy, device=positions.device)
     inside = rank[None, :] < quota[:, None]  # (heads, max_heavy)
     offset = column(layout, "offset")[:, None]
     slots = torch.where(inside, base[:, None] + rank[None, :], offset)
@@ -90,7 +90,7 @@ def admit(layout: LayerLayout, counts: torch.Tensor, positions: torch.Tensor, sc
     group = token_group(layout, classes, relative_position)
     class_slot = ring_slot(layout, "class", counts[..., 0])
     window_slot = ring_slot(layout, "window", counts[..., 1])
-    sink_slot = column(layout, "offset")[None, :] + relative_position[:, None].to(torch.int32)
+    sink_slot = column(layout, "offset")[None, :] + relative_position[:, None]
     slot = torch.where(group == SINK, sink_slot, torch.where(group == CLASS, class_slot, window_slot))
     move_from = move_to = moved = None
     if scores is not None and layout.max_heavy:

@@ -74,7 +74,9 @@ class CompressedLayer(CacheLayerMixin):
         """Attend a chunk of new tokens and admit them: (batch, q_heads, chunk, head_dim)."""
         return self.store.extend(query, keys, values, self.cache.observed.classes, scale)
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self):
+        if torch.compiler.is_compiling():  # a tensor: the compiled step must not specialise on the count
+            return self.store.seen[0]
         return self.cache.length
 
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:

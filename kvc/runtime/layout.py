@@ -23,7 +23,7 @@ NO_GROUP = len(GROUPS)  # a token this head does not keep
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Columns of the (kv_heads, LAYOUT_FIELDS) int32 table; bases are absolute slots of the layer buffer.
+# Columns of the (kv_heads, LAYOUT_FIELDS) int64 table; bases are absolute slots of the layer buffer.
 FIELDS = ("offset", "capacity", "sink_quota", "class_base", "class_quota", "heavy_base", "heavy_quota",
           "window_base", "window_quota", "class_bits", "frequency", "score_offset")
 assert len(FIELDS) == LAYOUT_FIELDS
@@ -39,10 +39,25 @@ class LayerLayout:
     model does.
     """
 
-    table: torch.Tensor  # (kv_heads, LAYOUT_FIELDS) int32
+    table: torch.Tensor  # (kv_heads, LAYOUT_FIELDS) int64
     heads: tuple[dict[str, int], ...]  # per KV head, FIELDS -> int
     total_slots: int
     score_slots: int
+    # Read off `heads` once (the step reads them every call):
+    segments: tuple[tuple[int, int], ...] = ()  # per KV head (offset, capacity)
+    stored_heads: tuple[int, ...] = ()  # the heads with at least one slot
+    frequency_heads: tuple[int, ...] = ()  # the heads with slots and scores
+    max_capacity: int = 0
+    max_heavy: int = 0
+
+    def __post_init__(self):
+        heads = self.heads
+        object.__setattr__(self, "segments", tuple((head["offset"], head["capacity"]) for head in heads))
+        object.__setattr__(self, "stored_heads", tuple(i for i, head in enumerate(heads) if head["capacity"]))
+        object.__setattr__(self, "frequency_heads",
+                           tuple(i for i, head in enumerate(heads) if head["frequency"] and head["capacity"]))
+        object.__setattr__(self, "max_capacity", max((head["capacity"] for head in heads), default=0))
+        object.__setattr__(self, "max_heavy", max((head["heavy_quota"] for head in heads), default=0))
 
     @classmethod
     def from_plan(cls, plan: Plan, layer: int, sliding_window: int | None = None) -> LayerLayout:
@@ -67,13 +82,13 @@ class LayerLayout:
                 "class_bits": bits, "frequency": int(frequency), "score_offset": score_offset if frequency else 0,
             })
             score_offset += capacity if frequency else 0
-        table = torch.tensor([[head[name] for name in FIELDS] for head in heads], dtype=torch.int32)
+        table = torch.tensor([[head[name] for name in FIELDS] for head in heads], dtype=torch.int64)
         return cls(table=table.reshape(len(heads), LAYOUT_FIELDS), heads=tuple(heads),
                    total_slots=int(plan.layer_slots[layer]), score_slots=score_offset)
 
     def column(self, name: str) -> torch.Tensor:
-        """(kv_heads,) int64 one field of every head."""
-        return self.table[:, FIELDS.index(name)].long()
+        """(kv_heads,) int64 one field of every head (a view)."""
+        return self.table[:, FIELDS.index(name)]
 
     @property
     def quotas(self) -> torch.Tensor:
@@ -82,34 +97,12 @@ class LayerLayout:
                                                           "window_quota")], 1)
 
     @property
-    def segments(self) -> list[tuple[int, int]]:
-        """Per KV head (offset, capacity)."""
-        return [(head["offset"], head["capacity"]) for head in self.heads]
-
-    @property
-    def max_capacity(self) -> int:
-        return max((head["capacity"] for head in self.heads), default=0)
-
-    @property
     def num_kv_heads(self) -> int:
         return len(self.heads)
 
     @property
-    def frequency_heads(self) -> list[int]:
-        return [index for index, head in enumerate(self.heads) if head["frequency"] and head["capacity"]]
-
-    @property
     def has_frequency(self) -> bool:
         return self.score_slots > 0
-
-    @property
-    def max_heavy(self) -> int:
-        return max((head["heavy_quota"] for head in self.heads), default=0)
-
-    @property
-    def stored_heads(self) -> list[int]:
-        """The heads with at least one slot."""
-        return [index for index, head in enumerate(self.heads) if head["capacity"]]
 
     def to(self, device) -> LayerLayout:
         return LayerLayout(self.table.to(device), self.heads, self.total_slots, self.score_slots)

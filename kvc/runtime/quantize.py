@@ -48,14 +48,14 @@ def _rotation(head_dim: int, device: str) -> torch.Tensor:
     return torch.linalg.qr(gaussian).Q.float().to(device)
 
 
-def turn(x: torch.Tensor) -> torch.Tensor:
-    """(..., head_dim) vectors into the turned space the rows live in, as float32."""
-    return x.float() @ rotation(x.shape[-1], x.device)
+def turn(x: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., head_dim) vectors into the turned space the rows live in, as float32 (matrix: the rotation)."""
+    return x.float() @ (rotation(x.shape[-1], x.device) if matrix is None else matrix)
 
 
-def turn_back(x: torch.Tensor) -> torch.Tensor:
+def turn_back(x: torch.Tensor, matrix: torch.Tensor | None = None) -> torch.Tensor:
     """(..., head_dim) turned vectors back into the model's space, as float32."""
-    return x.float() @ rotation(x.shape[-1], x.device).T
+    return x.float() @ (rotation(x.shape[-1], x.device) if matrix is None else matrix).T
 
 
 def _check(bits: int) -> None:
@@ -84,9 +84,9 @@ def encode_turned(turned: torch.Tensor, bits: int) -> Rows:
     return Rows(packed, torch.stack([step, low], -1))
 
 
-def encode(x: torch.Tensor, bits: int) -> Rows:
+def encode(x: torch.Tensor, bits: int, matrix: torch.Tensor | None = None) -> Rows:
     """(..., head_dim) floats -> low-bit rows of their turned vectors."""
-    return encode_turned(turn(x), bits)
+    return encode_turned(turn(x, matrix), bits)
 
 
 def decode_turned(rows: Rows, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

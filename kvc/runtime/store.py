@@ -1,7 +1,7 @@
 """One layer's compressed K/V: the plan's static buffers, filled at prefill, extended by chunks.
 
-Buffers (allocated once): keys and values (batch, slots, head_dim) in the plan's dtype, or on a
-low-bit plan codes and float16 group parameters (`quantize.Rows`), kept turned; the token
+Buffers (allocated once): keys and values side by side, (batch, slots, 2, head_dim) in the plan's
+dtype, or on a low-bit plan codes and float16 group parameters (`quantize.Rows`), kept turned; the token
 position of every slot (int32, -1 when empty) and the accumulated attention of every
 frequency-head slot (float32); per sequence the ring counters of every head, the tokens seen and
 where the padding ends. `extend` is the one step for any number of new tokens: the chunk attends
@@ -60,13 +60,27 @@ class LayerStore:
         self.dtype = DTYPES[plan.target.dtype]
         self.bits = plan.kv_bits
         self.kernel_choice = kernels
-        self.keys = self.values = None
+        self.rows = None
         self.prefilled = False
 
     # ------------------------------------------------------------ allocation
     @property
     def allocated(self) -> bool:
-        return self.keys is not None
+        return self.rows is not None
+
+    @property
+    def keys(self):
+        """(batch, slots, head_dim) view of the keys (low-bit: `Rows` of views)."""
+        return self._side(0)
+
+    @property
+    def values(self):
+        return self._side(1)
+
+    def _side(self, side: int):
+        if self.bits:
+            return Rows(self.rows.codes[:, :, side], self.rows.params[:, :, side])
+        return self.rows[:, :, side]
 
     def allocate(self, batch: int, device) -> None:
         """Allocate the static buffers once; a batch smaller than the plan's takes proportionally less."""
@@ -77,7 +91,7 @@ class LayerStore:
         self.layout = self.layout.to(device)
         self.kernels = kernel_set(device, self.kernel_choice)
         slots, head_dim, heads = self.layout.total_slots, self.plan.head_dim, self.layout.num_kv_heads
-        self.keys, self.values = (self._empty_rows(batch, slots, head_dim, device) for _ in range(2))
+        self.rows = self._empty_rows(batch, slots, head_dim, device)  # keys [:, :, 0], values [:, :, 1]
         self.rotation = quantize.rotation(head_dim, device) if self.bits else None
         self.positions = torch.full((batch, slots), -1, dtype=torch.int32, device=device)
         self.scores = torch.zeros(batch, self.layout.score_slots, dtype=torch.float32, device=device)
@@ -91,16 +105,16 @@ class LayerStore:
 
     def _empty_rows(self, batch, slots, head_dim, device):
         if not self.bits:
-            return torch.zeros(batch, slots, head_dim, dtype=self.dtype, device=device)
+            return torch.zeros(batch, slots, 2, head_dim, dtype=self.dtype, device=device)
         groups = head_dim // quant_group(head_dim)
-        return Rows(torch.zeros(batch, slots, head_dim * self.bits // 8, dtype=torch.uint8, device=device),
-                    torch.zeros(batch, slots, groups, 2, dtype=torch.float16, device=device))
+        return Rows(torch.zeros(batch, slots, 2, head_dim * self.bits // 8, dtype=torch.uint8, device=device),
+                    torch.zeros(batch, slots, 2, groups, 2, dtype=torch.float16, device=device))
 
     def held_tensors(self) -> list[torch.Tensor]:
         """Every tensor this store keeps between steps."""
         if not self.allocated:
             return []
-        rows = [*self.keys, *self.values] if self.bits else [self.keys, self.values]
+        rows = list(self.rows) if self.bits else [self.rows]
         extra = [self.rotation] if self.bits else []
         return [*rows, self.positions, self.scores, self.counts, self.seen, self.start, self.layout.table, *extra]
 
@@ -135,10 +149,9 @@ class LayerStore:
             scale = head_dim ** -0.5 if scale is None else scale
             scores = self.kernels.observation_scores(query_window, keys, start, scale, self.plan.pool_kernel)
         index, counts = slot_sources(layout, keep_groups(layout, classes, start, scores))
-        for source, buffer in zip(self._as_rows(keys), self._buffers(self.keys)):
-            self.kernels.gather_slots(source, index, layout.segments, buffer, layout.table)
-        for source, buffer in zip(self._as_rows(values), self._buffers(self.values)):
-            self.kernels.gather_slots(source, index, layout.segments, buffer, layout.table)
+        for side, vectors in enumerate((keys, values)):
+            for source, buffer in zip(self._as_rows(vectors), self._buffers(self._side(side))):
+                self.kernels.gather_slots(source, index, layout.segments, buffer, layout.table)
         self.scores.zero_()
         for head, (offset, capacity) in enumerate(layout.segments):
             slot_index = index[:, head, :capacity]
@@ -156,11 +169,11 @@ class LayerStore:
         """(batch, heads, length, head_dim) vectors as the buffers' row tensors, each (batch, heads, length, width)."""
         if not self.bits:
             return [vectors.to(self.dtype)]
-        codes, params = quantize.encode(vectors, self.bits)
+        codes, params = quantize.encode(vectors, self.bits, self.rotation)
         return [codes, params.flatten(-2)]
 
     def _buffers(self, rows) -> list[torch.Tensor]:
-        """A K or V buffer as (batch, slots, width) row tensors."""
+        """The keys' or values' view as (batch, slots, width) row tensors."""
         return [rows.codes, rows.params.flatten(-2)] if self.bits else [rows]
 
     # ------------------------------------------------------------ extend
@@ -180,15 +193,17 @@ class LayerStore:
         group = q_heads // kv_heads
         scale = head_dim ** -0.5 if scale is None else scale
         layout = self.layout
-        # The chunk's rows as the cache will hold them, and what attention reads of them.
+        # The chunk's rows as the cache will hold them, keys and values side by side, and what attention reads of them.
+        both = torch.stack([keys, values], 3)  # (batch, kv_heads, chunk, 2, head_dim)
         if self.bits:
-            key_rows, value_rows = quantize.encode(keys, self.bits), quantize.encode(values, self.bits)
-            chunk_keys, chunk_values = (quantize.decode_turned(rows, self.bits) for rows in (key_rows, value_rows))
-            turned_query = quantize.turn(query)
+            chunk_rows = quantize.encode(both, self.bits, self.rotation)
+            readable = quantize.decode_turned(chunk_rows, self.bits)
+            turned_query = quantize.turn(query, self.rotation)
         else:
-            key_rows, value_rows = keys.to(self.dtype), values.to(self.dtype)
-            chunk_keys, chunk_values = key_rows.float(), value_rows.float()
+            chunk_rows = both.to(self.dtype)
+            readable = chunk_rows.float()
             turned_query = query.float()
+        chunk_keys, chunk_values = readable[..., 0, :], readable[..., 1, :]
         # The chunk attending to itself, causally: (batch, kv_heads, group, chunk, chunk).
         grouped = turned_query.reshape(batch, kv_heads, group, chunk, head_dim)
         own = grouped @ chunk_keys[:, :, None].transpose(-1, -2) * scale
@@ -213,11 +228,11 @@ class LayerStore:
             own_scores = (own_weights * share).sum((2, 3))  # (batch, kv_heads, chunk) each token's attention received
         if self.writers is not None:
             for index in range(chunk):
-                self._admit(index, key_rows, value_rows, classes[:, index],
+                self._admit(index, chunk_rows, classes[:, index],
                             None if own_scores is None else own_scores[:, :, index])
         self.seen += chunk
         if self.bits:
-            output = quantize.turn_back(output)
+            output = quantize.turn_back(output, self.rotation)
         return output.to(query.dtype)
 
     def _accumulate(self, probs: torch.Tensor) -> None:
@@ -226,15 +241,15 @@ class LayerStore:
             first, (offset, capacity) = self.layout.heads[head]["score_offset"], self.layout.segments[head]
             self.scores[:, first:first + capacity] += probs[:, offset:offset + capacity]
 
-    def _admit(self, index, key_rows, value_rows, classes, own_scores) -> None:
+    def _admit(self, index, chunk_rows, classes, own_scores) -> None:
         """Write token `index` of the chunk into every head by its kind."""
         layout = self.layout
         relative = self.seen + index - self.start
         admission = admit(layout, self.counts, self.positions, self.scores if layout.has_frequency else None,
                           classes, relative)
         sequences = torch.arange(classes.shape[0], device=classes.device)[:, None]
-        rows = [*zip(self._buffers(self.keys), self._token_rows(key_rows, index)),
-                *zip(self._buffers(self.values), self._token_rows(value_rows, index)),
+        token = [chunk_rows.codes[:, :, index], chunk_rows.params[:, :, index]] if self.bits else [chunk_rows[:, :, index]]
+        rows = [*zip(list(self.rows) if self.bits else [self.rows], token),
                 (self.positions, (self.seen + index)[:, None].expand_as(admission.slot))]
         owners = column(layout, "capacity") > 0
         first, some_idle = self.writers
@@ -254,16 +269,10 @@ class LayerStore:
             _write(self.scores, sequences, _score_index(layout, admission.slot), admission.stored, own_scores, scorer)
         self.counts.copy_(admission.counts)
 
-    def _token_rows(self, rows, index) -> list[torch.Tensor]:
-        """Token `index` of a chunk's (batch, heads, chunk, ...) rows, as (batch, heads, width) per buffer."""
-        if not self.bits:
-            return [rows[:, :, index]]
-        return [rows.codes[:, :, index], rows.params[:, :, index].flatten(-2)]
-
     # ------------------------------------------------------------ bookkeeping
     def reorder(self, sequences: torch.Tensor) -> None:
         """Keep the given sequences in the given order (beam search)."""
-        rows = [*self.keys, *self.values] if self.bits else [self.keys, self.values]
+        rows = list(self.rows) if self.bits else [self.rows]
         for buffer in (*rows, self.positions, self.scores, self.counts, self.seen, self.start):
             buffer.copy_(buffer.index_select(0, sequences.to(buffer.device)))
 

@@ -268,7 +268,7 @@ def slot_attention_triton(query, keys, values, positions, segments, scale, bits=
                           return_probs=False, table=None, num_splits=None):
     """Triton slot attention: split kernel, log-sum-exp merge kernel, optional probabilities kernel.
 
-    table: the layout's (kv_heads, width) int32 head table on the query's device, whose first two
+    table: the layout's (kv_heads, width) integer head table on the query's device, whose first two
     columns are each head's offset and capacity (built from `segments` when not given).
     """
     group = _check(query, keys, values, positions, segments, bits)

@@ -1,0 +1,107 @@
+"""A chat of several turns through one cache: each user turn extends what the cache already holds.
+
+The cache keeps the conversation (the first prompt, each reply, each later turn); a new turn is the
+text the chat template adds after what the cache holds, fed as one chunk (`extend`) before the reply
+is decoded, so nothing is prefilled twice. A compressed cache keeps of earlier turns only what its
+plan allows, which is the point: a long conversation in the memory of a short one.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from kvc.models import LoadedModel
+from kvc.plan import Plan
+from kvc.policies.errors import KvcError
+from kvc.runtime.apply import apply, cache_keyword
+
+TURN_SEPARATOR = "---"  # a line of its own between the user turns of a conversation file
+
+
+@dataclass
+class Turn:
+    user: str
+    reply: str
+    added_tokens: int  # tokens this turn fed into the cache before its reply (template and the user's text)
+    new_tokens: int  # tokens of the reply
+    cached_tokens: int  # tokens the conversation holds after the reply
+    cache_bytes: int
+    seconds: float
+
+
+def split_turns(text: str) -> list[str]:
+    """User turns of a conversation file: blocks separated by a line that is only `---`."""
+    turns, block = [], []
+    for line in text.splitlines():
+        if line.strip() == TURN_SEPARATOR:
+            turns.append("\n".join(block).strip())
+            block = []
+        else:
+            block.append(line)
+    turns.append("\n".join(block).strip())
+    turns = [turn for turn in turns if turn]
+    if not turns:
+        raise KvcError("the conversation has no user turn")
+    return turns
+
+
+class Conversation:
+    """Greedy chat with `loaded` through one cache: a plan's compressed cache, or the full cache."""
+
+    def __init__(self, loaded: LoadedModel, plan: Plan | None = None, kernels: str = "auto"):
+        self.loaded = loaded
+        tokenizer = loaded.tokenizer
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise KvcError(f"{loaded.source.name if loaded.source else 'this model'} has no chat template")
+        self.keyword = cache_keyword(loaded.model)
+        self.applied = apply(loaded, plan) if plan is not None else None
+        self.cache = self.applied.cache(kernels) if plan is not None else DynamicCache(config=loaded.model.config)
+        self.plan = plan
+        self.messages: list[dict] = []
+        self.history_ids: list[int] = []  # every token of the conversation (the last reply token is not fed yet)
+        self.history_text = ""
+
+    def say(self, text: str, max_new_tokens: int = 64) -> Turn:
+        """Add a user turn, decode the reply greedily, keep both in the cache."""
+        if not text.strip():
+            raise KvcError("the user turn is empty")
+        tokenizer, model = self.loaded.tokenizer, self.loaded.model
+        messages = [*self.messages, {"role": "user", "content": text}]
+        target = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        common = len(os.path.commonprefix([self.history_text, target]))
+        added = tokenizer(target[common:], add_special_tokens=False).input_ids
+        input_ids = torch.tensor([self.history_ids + added], device=model.device)
+        if self.plan is not None:
+            self.plan.check_length(input_ids.shape[1] + max_new_tokens)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        began = time.perf_counter()
+        with torch.no_grad():
+            output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                                    do_sample=False, pad_token_id=pad_id, **{self.keyword: self.cache})
+        seconds = time.perf_counter() - began
+        reply_ids = output[0, input_ids.shape[1]:].tolist()
+        reply = tokenizer.decode(reply_ids, skip_special_tokens=True)
+        self.messages = [*messages, {"role": "assistant", "content": reply}]
+        self.history_ids = input_ids[0].tolist() + reply_ids
+        self.history_text = target[:common] + tokenizer.decode(added + reply_ids, skip_special_tokens=False)
+        return Turn(text, reply, len(added), len(reply_ids), len(self.history_ids) - 1, self.nbytes(), seconds)
+
+    def nbytes(self) -> int:
+        if self.plan is not None:
+            return self.cache.nbytes()
+        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers if layer.keys is not None)
+
+    def close(self) -> None:
+        if self.applied is not None:
+            self.applied.__exit__(None, None, None)
+
+    def __enter__(self) -> Conversation:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

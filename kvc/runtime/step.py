@@ -1,0 +1,44 @@
+"""One decode step as a static program: the model's forward over a compressed cache, for `torch.compile`.
+
+`generate` is the easy way to decode; a serving loop, a CUDA graph or a compiler wants the step on
+its own, with fixed shapes and nothing decided on the host inside it. `Step(model, cache)` runs the
+forward for a chunk of new tokens with explicit positions; the cache's host-side token count is
+advanced outside the compiled region. `Step(..., compile=True)` compiles it with
+`torch.compile(fullgraph=True)`: a graph break is an error, not a slow path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvc.runtime.apply import cache_keyword
+from kvc.runtime.cache import CompressedCache
+
+
+class Step:
+    """Call with input ids (batch, chunk) after the cache holds a prompt; returns logits (batch, chunk, vocab)."""
+
+    def __init__(self, model, cache: CompressedCache, compile: bool = False):
+        self.model = model
+        self.cache = cache
+        self.keyword = cache_keyword(model)
+        self.compiled = compile
+        self.forward = torch.compile(self._forward, fullgraph=True) if compile else self._forward
+
+    def _forward(self, input_ids, cache_position, position_ids):
+        output = self.model(input_ids=input_ids, cache_position=cache_position, position_ids=position_ids,
+                            use_cache=True, **{self.keyword: self.cache})
+        return output.logits
+
+    def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
+        batch, chunk = input_ids.shape
+        first = self.cache.length
+        self.cache.plan.check_length(first + chunk)
+        cache_position = torch.arange(first, first + chunk, device=input_ids.device)
+        start = self.cache.layers[0].store.start  # left padding: each sequence counts from its first token
+        position_ids = cache_position[None, :] - start[:, None].to(cache_position.dtype)
+        with torch.no_grad():
+            logits = self.forward(input_ids, cache_position, position_ids)
+        if self.compiled:  # the compiled forward leaves the host count to us
+            self.cache.advance(chunk)
+        return logits
