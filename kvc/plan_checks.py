@@ -87,6 +87,9 @@ def plan_from_parts(header: dict, tensors: dict[str, torch.Tensor]) -> Plan:
     layers = model.integer("num_layers", minimum=1, maximum=MAX_LAYERS)
     kv_heads = model.integer("num_kv_heads", minimum=1, maximum=MAX_HEADS)
     head_dim = model.integer("head_dim", minimum=1, maximum=MAX_HEAD_DIM)
+    heads = model.integer("num_attention_heads", minimum=1, maximum=MAX_HEADS)
+    if heads % kv_heads:
+        raise KvcError(f"model.num_attention_heads: {heads} is not a multiple of model.num_kv_heads {kv_heads}")
     kv_bits = reader.get("kv_bits", 0)
     try:
         check_kv_bits(kv_bits, head_dim)
@@ -100,8 +103,7 @@ def plan_from_parts(header: dict, tensors: dict[str, torch.Tensor]) -> Plan:
     tables = {name: _tensor(tensors, name, shape) for name in (*HEAD_TABLES, "expected_recovery")}
     plan = Plan(
         model_name=model.string("name"), fingerprint=model.string("fingerprint"), num_layers=layers,
-        num_attention_heads=model.integer("num_attention_heads", minimum=1, maximum=MAX_HEADS),
-        num_kv_heads=kv_heads, head_dim=head_dim, target=_target(reader.mapping("target")),
+        num_attention_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, target=_target(reader.mapping("target")),
         token_classes=_tensor(tensors, "token_classes", None),
         strategy=reader.string("strategy", default=""),
         observation_window=reader.integer("observation_window", default=32, minimum=1, maximum=MAX_LEN),
