@@ -33,6 +33,7 @@ from kvc.policies.tokens import PUNCT_BIT, SPECIAL_BIT
 FULL = KIND_BITS["full"]
 # A kind is 'full' alone or any non-empty union of the other basic kinds.
 KIND_CODES = {FULL} | set(range(1, FULL))
+SLOT_TABLES = HEAD_TABLES[1:]  # all but kind_codes: slots of each component
 # Which kind bits a component's slots need (sinks go with special heads, class slots with special or punct).
 SLOT_NEEDS = {
     "sinks": KIND_BITS["special"],
@@ -150,7 +151,7 @@ def check_plan(plan: Plan) -> None:
     known = torch.isin(codes, torch.tensor(sorted(KIND_CODES), dtype=codes.dtype))
     _first_bad(~known, "kind_codes", lambda at: f"{int(codes[at])} is not a kind (a union of "
                                                 f"{', '.join(BASIC_KINDS)} as bits {', '.join(map(str, KIND_BITS.values()))})")
-    for name in HEAD_TABLES:
+    for name in SLOT_TABLES:
         table = getattr(plan, name)
         _first_bad(table < 0, name, lambda at, t=table: f"{int(t[at])} slots (negative)")
         _first_bad(table > max_len, name, lambda at, t=table: f"{int(t[at])} slots, more than target.max_len {max_len}")

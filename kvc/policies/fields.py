@@ -26,7 +26,8 @@ class FieldReader:
         self.what = what
 
     def where(self, key) -> str:
-        return f"{self.path}.{key}" if self.path else str(key)
+        name = key if isinstance(key, str) and key.isprintable() and len(key) <= 64 else shown(key)
+        return f"{self.path}.{name}" if self.path else name
 
     def get(self, key, default=REQUIRED):
         if key in self.data:

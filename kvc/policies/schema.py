@@ -216,8 +216,8 @@ def _parse_head(data, where: str, group: int) -> HeadProfile:
     kind = reader.string("kind")
     components = _checked_kind(kind, f"{where}.kind")
     listed = reader.sequence("components", default=list(components))
-    if sorted(listed) != sorted(components):
-        raise KvcError(f"{where}.components: {listed} does not match kind {kind!r} (expected {list(components)})")
+    if not all(isinstance(c, str) for c in listed) or sorted(listed) != sorted(components):
+        raise KvcError(f"{where}.components: {shown(listed)} does not match kind {kind!r} (expected {list(components)})")
     query_heads = [_parse_query_head(q, f"{where}.query_heads[{i}]") for i, q in enumerate(reader.sequence("query_heads", default=[]))]
     if query_heads and len(query_heads) != group:
         raise KvcError(f"{where}.query_heads: expected {group} query heads per KV head, got {len(query_heads)}")

@@ -36,7 +36,25 @@ def shown(value) -> str:
 
 def input_file(path, what: str, max_bytes: int = MAX_FILE_BYTES) -> Path:
     """`path` if it is a regular file of at most `max_bytes`; else one error saying what it is."""
+    _checked_size(Path(path), what, max_bytes)
+    return Path(path)
+
+
+def read_input(path, what: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of `path`, checked by `input_file`, with read errors as one line."""
     path = Path(path)
+    size = _checked_size(path, what, max_bytes)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(size + 1)  # read(n) allocates n bytes first: ask for what the file holds
+    except OSError as error:
+        raise KvcError(f"{path}: cannot read the {what} ({error.strerror or error})") from None
+    if len(data) > size:
+        raise KvcError(f"{path}: the {what} grew while being read; read it again once it is written")
+    return data
+
+
+def _checked_size(path: Path, what: str, max_bytes: int) -> int:
     try:
         info = path.stat()
     except FileNotFoundError:
@@ -52,20 +70,7 @@ def input_file(path, what: str, max_bytes: int = MAX_FILE_BYTES) -> Path:
     if info.st_size > max_bytes:
         raise KvcError(f"{path}: {info.st_size / 2**20:.1f} MiB is larger than any {what} kvc reads "
                        f"(at most {max_bytes / 2**20:.0f} MiB)")
-    return path
-
-
-def read_input(path, what: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """The bytes of `path`, checked by `input_file`, with read errors as one line."""
-    path = input_file(path, what, max_bytes)
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(max_bytes + 1)
-    except OSError as error:
-        raise KvcError(f"{path}: cannot read the {what} ({error.strerror or error})") from None
-    if len(data) > max_bytes:
-        raise KvcError(f"{path}: grew past {max_bytes / 2**20:.0f} MiB while being read")
-    return data
+    return info.st_size
 
 
 def parse_json(text: str):
@@ -97,8 +102,13 @@ def parse_yaml(text: str):
         truncated = mark is not None and mark.index >= len(text.rstrip())
         hint = "; is the file truncated?" if truncated else ""
         raise KvcError(f"not valid YAML ({where}{error.problem or error.context}){hint}") from None
+    except yaml.reader.ReaderError as error:  # a character YAML does not allow, before any token
+        line = text.count("\n", 0, error.position) + 1
+        character = chr(error.character) if isinstance(error.character, int) else error.character
+        raise KvcError(f"not valid YAML (line {line}: the control character {character!r} "
+                       "is not allowed); is it a text file?") from None
     except yaml.YAMLError as error:
-        raise KvcError(f"not valid YAML ({error})") from None
+        raise KvcError(f"not valid YAML ({' '.join(str(error).split())})") from None
     except ValueError as error:  # a scalar its resolver matched but cannot build: 13th month, 5000 digits
         raise _unreadable_value(error) from None
 

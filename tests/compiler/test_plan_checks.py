@@ -130,6 +130,14 @@ def test_heads_and_size_must_be_consistent(tmp_path, plan, case):
     refused(_edited(tmp_path, plan, edit), message)
 
 
+def test_full_heads_of_a_context_shorter_than_their_kind_code_load(tmp_path, plan):
+    def short(header, tensors):
+        _only(16, full_slots=8)(header, tensors)
+        header["target"].update(max_len=8, budget_bytes=0)
+
+    assert int(Plan.load(_edited(tmp_path, plan, short)).capacity.sum()) == 8 * 2 * 2
+
+
 def test_the_unedited_plan_loads_and_an_inconsistent_one_is_never_saved(tmp_path, plan):
     assert Plan.load(_edited(tmp_path, plan, lambda h, t: None)).header() == plan.header()
     broken = Plan.load(plan.save(tmp_path / "copy.plan"))
