@@ -172,6 +172,12 @@ def test_validate_reports_a_corrupt_plan_as_a_plan(tmp_path, plan, capsys):
     err = capsys.readouterr().err.strip()
     assert done.value.code == 2 and len(err.splitlines()) == 1
     assert "not a readable plan" in err and "YAML" not in err
+    renamed = tmp_path / "corrupt.bin"  # no .plan name: the zero bytes of its header size still say "plan"
+    renamed.write_bytes(b"\x07\x00\x00\x00\x10\x00\x00\x00" + path.read_bytes()[8:])
+    with pytest.raises(SystemExit) as done:
+        main(["validate", str(renamed)])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "not a readable plan" in err and "YAML" not in err
     with pytest.raises(SystemExit) as done:
         main(["validate", str(tmp_path)])
     assert done.value.code == 2 and "is a folder, not a policy or plan file" in capsys.readouterr().err
@@ -219,3 +225,25 @@ def test_apply_refuses_a_plan_whose_geometry_differs_though_its_fingerprint_matc
     matching.head_dim = 32  # a header edited after compiling; the fingerprint does not cover it
     with pytest.raises(KvcError, match="model.head_dim is 32 but the model's head_dim is 16"):
         kvc.apply(model, matching, tokenizer)
+
+
+def test_compile_refuses_a_plan_above_the_cache_bound_at_once():
+    """A policy that validates (its numbers within kvc's bounds) can still ask for a giant plan:
+    the compiler refuses any budget above MAX_CACHE_BYTES in one line before planning."""
+    import time
+
+    from kvc.policies.limits import MAX_BATCH, MAX_CACHE_BYTES, MAX_LEN
+
+    huge = synthetic_policy(4, 32, 8, 1024, seed=1, max_position_embeddings=MAX_LEN, vocab_size=1000)
+    started = time.perf_counter()
+    with pytest.raises(KvcError, match=r"the budget \(--target 0.25 of .* TiB\) is above kvc's bound of 2.00 TiB"):
+        compile_policy(huge, 0.25, batch=64)
+    with pytest.raises(KvcError, match=r"the budget \(--memory 3.00 TiB\) is above kvc's bound"):
+        compile_policy(huge, memory="3TiB")
+    assert time.perf_counter() - started < 1.0
+    for options, message in (({"max_len": MAX_LEN + 1}, "--max-len: expected a positive number of tokens up to"),
+                             ({"batch": MAX_BATCH + 1}, "--batch: expected a positive number of sequences up to")):
+        with pytest.raises(KvcError, match=message):
+            compile_policy(huge, 0.25, **options)
+    plan = compile_policy(huge, memory=MAX_CACHE_BYTES // 1024, max_len=2**16, strategy="uniform")
+    assert plan.cache_bytes <= MAX_CACHE_BYTES // 1024
