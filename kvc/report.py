@@ -23,11 +23,12 @@ KIND_COLOURS = {
 
 def is_plan_file(path: Path) -> bool:
     """A plan by its name (.plan) or its first bytes: a safetensors file starts with its header's
-    size as a little-endian u64, whose high bytes are zero, which no text file holds."""
+    size as a little-endian u64, whose high bytes are zero (no text file holds a zero byte), then '{'."""
     if path.suffix.lower() == ".plan":
         return True
     with open(path, "rb") as handle:
-        return b"\x00" in handle.read(8)
+        head = handle.read(9)
+    return head[8:9] == b"{" and b"\x00" in head[:8]
 
 
 def load_artifact(path) -> Policy | Plan:
