@@ -77,7 +77,7 @@ def slot_bytes(head_dim: int, dtype: str, bits: int = 0, frequency=False):
 
 
 # (layers, kv_heads) int32 tables, in the order they are stored.
-_HEAD_TABLES = ("kind_codes", "sinks", "class_slots", "heavy", "window", "full_slots")
+HEAD_TABLES = ("kind_codes", "sinks", "class_slots", "heavy", "window", "full_slots")
 
 
 @dataclass
@@ -200,6 +200,13 @@ class Plan:
                 f"not for the model given (fingerprint {model_fingerprint}); profile and compile for this model"
             )
 
+    def check_geometry(self, config) -> None:
+        """Refuse a model (transformers config) whose layers, heads, head dim, vocabulary, context
+        or layer types differ from this plan's; the error names the field."""
+        from kvc.plan_checks import check_geometry
+
+        check_geometry(self, config)
+
     def check_length(self, length: int) -> None:
         if length > self.target.max_len:
             raise KvcError(
@@ -225,43 +232,24 @@ class Plan:
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        tables = {name: getattr(self, name).to(torch.int32).contiguous() for name in _HEAD_TABLES}
+        tables = {name: getattr(self, name).to(torch.int32).contiguous() for name in HEAD_TABLES}
         tables["token_classes"] = self.token_classes.to(torch.uint8).contiguous()
         tables["expected_recovery"] = self.expected_recovery.to(torch.float32).contiguous()
         return tables
 
     def save(self, path) -> Path:
+        """Write the plan atomically; a plan that would not load is refused and nothing is written."""
         from safetensors.torch import save
 
-        return atomic_write_bytes(path, save(self.tensors(), metadata={"kvc_plan": json.dumps(self.header())}))
+        from kvc.plan_checks import plan_from_parts
+
+        header, tensors = json.dumps(self.header()), self.tensors()
+        plan_from_parts(json.loads(header), tensors)
+        return atomic_write_bytes(path, save(tensors, metadata={"kvc_plan": header}))
 
     @classmethod
     def load(cls, path) -> "Plan":
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
+        """Read a plan file, refusing (one line naming the field) anything inconsistent in it."""
+        from kvc.plan_checks import read_plan
 
-        path = Path(path)
-        if not path.is_file():
-            raise KvcError(f"{path}: no such plan file")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                header = json.loads((handle.metadata() or {})["kvc_plan"])
-            tensors = load_file(str(path))
-        except (SafetensorError, KeyError, ValueError, OSError):
-            raise KvcError(f"{path}: not a kvc plan (compile one with `kvc compile POLICY --out PLAN`)") from None
-        if header.get("kvc_plan") != PLAN_VERSION:
-            raise KvcError(f"{path}: unsupported plan version {header.get('kvc_plan')!r} (this kvc reads {PLAN_VERSION})")
-        model = header["model"]
-        try:
-            check_kv_bits(header.get("kv_bits", 0), model["head_dim"])
-        except KvcError as error:
-            raise KvcError(f"{path}: {str(error).replace('--kv-bits', 'kv_bits')}") from None
-        return cls(
-            model_name=model["name"], fingerprint=model["fingerprint"], num_layers=model["num_layers"],
-            num_attention_heads=model["num_attention_heads"], num_kv_heads=model["num_kv_heads"],
-            head_dim=model["head_dim"], target=Target(**header["target"]),
-            strategy=header.get("strategy", ""), observation_window=header.get("observation_window", 32),
-            pool_kernel=header.get("pool_kernel", 7), kv_bits=header.get("kv_bits", 0), notes=header.get("notes", {}),
-            token_classes=tensors["token_classes"], expected_recovery=tensors["expected_recovery"],
-            **{name: tensors[name] for name in _HEAD_TABLES},
-        )
+        return read_plan(path)

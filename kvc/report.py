@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 from kvc.compiler.report import plan_report
@@ -14,6 +13,7 @@ from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import FASTGEN_POLICIES
 from kvc.policies.schema import Policy, atomic_write_bytes, load_policy
+from kvc.policies.structured import input_file
 
 KIND_COLOURS = {
     "special": "#4c72b0", "special+punct": "#64b5cd", "special+punct+frequency": "#55a868",
@@ -22,18 +22,17 @@ KIND_COLOURS = {
 
 
 def is_plan_file(path: Path) -> bool:
-    """A safetensors file starts with a little-endian u64 header size, then '{'."""
+    """A plan by its name (.plan) or its first bytes: a safetensors file starts with its header's
+    size as a little-endian u64, whose high bytes are zero (no text file holds a zero byte), then '{'."""
+    if path.suffix.lower() == ".plan":
+        return True
     with open(path, "rb") as handle:
         head = handle.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return 0 < struct.unpack("<Q", head[:8])[0] < path.stat().st_size
+    return head[8:9] == b"{" and b"\x00" in head[:8]
 
 
 def load_artifact(path) -> Policy | Plan:
-    path = Path(path)
-    if not path.is_file():
-        raise KvcError(f"{path}: no such file")
+    path = input_file(path, "policy or plan file")
     return Plan.load(path) if is_plan_file(path) else load_policy(path)
 
 

@@ -68,7 +68,7 @@ def test_show_png_into_missing_folder_writes_nothing(capsys, policy, tmp_path):
 
 def test_missing_file_and_bad_option(capsys, tmp_path):
     code, _, err = run(capsys, "show", str(tmp_path / "absent.yaml"))
-    assert code == 2 and "no such file" in err
+    assert code == 2 and "absent.yaml: no such policy or plan file" in err
     code, _, err = run(capsys, "models", "--bogus")
     assert code == 2 and "No such option" in err
 

@@ -22,6 +22,7 @@ from kvc.compiler.strategies import Allocation, plan_fastgen, plan_knapsack
 from kvc.plan import Plan, Target, check_kv_bits
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import kind_code
+from kvc.policies.limits import MAX_BATCH, MAX_CACHE_BYTES, MAX_LEN
 from kvc.policies.schema import Policy, load_policy
 from kvc.policies.tokens import class_table
 
@@ -88,13 +89,13 @@ def deployment_for(policy: Policy, max_len: int | None, batch: int, dtype: str, 
         if not limit:
             raise KvcError("the policy does not record the model's context length; give --max-len")
         max_len = limit
-    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
-        raise KvcError(f"--max-len: expected a positive number of tokens, got {max_len!r}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or not 1 <= max_len <= MAX_LEN:
+        raise KvcError(f"--max-len: expected a positive number of tokens up to {MAX_LEN}, got {max_len!r}")
     if limit and max_len > limit:
         raise KvcError(f"--max-len {max_len} is above {model.name}'s limit of {limit} positions "
                        "(model.max_position_embeddings)")
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise KvcError(f"--batch: expected a positive number of sequences, got {batch!r}")
+    if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+        raise KvcError(f"--batch: expected a positive number of sequences up to {MAX_BATCH}, got {batch!r}")
     return Deployment(max_len=max_len, batch=batch, dtype=dtype, head_dim=model.head_dim,
                       num_layers=model.num_layers, num_kv_heads=model.num_kv_heads, sinks=policy.profile.sinks,
                       kv_bits=kv_bits)
@@ -113,6 +114,10 @@ def target_for(deployment: Deployment, target: float | None, memory) -> Target:
         if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
             raise KvcError(f"--target: expected a share of the full cache in (0, 1], got {fraction!r}")
         budget = int(fraction * full)
+    if budget > MAX_CACHE_BYTES:
+        asked = f"--memory {format_size(budget)}" if memory is not None else f"--target {fraction:g} of {format_size(full)}"
+        raise KvcError(f"the budget ({asked}) is above kvc's bound of {format_size(MAX_CACHE_BYTES)} for one plan's "
+                       "cache; lower --max-len, --batch, --target or --memory")
     return Target(max_len=deployment.max_len, batch=deployment.batch, dtype=deployment.dtype,
                   budget_bytes=budget, fraction=round(float(fraction), 9))
 

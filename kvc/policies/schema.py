@@ -9,7 +9,6 @@ FastGen choice, its recovery and recovery curves. It is YAML (JSON accepted), ve
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -18,10 +17,12 @@ from pathlib import Path
 import yaml
 
 from kvc.policies.errors import KvcError
+from kvc.policies.fields import REQUIRED, FieldReader, check_integer, check_number
 from kvc.policies.kinds import FASTGEN_POLICIES, kind_components
+from kvc.policies.limits import MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_LEN, MAX_VOCAB
+from kvc.policies.structured import parse_json, parse_yaml, read_input, shown
 
 SCHEMA_VERSION = 1
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 
@@ -140,85 +141,27 @@ class Policy:
 
 # ---------------------------------------------------------------- validation
 
-class _Reader:
-    """Reads typed values out of nested mappings, naming the path in every error."""
-
-    def __init__(self, data, path: str):
-        if not isinstance(data, dict):
-            raise KvcError(f"{path or 'policy'}: expected a mapping, got {type(data).__name__}")
-        self.data = data
-        self.path = path
-
-    def _where(self, key) -> str:
-        return f"{self.path}.{key}" if self.path else str(key)
-
-    def _get(self, key, default):
-        if key in self.data:
-            return self.data[key]
-        if default is _REQUIRED:
-            raise KvcError(f"{self._where(key)}: missing required key")
-        return default
-
-    def integer(self, key, default=None, minimum=0) -> int:
-        value = self._get(key, _REQUIRED if default is None else default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise KvcError(f"{self._where(key)}: expected an integer, got {value!r}")
-        if value < minimum:
-            raise KvcError(f"{self._where(key)}: must be at least {minimum}, got {value}")
-        return value
-
-    def number(self, key, default=None, low=None, high=None) -> float:
-        value = self._get(key, _REQUIRED if default is None else default)
-        return _check_number(value, self._where(key), low, high)
-
-    def string(self, key, default=None) -> str:
-        value = self._get(key, _REQUIRED if default is None else default)
-        if not isinstance(value, str):
-            raise KvcError(f"{self._where(key)}: expected a string, got {value!r}")
-        return value
-
-    def sequence(self, key, default=None) -> list:
-        value = self._get(key, _REQUIRED if default is None else default)
-        if not isinstance(value, list):
-            raise KvcError(f"{self._where(key)}: expected a list, got {type(value).__name__}")
-        return value
-
-    def mapping(self, key, default=None) -> "_Reader":
-        value = self._get(key, _REQUIRED if default is None else default)
-        return _Reader(value, self._where(key))
-
-    def optional(self, key):
-        return self.data.get(key)
-
-    def optional_number(self, key, low=None, high=None) -> float | None:
-        value = self.data.get(key)
-        return None if value is None else _check_number(value, self._where(key), low, high)
-
-
-_REQUIRED = object()
-
-
-def _check_number(value, where: str, low=None, high=None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
-        raise KvcError(f"{where}: expected a number, got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        raise KvcError(f"{where}: {value} is outside [{low}, {high}]")
-    return float(value)
-
-
-def _integer_list(values, where: str) -> list[int]:
+def _token_ids(values, where: str, vocab_size: int) -> list[int]:
+    """Token ids below the model's vocabulary size (below MAX_VOCAB when the policy does not record it)."""
     if not isinstance(values, list):
         raise KvcError(f"{where}: expected a list of token ids, got {type(values).__name__}")
+    limit = vocab_size or MAX_VOCAB
     for i, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise KvcError(f"{where}[{i}]: expected a token id (integer >= 0), got {value!r}")
+            raise KvcError(f"{where}[{i}]: expected a token id (integer >= 0), got {shown(value)}")
+        if value >= limit:
+            raise KvcError(f"{where}[{i}]: id {shown(value)} is outside the vocabulary of {limit} tokens"
+                           + (" (model.vocab_size)" if vocab_size else ""))
     return list(values)
 
 
-def _parse_curve(data, where: str, recovery_range=(0.0, 1.0)) -> Curve:
-    reader = _Reader(data, where)
-    points = [_check_number(p, f"{where}.points[{i}]", 0) for i, p in enumerate(reader.sequence("points"))]
-    recovery = [_check_number(r, f"{where}.recovery[{i}]", *recovery_range) for i, r in enumerate(reader.sequence("recovery"))]
+def _parse_curve(data, where: str, high: float = 1.0) -> Curve:
+    """Recovery at one or more strictly increasing points in [0, high], each recovery in [0, 1]."""
+    reader = FieldReader(data, where)
+    points = [check_number(p, f"{where}.points[{i}]", 0, high) for i, p in enumerate(reader.sequence("points"))]
+    recovery = [check_number(r, f"{where}.recovery[{i}]", 0.0, 1.0) for i, r in enumerate(reader.sequence("recovery"))]
+    if not points:
+        raise KvcError(f"{where}.points: empty; a curve needs at least one point")
     if len(points) != len(recovery):
         raise KvcError(f"{where}: {len(points)} points but {len(recovery)} recovery values")
     if any(b <= a for a, b in zip(points, points[1:])):
@@ -226,13 +169,13 @@ def _parse_curve(data, where: str, recovery_range=(0.0, 1.0)) -> Curve:
     return Curve(points=points, recovery=recovery)
 
 
-def _parse_curves(reader: _Reader, key: str) -> dict[str, Curve]:
+def _parse_curves(reader: FieldReader, key: str, high: float) -> dict[str, Curve]:
     curves = reader.mapping(key, default={})
     result = {}
     for kind, curve in curves.data.items():
-        where = curves._where(kind)
+        where = curves.where(kind)
         _checked_kind(kind, where)
-        result[kind] = _parse_curve(curve, where)
+        result[kind] = _parse_curve(curve, where, high)
     return result
 
 
@@ -243,19 +186,19 @@ def _checked_kind(kind, where: str) -> tuple[str, ...]:
         raise KvcError(f"{where}: {error}") from None
 
 
-def _parse_fastgen(reader: _Reader) -> dict[str, float]:
+def _parse_fastgen(reader: FieldReader) -> dict[str, float]:
     table = reader.mapping("fastgen", default={})
     result = {}
     for kind, value in table.data.items():
-        where = table._where(kind)
+        where = table.where(kind)
         if kind not in FASTGEN_POLICIES:
             raise KvcError(f"{where}: not a FastGen policy (expected one of {', '.join(FASTGEN_POLICIES)})")
-        result[kind] = _check_number(value, where, 0.0, 1.0)
+        result[kind] = check_number(value, where, 0.0, 1.0)
     return result
 
 
 def _parse_query_head(data, where: str) -> QueryHeadProfile:
-    reader = _Reader(data, where)
+    reader = FieldReader(data, where)
     kind = reader.string("kind")
     _checked_kind(kind, f"{where}.kind")
     return QueryHeadProfile(
@@ -269,12 +212,12 @@ def _parse_query_head(data, where: str) -> QueryHeadProfile:
 
 
 def _parse_head(data, where: str, group: int) -> HeadProfile:
-    reader = _Reader(data, where)
+    reader = FieldReader(data, where)
     kind = reader.string("kind")
     components = _checked_kind(kind, f"{where}.kind")
     listed = reader.sequence("components", default=list(components))
-    if sorted(listed) != sorted(components):
-        raise KvcError(f"{where}.components: {listed} does not match kind {kind!r} (expected {list(components)})")
+    if not all(isinstance(c, str) for c in listed) or sorted(listed) != sorted(components):
+        raise KvcError(f"{where}.components: {shown(listed)} does not match kind {kind!r} (expected {list(components)})")
     query_heads = [_parse_query_head(q, f"{where}.query_heads[{i}]") for i, q in enumerate(reader.sequence("query_heads", default=[]))]
     if query_heads and len(query_heads) != group:
         raise KvcError(f"{where}.query_heads: expected {group} query heads per KV head, got {len(query_heads)}")
@@ -284,8 +227,8 @@ def _parse_head(data, where: str, group: int) -> HeadProfile:
         components=list(components),
         recovery=reader.number("recovery", low=0.0, high=1.0),
         fastgen=_parse_fastgen(reader),
-        curves=_parse_curves(reader, "curves"),
-        window_curves=_parse_curves(reader, "window_curves"),
+        curves=_parse_curves(reader, "curves", high=1.0),  # fractions of the length
+        window_curves=_parse_curves(reader, "window_curves", high=MAX_LEN),  # token counts
         sink_mass=reader.number("sink_mass", default=0.0, low=0.0, high=1.0),
         punct_fraction=reader.number("punct_fraction", default=0.0, low=0.0, high=1.0),
         special_fraction=reader.number("special_fraction", default=0.0, low=0.0, high=1.0),
@@ -295,7 +238,7 @@ def _parse_head(data, where: str, group: int) -> HeadProfile:
 
 
 def _parse_layer(data, where: str, model: ModelInfo) -> LayerProfile:
-    reader = _Reader(data, where)
+    reader = FieldReader(data, where)
     heads_data = reader.sequence("heads")
     if len(heads_data) != model.num_kv_heads:
         raise KvcError(f"{where}.heads: expected {model.num_kv_heads} KV heads for this model, got {len(heads_data)}")
@@ -313,18 +256,18 @@ def _parse_layer(data, where: str, model: ModelInfo) -> LayerProfile:
     )
 
 
-def _parse_model(reader: _Reader) -> ModelInfo:
+def _parse_model(reader: FieldReader) -> ModelInfo:
     model = ModelInfo(
         name=reader.string("name"),
         fingerprint=reader.string("fingerprint"),
-        num_layers=reader.integer("num_layers", minimum=1),
-        num_attention_heads=reader.integer("num_attention_heads", minimum=1),
-        num_kv_heads=reader.integer("num_kv_heads", minimum=1),
-        head_dim=reader.integer("head_dim", minimum=1),
+        num_layers=reader.integer("num_layers", minimum=1, maximum=MAX_LAYERS),
+        num_attention_heads=reader.integer("num_attention_heads", minimum=1, maximum=MAX_HEADS),
+        num_kv_heads=reader.integer("num_kv_heads", minimum=1, maximum=MAX_HEADS),
+        head_dim=reader.integer("head_dim", minimum=1, maximum=MAX_HEAD_DIM),
         source=reader.string("source", default=""),
         architecture=reader.string("architecture", default=""),
-        max_position_embeddings=reader.integer("max_position_embeddings", default=0),
-        vocab_size=reader.integer("vocab_size", default=0),
+        max_position_embeddings=reader.integer("max_position_embeddings", default=0, maximum=MAX_LEN),
+        vocab_size=reader.integer("vocab_size", default=0, maximum=MAX_VOCAB),
     )
     if model.num_attention_heads % model.num_kv_heads:
         raise KvcError(
@@ -333,17 +276,17 @@ def _parse_model(reader: _Reader) -> ModelInfo:
     return model
 
 
-def _parse_profile(reader: _Reader) -> ProfileInfo:
+def _parse_profile(reader: FieldReader) -> ProfileInfo:
     counts = reader.sequence("token_counts", default=[])
     return ProfileInfo(
         prompt_set=reader.string("prompt_set", default=""),
         prompt_count=reader.integer("prompt_count", default=0),
-        token_counts=[_Reader({"n": c}, reader._where(f"token_counts[{i}]")).integer("n") for i, c in enumerate(counts)],
+        token_counts=[check_integer(c, reader.where(f"token_counts[{i}]"), maximum=MAX_LEN) for i, c in enumerate(counts)],
         prompt_hash=reader.string("prompt_hash", default=""),
         threshold=reader.number("threshold", default=0.95, low=0.0, high=1.0),
         local_ratio=reader.number("local_ratio", default=0.3, low=0.0, high=1.0),
         frequency_ratio=reader.number("frequency_ratio", default=0.3, low=0.0, high=1.0),
-        sinks=reader.integer("sinks", default=4),
+        sinks=reader.integer("sinks", default=4, maximum=MAX_LEN),
         probe_scheme=reader.string("probe_scheme", default=""),
         dtype=reader.string("dtype", default=""),
         device=reader.string("device", default=""),
@@ -354,8 +297,8 @@ def _parse_profile(reader: _Reader) -> ProfileInfo:
 
 
 def _parse_policy(data) -> Policy:
-    reader = _Reader(data, "")
-    version = reader._get("kvc_policy", _REQUIRED)
+    reader = FieldReader(data, "")
+    version = reader.get("kvc_policy", REQUIRED)
     if version != SCHEMA_VERSION:
         raise KvcError(f"kvc_policy: unsupported schema version {version!r} (this kvc reads version {SCHEMA_VERSION})")
     model = _parse_model(reader.mapping("model"))
@@ -369,26 +312,32 @@ def _parse_policy(data) -> Policy:
             raise KvcError(f"layers[{i}].index: expected {i}, got {layer.index}")
     return Policy(
         kvc_policy=SCHEMA_VERSION,
-        kvc_version=str(reader._get("kvc_version", "")),
-        created=str(reader._get("created", "")),
+        kvc_version=_scalar_text(reader, "kvc_version"),
+        created=_scalar_text(reader, "created"),
         model=model,
         profile=_parse_profile(reader.mapping("profile", default={})),
         tokens=TokenSets(
-            special=_integer_list(tokens._get("special", _REQUIRED), "tokens.special"),
-            punctuation=_integer_list(tokens._get("punctuation", _REQUIRED), "tokens.punctuation"),
+            special=_token_ids(tokens.get("special"), "tokens.special", model.vocab_size),
+            punctuation=_token_ids(tokens.get("punctuation"), "tokens.punctuation", model.vocab_size),
         ),
         layers=layers,
     )
 
 
+def _scalar_text(reader: FieldReader, key: str) -> str:
+    """A free-text field as a string; YAML reads an unquoted date as a datetime, so any scalar goes."""
+    value = reader.get(key, "")
+    if isinstance(value, (list, dict)):
+        raise KvcError(f"{reader.where(key)}: expected a string, got a {type(value).__name__}")
+    return str(value)
+
+
 # ---------------------------------------------------------------- files
 
 def read_structured(path, what: str = "file") -> dict:
-    """Read a YAML or JSON file into a mapping, with one clear error for anything else."""
+    """Read a YAML or JSON file into a mapping within kvc's bounds, with one clear error for anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise KvcError(f"{path}: no such {what}")
-    raw = path.read_bytes()
+    raw = read_input(path, what)
     if not raw.strip():
         raise KvcError(f"{path}: the {what} is empty")
     try:
@@ -397,15 +346,10 @@ def read_structured(path, what: str = "file") -> dict:
         raise KvcError(f"{path}: not a text file (binary data); expected YAML or JSON") from None
     if "\x00" in text:
         raise KvcError(f"{path}: not a text file (binary data); expected YAML or JSON")
-    kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
     try:
-        data = json.loads(text) if kind == "JSON" else yaml.load(text, Loader=_YAML_LOADER)
-    except json.JSONDecodeError as error:
-        raise KvcError(f"{path}: not valid JSON (line {error.lineno}); is the file truncated?") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark else ""
-        raise KvcError(f"{path}: not valid YAML{where}; is the file truncated?") from None
+        data = parse_json(text) if path.suffix.lower() == ".json" else parse_yaml(text)
+    except KvcError as error:
+        raise KvcError(f"{path}: {error}") from None
     if not isinstance(data, dict):
         raise KvcError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data

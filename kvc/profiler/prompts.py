@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from kvc.policies.errors import KvcError
+from kvc.policies.structured import parse_json
 
 BUILTIN = "builtin"
 PROMPT_SUFFIXES = (".jsonl", ".txt")
@@ -87,9 +88,10 @@ def _parse_jsonl(text: str, where: str, stem: str = BUILTIN) -> list[Prompt]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise KvcError(f"{where} line {number}: not valid JSON") from None
+            record = parse_json(line)  # bounded: a line nested 100k deep is one error, not a RecursionError
+        except KvcError as error:
+            reason = "not valid JSON" if str(error).startswith("not valid JSON") else str(error)
+            raise KvcError(f"{where} line {number}: {reason}") from None
         prompts.append(_parse_record(record, f"{where} line {number}", f"{stem}:{number}"))
     if not prompts:
         raise KvcError(f"{where}: the prompt file holds no prompts")

@@ -66,6 +66,7 @@ def apply(model, plan: Plan, tokenizer=None) -> Applied:
     else:
         model_fingerprint = fingerprint(model.config, tokenizer)
     plan.check_model(model_fingerprint)
+    plan.check_geometry(model.config)
     sliding_windows(model.config)
     if applied_fingerprint(model) is not None:
         restore(model)
