@@ -2,7 +2,7 @@
 
 A plan file is read in full and checked as a whole: the header's fields typed and bounded
 (`kvc.policies.limits`), every table present with the dtype and the shape the header names,
-every head consistent (a known kind, slots only for its components, a capacity of 1 to max_len,
+every head consistent (a known kind, slots only for its components, a capacity of at most max_len,
 full heads exactly max_len) and the cache it allocates within its stated budget. `check_geometry`
 holds the plan against a model's config. Each failure is one `KvcError` naming the field.
 """
@@ -165,7 +165,6 @@ def check_plan(plan: Plan) -> None:
                lambda at: f"a full head has {int(plan.full_slots[at])} slots, not target.max_len {max_len}")
     _first_bad(~full & (plan.full_slots != 0), "full_slots", lambda at: "slots on a head that is not full")
     capacity = plan.capacity.to(torch.int64)
-    _first_bad(capacity < 1, "capacity", lambda at: "a head with no slots")
     _first_bad(capacity > max_len, "capacity",
                lambda at: f"{int(capacity[at])} slots in all, more than target.max_len {max_len}")
     recovery = plan.expected_recovery
@@ -194,7 +193,8 @@ def _check_size(plan: Plan) -> None:
                        "(kvc.policies.limits.MAX_CACHE_BYTES)")
     if not target.budget_bytes:
         return  # made by hand, for no budget
-    if cache > target.budget_bytes:
+    # Plans compiled before kvc counted its counters and tables (overhead_bytes) fit the budget with their slots.
+    if cache - plan.overhead_bytes > target.budget_bytes:
         raise KvcError(f"target.budget_bytes: the plan's cache takes {cache} bytes, more than its budget of "
                        f"{target.budget_bytes}")
     full = plan.full_cache_bytes

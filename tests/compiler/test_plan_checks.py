@@ -103,13 +103,18 @@ CONSISTENCY_DEFECTS = {
                                 "tensor heavy: layers[0].heads[0]: 1 slots on a head of kind code 8"),
     "capacity past max_len": (_only(12, heavy=200, window=200),
                               "tensor capacity: layers[0].heads[0]: 400 slots in all, more than target.max_len"),
-    "no slots": (_only(8), "tensor capacity: layers[0].heads[0]: a head with no slots"),
     "over its budget": (lambda h, t: h["target"].update(budget_bytes=h["target"]["budget_bytes"] // 2,
                                                         fraction=h["target"]["fraction"] / 2),
                         "target.budget_bytes: the plan's cache takes"),
     "fraction and budget disagree": (lambda h, t: h["target"].update(fraction=0.9),
                                      "target.fraction: 0.9 does not match target.budget_bytes"),
 }
+
+
+def test_a_head_with_no_slots_loads(tmp_path, plan):
+    """A plan may starve a head (it keeps nothing); the runtime handles it."""
+    loaded = Plan.load(_edited(tmp_path, plan, _only(8)))
+    assert int(loaded.capacity[0, 0]) == 0
 
 
 def _edited(tmp_path, plan, edit):
