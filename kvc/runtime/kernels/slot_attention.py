@@ -121,6 +121,19 @@ def _load_rows(rows_ptr, params_ptr, slots, dims, slot_mask, dim_mask, stride_ba
 
 
 @triton.jit
+def _load_queries(query_ptr, batch, kv_head, chunk, dims, dim_mask, stride_batch, stride_head, stride_chunk,
+                  GROUP: tl.constexpr, ROWS_PAD: tl.constexpr):
+    """The group's query rows as float32 (ROWS_PAD, BLOCK_D): row r is (query head r // chunk, position r % chunk)."""
+    rows = tl.arange(0, ROWS_PAD)
+    row_mask = rows < GROUP * chunk
+    q_heads = kv_head * GROUP + rows // chunk
+    queries = rows % chunk
+    query = tl.load(query_ptr + batch * stride_batch + q_heads[:, None] * stride_head + queries[:, None] * stride_chunk
+                    + dims[None, :], mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(tl.float32)
+    return query, row_mask, q_heads, queries
+
+
+@triton.jit
 def _split_kernel(
     query_ptr, keys_ptr, key_params_ptr, values_ptr, value_params_ptr, positions_ptr, table_ptr,
     partial_max_ptr, partial_sum_ptr, partial_out_ptr,
@@ -136,17 +149,11 @@ def _split_kernel(
     batch = tl.program_id(2).to(tl.int64)
     num_q_heads = tl.num_programs(1) * GROUP
 
-    rows = tl.arange(0, ROWS_PAD)
     dims = tl.arange(0, BLOCK_D)
-    row_mask = rows < GROUP * chunk
     dim_mask = dims < head_dim
-    q_heads = kv_head * GROUP + rows // chunk
-    queries = rows % chunk
-    query = tl.load(
-        query_ptr + batch * stride_query_batch + q_heads[:, None] * stride_query_head
-        + queries[:, None] * stride_query_chunk + dims[None, :],
-        mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
-    ).to(tl.float32)  # (ROWS_PAD, BLOCK_D)
+    query, row_mask, q_heads, queries = _load_queries(
+        query_ptr, batch, kv_head, chunk, dims, dim_mask, stride_query_batch, stride_query_head, stride_query_chunk,
+        GROUP, ROWS_PAD)
 
     offset = tl.load(table_ptr + kv_head * table_width)
     capacity = tl.load(table_ptr + kv_head * table_width + 1)
@@ -223,12 +230,11 @@ def _probs_kernel(
     batch = tl.program_id(2).to(tl.int64)
     num_q_heads = tl.num_programs(1) * GROUP
 
-    rows = tl.arange(0, ROWS_PAD)
     dims = tl.arange(0, BLOCK_D)
-    row_mask = rows < GROUP * chunk
     dim_mask = dims < head_dim
-    q_heads = kv_head * GROUP + rows // chunk
-    queries = rows % chunk
+    query, row_mask, q_heads, queries = _load_queries(
+        query_ptr, batch, kv_head, chunk, dims, dim_mask, stride_query_batch, stride_query_head, stride_query_chunk,
+        GROUP, ROWS_PAD)
     row_index = (batch * num_q_heads + q_heads) * chunk + queries
 
     offset = tl.load(table_ptr + kv_head * table_width)
@@ -238,11 +244,6 @@ def _probs_kernel(
     in_segment = local < capacity
     filled = in_segment & (tl.load(positions_ptr + batch * stride_positions_batch + slots,
                                    mask=in_segment, other=-1) >= 0)
-    query = tl.load(
-        query_ptr + batch * stride_query_batch + q_heads[:, None] * stride_query_head
-        + queries[:, None] * stride_query_chunk + dims[None, :],
-        mask=row_mask[:, None] & dim_mask[None, :], other=0.0,
-    ).to(tl.float32)
     keys = _load_rows(keys_ptr, key_params_ptr, slots, dims, in_segment, dim_mask, stride_rows_batch,
                       stride_rows_slot, stride_params_batch, stride_params_slot, batch, BITS, QUANT_GROUP)
     lse_log2 = tl.load(lse_ptr + row_index, mask=row_mask, other=0.0)

@@ -1,8 +1,9 @@
-"""Decode-attention speed: kvc's ragged per-head kernel on a compressed cache against dense SDPA on the full cache.
+"""Decode-attention speed: kvc's slot attention on a compressed cache against dense SDPA on the full cache.
 
 For each context length and kept fraction, the kept slots are spread unevenly over the KV heads (as a
-compiled plan does) and every segment is full. On CUDA kvc runs its Triton kernels, timed with CUDA
-events; on CPU it runs the PyTorch reference, timed with time.perf_counter. Medians of --repeats runs.
+compiled plan does) and every slot is filled; with --kv-bits the rows are low-bit codes read in place.
+On CUDA kvc runs its Triton kernels, timed with CUDA events; on CPU it runs the PyTorch reference,
+timed with time.perf_counter. Medians of --repeats runs.
 """
 
 import argparse
@@ -16,7 +17,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kvc.runtime.kernels import decode_attention, use_triton
+from kvc.plan import row_bytes
+from kvc.runtime.kernels import slot_attention, use_triton
+from kvc.runtime.quantize import encode_turned
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,6 +37,7 @@ def parse_args():
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per point; default 50 on CUDA, 20 on CPU")
     parser.add_argument("--return-probs", action="store_true", help="also compute the per-slot probabilities")
+    parser.add_argument("--kv-bits", type=int, default=0, choices=[0, 2, 4, 8], help="low-bit rows (0: --dtype)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
     on_cuda = torch.device(args.device).type == "cuda"
@@ -96,36 +100,37 @@ def main():
     generator = torch.Generator(device=device).manual_seed(0)
     contexts = [int(context) for context in args.contexts.split(",")]
     fractions = [float(fraction) for fraction in args.fractions.split(",")]
-    bytes_per_slot = 2 * args.head_dim * dtype.itemsize  # K and V
+    bytes_per_slot = 2 * row_bytes(args.head_dim, args.dtype, args.kv_bits)  # K and V
 
     results = []
     header = f"{'context':>8} {'fraction':>8} {'kept MiB':>9} {'kvc ms':>9} {'kvc GB/s':>9} {'sdpa ms':>9} {'sdpa GB/s':>9} {'speedup':>8}"
     path = "triton" if use_triton(torch.empty(0, device=device)) else "reference"
     print(f"device: {device_name(device)}; kvc path: {path}; batch {args.batch}, heads {args.q_heads}/{args.kv_heads}, "
-          f"head_dim {args.head_dim}, {args.dtype}, return_probs={args.return_probs}")
+          f"head_dim {args.head_dim}, {args.dtype}, kv_bits={args.kv_bits}, return_probs={args.return_probs}")
     print(header)
     for context in contexts:
-        query = torch.randn(args.batch, args.q_heads, args.head_dim, generator=generator, device=device, dtype=dtype)
+        query = torch.randn(args.batch, args.q_heads, 1, args.head_dim, generator=generator, device=device, dtype=dtype)
         full_keys = torch.randn(args.batch, args.kv_heads, context, args.head_dim, generator=generator, device=device, dtype=dtype)
         full_values = torch.randn_like(full_keys)
-        sdpa_query = query[:, :, None, :]  # (batch, q_heads, 1, head_dim)
-        sdpa = functools.partial(F.scaled_dot_product_attention, sdpa_query, full_keys, full_values, enable_gqa=True)
+        sdpa = functools.partial(F.scaled_dot_product_attention, query, full_keys, full_values, enable_gqa=True)
         sdpa_seconds = median_seconds(sdpa, args.repeats, device)
         full_bytes = args.batch * args.kv_heads * context * bytes_per_slot
         del sdpa, full_keys, full_values
         for fraction in fractions:
-            capacities = uneven_capacities(context, args.kv_heads, fraction)  # stays on the CPU: no sync per call
-            offsets = (torch.cumsum(capacities, 0) - capacities).to(device)
-            total_slots = int(capacities.sum())
-            keys = torch.randn(args.batch, total_slots, args.head_dim, generator=generator, device=device, dtype=dtype)
-            values = torch.randn_like(keys)
-            lengths = capacities.to(device=device, dtype=torch.int32).expand(args.batch, -1).contiguous()
-            kvc = functools.partial(decode_attention, query, keys, values, offsets, capacities, lengths,
-                                    return_probs=args.return_probs)
+            capacities = uneven_capacities(context, args.kv_heads, fraction).tolist()
+            segments = [(sum(capacities[:head]), capacity) for head, capacity in enumerate(capacities)]
+            total_slots = sum(capacities)
+            rows = [torch.randn(args.batch, total_slots, args.head_dim, generator=generator, device=device, dtype=dtype)
+                    for _ in range(2)]
+            keys, values = (encode_turned(x, args.kv_bits) for x in rows) if args.kv_bits else rows
+            positions = torch.arange(total_slots, device=device, dtype=torch.int32).expand(args.batch, -1).contiguous()
+            table = torch.tensor(segments, device=device).reshape(-1, 2)
+            kvc = functools.partial(slot_attention, query, keys, values, positions, segments, args.head_dim ** -0.5,
+                                    args.kv_bits, None, args.return_probs, table)
             kvc_seconds = median_seconds(kvc, args.repeats, device)
             kept_bytes = args.batch * total_slots * bytes_per_slot
             row = {
-                "context": context, "fraction": fraction, "capacities": capacities.tolist(),
+                "context": context, "fraction": fraction, "capacities": capacities,
                 "kept_bytes": kept_bytes, "full_bytes": full_bytes,
                 "kvc_seconds": kvc_seconds, "kvc_gb_per_s": kept_bytes / kvc_seconds / 1e9,
                 "sdpa_seconds": sdpa_seconds, "sdpa_gb_per_s": full_bytes / sdpa_seconds / 1e9,
@@ -135,7 +140,7 @@ def main():
             print(f"{context:>8} {fraction:>8.2f} {kept_bytes / 2**20:>9.1f} {kvc_seconds * 1e3:>9.3f} "
                   f"{row['kvc_gb_per_s']:>9.1f} {sdpa_seconds * 1e3:>9.3f} {row['sdpa_gb_per_s']:>9.1f} "
                   f"{row['speedup']:>7.2f}x")
-            del kvc, keys, values
+            del kvc, keys, values, rows
 
     if args.json:
         report = {
