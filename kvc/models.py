@@ -193,12 +193,15 @@ def check_gguf(gguf: Path) -> None:
     """Refuse a file that is not a whole GGUF model before converting it."""
     from gguf import GGUFReader
 
+    with open(gguf, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise KvcError(f"{gguf}: not a GGUF file (it does not start with 'GGUF')")
     try:
         reader = GGUFReader(gguf)
         end = max((tensor.data_offset + tensor.n_bytes for tensor in reader.tensors), default=0)
     except Exception as error:  # the reader fails on truncation with whatever numpy or struct raise
-        raise KvcError(f"{gguf}: not a readable GGUF file ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
-                       "is it truncated?") from None
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise KvcError(f"{gguf}: the GGUF file cannot be read ({reason}); is it truncated or damaged?") from None
     if end > gguf.stat().st_size:
         raise KvcError(f"{gguf}: the GGUF file is truncated ({gguf.stat().st_size} bytes, its tensors need {end})")
 

@@ -78,7 +78,7 @@ def tiny_model_dir(tmp_path_factory, smollm):
 
     folder = tmp_path_factory.mktemp("tiny-model")
     config = LlamaConfig(vocab_size=len(smollm.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                          tie_word_embeddings=True)
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(folder)
