@@ -23,6 +23,7 @@ from kvc.compiler import compile_policy
 from kvc.demo import cached_policy
 from kvc.eval.niah import essays_text
 from kvc.models import load
+from kvc.outputs import recorded_path
 from kvc.policies.schema import load_policy
 from kvc.report import human_bytes
 from kvc.runtime.generate import generate
@@ -97,7 +98,7 @@ def main():
                    "machine": platform.machine(), "threads": args.threads, "device": args.device}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"model": loaded.source.name, "environment": environment,
-                                     "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
+                                     "settings": {k: recorded_path(v) if isinstance(v, Path) else str(v) for k, v in vars(args).items()}, "rows": rows}, indent=2))
     print(f"wrote {args.json}")
 
 
