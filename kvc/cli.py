@@ -252,7 +252,7 @@ def run_evaluation(model, settings, policy_path, plan_path, json_out, png, devic
     progress = Progress.for_run(json_out, identity, settings)
     done, seconds = progress.earlier()
     if done:
-        console.print(f"resuming: {len(done)} records of an earlier run read from {progress.path}")
+        console.print(f"resuming: {len(done)} record{'s' * (len(done) != 1)} of an earlier run read from {progress.path}")
     try:
         results = evaluate(loaded, settings, policy, plan, done=done, on_record=progress.save)
     except (KeyboardInterrupt, Interrupted):

@@ -39,7 +39,7 @@ def test_an_interrupted_run_keeps_its_records_and_the_same_command_resumes(tiny_
 
     monkeypatch.setattr(Progress, "save", save)
     code, out, _ = run(capsys, *command)
-    assert code == 0 and "resuming: 1 records" in out
+    assert code == 0 and "resuming: 1 record of an earlier run" in out
     final = json.loads((tmp_path / "r.json").read_text())
     assert final["complete"] is True and [record["sample"] for record in final["records"]] == [0, 1]
     assert final["records"][0]["completion"] == "kept from the first run"
