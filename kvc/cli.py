@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kvc import __version__
@@ -298,7 +299,7 @@ def main(argv=None):
 
 
 def fail(message: str):
-    errors.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    errors.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # paths may hold [...]
     sys.exit(2)
 
 
