@@ -27,6 +27,7 @@ from kvc.compiler import compile_policy
 from kvc.demo import cached_policy
 from kvc.eval.niah import essays_text
 from kvc.models import load
+from kvc.outputs import recorded_path
 from kvc.policies.schema import load_policy
 from kvc.report import human_bytes
 from kvc.runtime.apply import cache_keyword
@@ -34,7 +35,6 @@ from kvc.runtime.cache import CompressedLayer
 from kvc.runtime.step import Step
 
 RESULTS = Path(__file__).parent / "results"
-REPOSITORY = Path(__file__).resolve().parent.parent
 
 
 def parse_args():
@@ -162,9 +162,9 @@ def main():
     loaded = load(args.model, dtype="float32", device="cpu")
     policy = load_policy(args.policy) if args.policy else cached_policy(loaded, Console(stderr=True))
     compiled_at = {int(length) for length in args.compile.split(",") if length}
-    results = {"model": loaded.source.name, "settings": {**{k: str(v) for k, v in vars(args).items()},
-               "json": str(args.json.resolve().relative_to(REPOSITORY)) if args.json.resolve().is_relative_to(REPOSITORY)
-               else str(args.json)},
+    results = {"model": loaded.source.name,
+               "settings": {**{k: str(v) for k, v in vars(args).items()}, "json": recorded_path(args.json),
+                            "policy": recorded_path(args.policy) if args.policy else "the demo's"},
                "environment": {"torch": torch.__version__, "transformers": transformers.__version__,
                                "python": platform.python_version(), "machine": platform.machine()},
                "lengths": {}}

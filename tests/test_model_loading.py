@@ -74,7 +74,10 @@ def test_files_that_are_not_models(tmp_path, monkeypatch):
         models.resolve(str(tmp_path / "empty"))
     fake = tmp_path / "fake.gguf"
     fake.write_bytes(b"GGUF" + bytes(64))
-    with pytest.raises(KvcError, match="not a model transformers can read"):
+    with pytest.raises(KvcError, match="fake.gguf: the GGUF file cannot be read"):
+        models.load(str(fake))
+    fake.write_text("not a model at all")
+    with pytest.raises(KvcError, match="fake.gguf: not a GGUF file"):
         models.load(str(fake))
     assert not any((tmp_path / "cache").rglob("config.json"))
 

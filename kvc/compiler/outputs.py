@@ -1,7 +1,7 @@
 """Where `kvc compile` writes: the plan, and its report as JSON when asked.
 
-Both destinations are checked before compiling, so a request that fails writes nothing; both
-files are written atomically.
+The CLI checks both destinations before compiling (`kvc.outputs.check_files`); both are then
+written together or not at all, so a request that fails writes nothing.
 """
 
 from __future__ import annotations
@@ -9,26 +9,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from kvc.files import all_or_none, atomic_write_text
 from kvc.plan import Plan
-from kvc.policies.errors import KvcError
-from kvc.policies.schema import atomic_write_text
 
 
 def plan_path(policy: Path, out: Path | None) -> Path:
-    """`--out`, or the policy's name with the suffix .plan; never the policy itself."""
-    out = Path(out) if out is not None else Path(policy).with_suffix(".plan")
-    if out.resolve() == Path(policy).resolve():
-        raise KvcError(f"--out {out}: that is the policy file; choose another name for the plan")
-    return out
-
-
-def check_destinations(*paths: Path | None) -> None:
-    for path in paths:
-        if path is not None and not Path(path).parent.is_dir():
-            raise KvcError(f"{path}: the folder {Path(path).parent} does not exist")
+    """`--out`, or the policy's name with the suffix .plan."""
+    return Path(out) if out is not None else Path(policy).with_suffix(".plan")
 
 
 def write_outputs(plan: Plan, report: dict, out: Path, json_path: Path | None) -> None:
-    plan.save(out)
-    if json_path is not None:
-        atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")
+    with all_or_none():
+        plan.save(out)
+        if json_path is not None:
+            atomic_write_text(json_path, json.dumps(report, indent=1) + "\n")

@@ -76,6 +76,14 @@ class Record:
     completion: str
     sample: int = 0
 
+    def cell(self) -> tuple:
+        return cell_key(self.task, self.method, self.budget, self.length, self.depth, self.sample)
+
+
+def cell_key(task: str, method: str, budget: float, length: int, depth: float | None, sample: int) -> tuple:
+    """What a record is the score of: one sample of one task, method, budget, length and depth."""
+    return (task, method, float(budget), int(length), None if depth is None else float(depth), int(sample))
+
 
 @dataclass
 class Results:
@@ -156,10 +164,15 @@ def new_tokens(task: str, settings: Settings) -> int:
 
 
 def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = None, plan: Plan | None = None,
-             show_progress: bool = True) -> Results:
-    """Run every (task, length, method, budget, sample); `plan`, when given, is the `kvc` method's plan."""
+             show_progress: bool = True, done: dict | None = None,
+             on_record: Callable[[Results], None] | None = None) -> Results:
+    """Run every (task, length, method, budget, sample); `plan`, when given, is the `kvc` method's plan.
+
+    `done` holds records of an earlier run by their cell (`Record.cell`): those cells are
+    taken from it, not run again. `on_record` sees the results after each new record."""
     began = time.perf_counter()
     results = Results(settings)
+    done = done or {}
     work = []  # (task, length, method, budget, max_len, plan, samples)
     for task in settings.tasks:
         for length in settings.lengths:
@@ -176,11 +189,17 @@ def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = No
         bar = progress.add_task("eval", total=total)
         for task, length, method, budget, max_len, built, samples in work:
             for sample in samples:
-                progress.update(bar, description=f"{task} {length} {method} {budget:g}")
-                outcome = TASKS[task].run(loaded, built, sample, new_tokens(task, settings))
-                results.records.append(Record(task, method, budget, length, sample.depth, outcome.score,
-                                              outcome.cache_bytes, full_bytes(loaded, max_len, settings.dtype),
-                                              max_len, outcome.completion, sample.index))
+                earlier = done.get(cell_key(task, method, budget, length, sample.depth, sample.index))
+                if earlier is None:
+                    progress.update(bar, description=f"{task} {length} {method} {budget:g}")
+                    outcome = TASKS[task].run(loaded, built, sample, new_tokens(task, settings))
+                    results.records.append(Record(task, method, budget, length, sample.depth, outcome.score,
+                                                  outcome.cache_bytes, full_bytes(loaded, max_len, settings.dtype),
+                                                  max_len, outcome.completion, sample.index))
+                    if on_record is not None:
+                        on_record(results)
+                else:
+                    results.records.append(earlier)
                 progress.advance(bar)
     results.seconds = time.perf_counter() - began
     return results

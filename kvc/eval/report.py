@@ -16,7 +16,7 @@ from rich.table import Table
 
 from kvc.compiler.sizes import format_size as human_bytes
 from kvc.eval.harness import TASKS, Results
-from kvc.policies.schema import atomic_write_bytes, atomic_write_text
+from kvc.files import atomic_write_bytes, atomic_write_text
 
 
 def summary(results: Results) -> list[dict]:
@@ -61,8 +61,9 @@ def cell(score: float | None, reference: float | None, higher_is_better: bool) -
     return f"{score:.2f} ({score / reference:.2f}x)" if reference else f"{score:.2f}"
 
 
-def write_json(results: Results, path) -> Path:
-    data = results.to_dict() | {"summary": summary(results)}
+def write_json(results: Results, path, **extra) -> Path:
+    """Every record, the settings and the summary table; `extra` adds top-level fields."""
+    data = results.to_dict() | {"summary": summary(results)} | extra
     return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 

@@ -1,7 +1,8 @@
 """What one evaluation runs, parsed from the command line's comma-separated lists and checked.
 
 Unknown task or method names are refused with the close matches; budgets must lie in (0, 1],
-depths in [0, 1], lengths be positive; no list may be empty. Every refusal is one `KvcError`.
+depths in [0, 1] (nan in neither), lengths be positive and within the model's limit; no list may be
+empty. Every refusal is one `KvcError` naming the option.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def numbers(text: str, option: str, convert, low: float, high: float, low_open: 
             value = convert(item)
         except ValueError:
             raise KvcError(f"{option}: {item!r} is not a number") from None
-        if value > high or value < low or (low_open and value == low):
+        if value != value:  # nan: no comparison refuses it
+            raise KvcError(f"{option}: {item!r} is not a number")
+        if not low <= value <= high or (low_open and value == low):
             bounds = f"{'(' if low_open else '['}{low:g}, {high:g}]"
             raise KvcError(f"{option}: {item} is outside {bounds}")
         values.append(value)
@@ -71,3 +74,10 @@ def parse_settings(tasks: str, methods: str, budgets: str, lengths: str, depths:
         depths=numbers(depths, "--depths", float, 0.0, 1.0, low_open=False),
         **extra,
     )
+
+
+def check_lengths(settings: Settings, model_limit: int) -> None:
+    """Refuse prompt lengths the model has no positions for, before building any prompt."""
+    if model_limit and max(settings.lengths) >= model_limit:
+        raise KvcError(f"--lengths: {max(settings.lengths)} tokens leave no room for an answer within the "
+                       f"model's limit of {model_limit} positions")

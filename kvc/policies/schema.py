@@ -9,13 +9,12 @@ FastGen choice, its recovery and recovery curves. It is YAML (JSON accepted), ve
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
+from kvc.files import atomic_write_bytes, atomic_write_text  # noqa: F401 (re-exported: their old home)
 from kvc.policies.errors import KvcError
 from kvc.policies.fields import REQUIRED, FieldReader, check_integer, check_number
 from kvc.policies.kinds import FASTGEN_POLICIES, kind_components
@@ -353,34 +352,6 @@ def read_structured(path, what: str = "file") -> dict:
     if not isinstance(data, dict):
         raise KvcError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     return data
-
-
-def atomic_write_bytes(path, data: bytes) -> Path:
-    """Write `data` to `path` through a temporary file in the same folder, then rename:
-    a reader never sees half a file, and an interruption leaves nothing behind."""
-    path = Path(path)
-    if not path.parent.is_dir():
-        raise KvcError(f"{path}: the folder {path.parent} does not exist")
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes files private; artifacts are ordinary files
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path, text: str) -> Path:
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def dump_policy(policy: Policy, fmt: str = "yaml") -> str:

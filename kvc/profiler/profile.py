@@ -12,7 +12,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
 
@@ -43,16 +42,6 @@ def check_threshold(threshold: float) -> float:
     if not 0.0 < threshold <= 1.0:
         raise KvcError(f"--threshold {threshold}: must be in (0, 1] (FastGen's paper uses 0.91 to 0.98)")
     return float(threshold)
-
-
-def check_output(path) -> Path:
-    """Fail before profiling, not after, if the policy cannot be written there."""
-    path = Path(path)
-    if path.is_dir():
-        raise KvcError(f"--out {path}: is a folder; give a file name such as {path / 'policy.yaml'}")
-    if not path.parent.is_dir():
-        raise KvcError(f"--out {path}: the folder {path.parent} does not exist")
-    return path
 
 
 def load_model(name: str | None, device: str = "auto", dtype: str = "auto") -> LoadedModel:

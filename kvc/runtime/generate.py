@@ -118,6 +118,12 @@ def generate(
     """Greedy continuation of each prompt; with a plan, through its compressed cache."""
     model, tokenizer = loaded.model, loaded.tokenizer
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise KvcError("generate: give at least one prompt")
+    if not all(isinstance(prompt, str) and prompt.strip() for prompt in prompts):
+        raise KvcError("generate: every prompt must be a non-empty string")
+    if max_new_tokens < 1:
+        raise KvcError(f"generate: max_new_tokens is {max_new_tokens}; give at least 1")
     sequences = encode_prompts(tokenizer, prompts, chat)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, attention_mask = left_pad(sequences, pad_id, model.device)

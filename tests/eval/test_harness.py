@@ -76,7 +76,10 @@ def test_a_given_plan_must_serve_the_length_within_the_budget(smollm):
     (["--depths", "2"], "outside [0, 1]"),
     (["--lengths", ","], "at least one value"),
     (["--budgets", "half"], "not a number"),
-    (["--methods", "full,kvc"], "need a policy"),
+    (["--budgets", "nan"], "--budgets: 'nan' is not a number"),
+    (["--depths", "0.5,nan"], "--depths: 'nan' is not a number"),
+    (["--lengths", "1e3"], "--lengths: '1e3' is not a number"),
+    (["--json", "/nonexistent/r.json"], "--json /nonexistent/r.json: the folder /nonexistent does not exist"),
     (["--cache-dtype", "int4"], "--cache-dtype: unknown cache dtype"),
 ])
 def test_cli_refuses_bad_input_in_one_line(arguments, message, capsys):

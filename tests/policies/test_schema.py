@@ -145,12 +145,12 @@ def test_invalid_policy_is_never_written(policy, tmp_path):
 def test_interrupted_write_leaves_old_file_intact(policy, tmp_path, monkeypatch):
     target = save_policy(policy, tmp_path / "p.yaml")
     before = target.read_bytes()
-    import kvc.policies.schema as schema
+    import kvc.files as files
 
     def explode(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(schema.os, "replace", explode)
+    monkeypatch.setattr(files.os, "replace", explode)
     policy.layers[0].funnel = 0.123
     with pytest.raises(KeyboardInterrupt):
         save_policy(policy, target)

@@ -1,0 +1,68 @@
+"""An evaluation keeps its records on disk as it goes, and the same command resumes it.
+
+After every sample the records so far are written (atomically) to the progress file: the --json file
+when one is given, else a file in the kvc cache named after the run, removed once the run completes.
+A later run reuses a record when the file was written for the same run (model fingerprint, policy and
+plan, cache dtype, decoded and teacher-forced tokens) and the record's cell (task, method, budget,
+length, depth, sample) is asked for again; only the missing cells are computed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from kvc import __version__
+from kvc.eval import report
+from kvc.eval.harness import Record, Results
+from kvc.models import cache_folder
+
+
+def run_identity(fingerprint: str, settings, policy_text: str | None, plan_bytes: bytes | None) -> dict:
+    """What must match for an earlier record to stand for this run's."""
+    digest = lambda data: None if data is None else hashlib.sha256(data).hexdigest()[:16]  # noqa: E731
+    return {"kvc": __version__, "model": fingerprint, "policy": digest(policy_text and policy_text.encode()),
+            "plan": digest(plan_bytes), "dtype": settings.dtype, "answer_tokens": settings.answer_tokens,
+            "continuation": settings.continuation}
+
+
+@dataclass
+class Progress:
+    path: Path
+    identity: dict
+    temporary: bool  # a file of the cache, removed when the run completes
+
+    @classmethod
+    def for_run(cls, json_out: Path | None, identity: dict, settings) -> Progress:
+        if json_out is not None:
+            return cls(Path(json_out), identity, temporary=False)
+        name = hashlib.sha256(json.dumps([identity, asdict(settings)], sort_keys=True, default=str).encode())
+        return cls(cache_folder("eval") / f"run-{name.hexdigest()[:16]}.json", identity, temporary=True)
+
+    def earlier(self) -> tuple[dict[tuple, Record], float]:
+        """Records of an earlier run of the same identity, by cell, and the seconds it took."""
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+            if data.get("run") != self.identity:
+                return {}, 0.0
+            records = [Record(**record) for record in data["records"]]
+            return {record.cell(): record for record in records}, float(data.get("seconds", 0.0))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return {}, 0.0  # nothing readable to resume from: start afresh
+
+    def save(self, results: Results, complete: bool = False) -> None:
+        report.write_json(results, self.path, run=self.identity, complete=complete)
+
+    def finish(self, results: Results) -> None:
+        """The run completed: the --json file gets the whole result, a cache file goes."""
+        if self.temporary:
+            self.path.unlink(missing_ok=True)
+        else:
+            self.save(results, complete=True)
+
+    def where(self) -> str:
+        if not self.path.is_file():
+            return "no record was finished"
+        return f"the results so far are in {self.path}; the same command resumes the run"

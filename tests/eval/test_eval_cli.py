@@ -1,0 +1,67 @@
+"""`kvc eval` as the user runs it, on a tiny model folder: records saved as the run goes, an interrupted
+run resumed by the same command, and the demo's cached policy used when --policy is not given."""
+
+import json
+import signal
+
+import pytest
+
+from kvc.cli import main
+from kvc.eval.progress import Progress
+
+
+def run(capsys, *args):
+    with pytest.raises(SystemExit) as done:
+        main(["eval", *map(str, args)])
+    captured = capsys.readouterr()
+    return done.value.code, captured.out, captured.err
+
+
+def test_an_interrupted_run_keeps_its_records_and_the_same_command_resumes(tiny_model_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    command = [tiny_model_dir, "--tasks", "ppl", "--methods", "full", "--lengths", "48", "--samples", "2",
+               "--device", "cpu", "--json", tmp_path / "r.json"]
+    save = Progress.save
+
+    def save_then_sigterm(self, results, complete=False):
+        save(self, results, complete)
+        signal.raise_signal(signal.SIGTERM)  # as `kill` would, right after the first record is on disk
+
+    monkeypatch.setattr(Progress, "save", save_then_sigterm)
+    code, _, err = run(capsys, *command)
+    assert code == 2
+    assert err.strip() == (f"error: interrupted; the results so far are in {tmp_path / 'r.json'}; the same "
+                           "command resumes the run")
+    partial = json.loads((tmp_path / "r.json").read_text())
+    assert partial["complete"] is False and len(partial["records"]) == 1
+    partial["records"][0]["completion"] = "kept from the first run"
+    (tmp_path / "r.json").write_text(json.dumps(partial))
+
+    monkeypatch.setattr(Progress, "save", save)
+    code, out, _ = run(capsys, *command)
+    assert code == 0 and "resuming: 1 record of an earlier run" in out
+    final = json.loads((tmp_path / "r.json").read_text())
+    assert final["complete"] is True and [record["sample"] for record in final["records"]] == [0, 1]
+    assert final["records"][0]["completion"] == "kept from the first run"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_without_a_policy_the_demo_policy_is_used_and_named(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """The demo's cached policy of the model stands in for --policy (profiled here on the built-in prompts
+    cut to 128 tokens, to stay fast), and the result file names it relative to here."""
+    from kvc.demo import cached_policy_path
+    from kvc.models import load
+    from kvc.profiler import load_prompts, profile_model
+
+    monkeypatch.setenv("KVC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    loaded = load(str(tiny_model_dir), device="cpu")
+    profile_model(loaded, load_prompts("builtin"), max_tokens=128).save(cached_policy_path(loaded))
+    command = [tiny_model_dir, "--tasks", "ppl", "--methods", "snapkv", "--lengths", "48", "--device", "cpu",
+               "--json", "r.json"]
+    code, out, err = run(capsys, *command)
+    assert code == 0 and "no --policy given" in out and "reusing the policy profiled earlier" in out, err
+    recorded = json.loads((tmp_path / "r.json").read_text())["settings"]["policy"]
+    assert recorded.startswith("cache/policies/") and (tmp_path / recorded).is_file()
+    code, out, _ = run(capsys, *command[:-2])  # without --json the records go to the cache, until complete
+    assert code == 0 and list((tmp_path / "cache" / "eval").iterdir()) == []
