@@ -19,6 +19,7 @@ import torch
 
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import KIND_BITS
+from kvc.policies.tokens import PUNCT_BIT, SPECIAL_BIT
 from kvc.policies.schema import atomic_write_bytes
 
 PLAN_VERSION = 1
@@ -64,10 +65,15 @@ def state_bytes(num_layers: int, num_kv_heads: int, batch: int) -> int:
     return num_layers * (num_kv_heads * HEAD_COUNTERS + SEQUENCE_COUNTERS) * COUNTER_BYTES * batch
 
 
-def table_bytes(num_layers: int, num_kv_heads: int, head_dim: int, vocab: int, kv_bits: int) -> int:
-    """Bytes of the tables a cache holds once: token classes, per-layer head tables, the row rotation."""
+def class_members(token_classes: torch.Tensor) -> int:
+    """How many int32 ids the runtime keeps to look token classes up: the special and the punctuation tokens."""
+    return int(((token_classes & SPECIAL_BIT) != 0).sum() + ((token_classes & PUNCT_BIT) != 0).sum())
+
+
+def table_bytes(num_layers: int, num_kv_heads: int, head_dim: int, class_ids: int, kv_bits: int) -> int:
+    """Bytes of the tables a cache holds once: the class tokens' ids, per-layer head tables, the row rotation."""
     rotation = head_dim * head_dim * 4 if kv_bits else 0
-    return vocab + num_layers * num_kv_heads * LAYOUT_FIELDS * 8 + rotation
+    return class_ids * 4 + num_layers * num_kv_heads * LAYOUT_FIELDS * 8 + rotation
 
 
 def slot_bytes(head_dim: int, dtype: str, bits: int = 0, frequency=False):
@@ -165,7 +171,8 @@ class Plan:
     @property
     def table_bytes(self) -> int:
         """Bytes of the tables the runtime holds once, whatever the batch."""
-        return table_bytes(self.num_layers, self.num_kv_heads, self.head_dim, len(self.token_classes), self.kv_bits)
+        return table_bytes(self.num_layers, self.num_kv_heads, self.head_dim, class_members(self.token_classes),
+                           self.kv_bits)
 
     @property
     def overhead_bytes(self) -> int:

@@ -71,7 +71,7 @@ def compile_policy(
     kv_bits = DEFAULT_KV_BITS if kv_bits is None else kv_bits
     deployment = deployment_for(policy, max_len, batch, parse_dtype(dtype), kv_bits)
     goal = target_for(deployment, target, memory)
-    overhead = deployment.overhead_bytes(len(token_classes(policy)))
+    overhead = deployment.overhead_bytes(token_classes(policy))
     try:
         allocation = plan_heads(policy, deployment, goal.budget_bytes - overhead)
     except BudgetTooSmall as error:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import NamedTuple
 
-from kvc.plan import DTYPE_BYTES, slot_bytes, state_bytes, table_bytes
+from kvc.plan import DTYPE_BYTES, class_members, slot_bytes, state_bytes, table_bytes
 from kvc.policies.kinds import kind_components
 from kvc.policies.schema import HeadProfile
 
@@ -55,10 +55,11 @@ class Deployment:
     def cost(self, head: HeadPlan) -> int:
         return head.capacity * self.slot_bytes(head.kind)
 
-    def overhead_bytes(self, vocab: int) -> int:
+    def overhead_bytes(self, token_classes) -> int:
         """What the runtime holds beside the slots (counters, tables): taken off the budget first."""
         return (state_bytes(self.num_layers, self.num_kv_heads, self.batch)
-                + table_bytes(self.num_layers, self.num_kv_heads, self.head_dim, vocab, self.kv_bits))
+                + table_bytes(self.num_layers, self.num_kv_heads, self.head_dim, class_members(token_classes),
+                              self.kv_bits))
 
     @property
     def full_cache_bytes(self) -> int:

@@ -30,7 +30,7 @@ from kvc.models import LoadedModel, architecture
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.policies.schema import Curve, Policy
-from kvc.runtime.handmade import handmade_plan
+from kvc.runtime.handmade import handmade_plan, model_token_classes
 
 STREAMING_SINKS = 4  # StreamingLLM's attention sinks
 ADAKV_ALPHA = 0.2  # Ada-KV's floor: each head keeps at least alpha times the layer's mean budget
@@ -60,7 +60,7 @@ def uniform_slots(loaded: LoadedModel, max_len: int, fraction: float, dtype: str
     """Slots per KV head when every head is `kind` and they share the budget equally."""
     target = deployment(loaded, max_len, dtype)
     heads = target.num_layers * target.num_kv_heads
-    budget = int(fraction * target.full_cache_bytes) - target.overhead_bytes(architecture(loaded.model.config.get_text_config()).vocab_size)
+    budget = int(fraction * target.full_cache_bytes) - target.overhead_bytes(model_token_classes(loaded.model.config, loaded.tokenizer))
     slots = budget // (target.slot_bytes(kind) * heads)
     return min(slots, max_len)
 
@@ -153,7 +153,7 @@ def adakv_plan(loaded, policy, max_len, fraction, dtype) -> Plan:
     """Ada-KV: SnapKV selection, equal budget per layer, split over its heads by the policy's curves."""
     target = deployment_for(policy, max_len, 1, dtype)
     goal = target_for(target, fraction, None)
-    slots = goal.budget_bytes - target.overhead_bytes(len(token_classes(policy)))
+    slots = goal.budget_bytes - target.overhead_bytes(token_classes(policy))
     return assemble(policy, target, goal, "adakv", adakv_allocation(policy, target, slots))
 
 

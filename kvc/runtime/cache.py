@@ -22,6 +22,7 @@ from kvc.policies.errors import KvcError
 from kvc.runtime.applied import applied_fingerprint, sliding_windows
 from kvc.runtime.selection import padding_start
 from kvc.runtime.store import LayerStore, storage_bytes
+from kvc.runtime.token_classes import TokenClasses
 
 CACHE_KEYWORD = "kvc_cache"  # the keyword the input hook adds to the model's forward for the attention function
 
@@ -119,7 +120,7 @@ class CompressedCache(Cache):
         layers = [CompressedLayer(self, LayerStore(plan, i, windows[i], kernels)) for i in range(plan.num_layers)]
         super().__init__(layers=layers)
         self.plan = plan
-        self.token_classes = plan.token_classes  # (vocab,) uint8, moved to the inputs' device once
+        self.token_classes = TokenClasses(plan.token_classes)
         self.observed: ObservedInputs | None = None
         self.length = 0  # tokens held so far, counted on the host (the step itself never reads it)
 
@@ -128,11 +129,9 @@ class CompressedCache(Cache):
         if input_ids is None:
             raise KvcError("the compressed cache needs input_ids (token classes); inputs_embeds are not supported")
         batch, length = input_ids.shape
-        if self.token_classes.device != input_ids.device:
-            self.token_classes = self.token_classes.to(input_ids.device)
         prefill = not self.layers[0].store.prefilled
         start = padding_start(attention_mask, batch, length, input_ids.device) if prefill else None
-        self.observed = ObservedInputs(self.token_classes[input_ids], start)
+        self.observed = ObservedInputs(self.token_classes(input_ids), start)
         if not torch.compiler.is_compiling():  # a compiled step leaves the host count to its caller
             self.plan.check_length(self.length + length)
 
@@ -159,7 +158,7 @@ class CompressedCache(Cache):
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds: slots, counters and tables (the plan's `cache_bytes`)."""
         held = [tensor for layer in self.layers for tensor in layer.store.held_tensors()]
-        return storage_bytes([*held, self.token_classes])
+        return storage_bytes([*held, *self.token_classes.tensors()])
 
     def kept_positions(self, layer: int, sequence: int = 0) -> list[torch.Tensor]:
         """Per KV head of a layer, the sorted positions (after padding) of the tokens it holds."""

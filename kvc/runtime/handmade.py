@@ -31,6 +31,13 @@ def head_tables(kinds, max_len: int, sinks: int = 4, class_slots: int = 0, heavy
     }
 
 
+def model_token_classes(config, tokenizer) -> torch.Tensor:
+    """The (vocab,) class bitmap of a model's tokenizer: its special and punctuation tokens."""
+    vocab = architecture(config.get_text_config() if hasattr(config, "get_text_config") else config).vocab_size
+    special, punctuation = special_token_ids(tokenizer), punctuation_token_ids(tokenizer)
+    return class_table(vocab, [i for i in special if i < vocab], [i for i in punctuation if i < vocab])
+
+
 def handmade_plan(
     config,
     tokenizer,
@@ -54,9 +61,7 @@ def handmade_plan(
     arch = architecture(config.get_text_config() if hasattr(config, "get_text_config") else config)
     if isinstance(kinds, str):
         kinds = [[kinds] * arch.num_kv_heads for _ in range(arch.num_layers)]
-    special, punctuation = special_token_ids(tokenizer), punctuation_token_ids(tokenizer)
-    token_classes = class_table(arch.vocab_size, [i for i in special if i < arch.vocab_size],
-                                [i for i in punctuation if i < arch.vocab_size])
+    token_classes = model_token_classes(config, tokenizer)
     return Plan(
         model_name=getattr(config, "name_or_path", "") or arch.architecture,
         fingerprint=fingerprint(config, tokenizer),

@@ -19,6 +19,7 @@ import torch
 from kvc.plan import Plan
 from kvc.runtime.selection import padding_start
 from kvc.runtime.store import LayerStore, storage_bytes
+from kvc.runtime.token_classes import TokenClasses
 
 
 class CompressedKV:
@@ -34,7 +35,7 @@ class CompressedKV:
         self.layers = [LayerStore(plan, layer, windows[layer], kernels) for layer in range(plan.num_layers)]
         for store in self.layers:
             store.allocate(batch, device)
-        self.token_classes = plan.token_classes.to(device)
+        self.token_classes = TokenClasses(plan.token_classes, device)
 
     def prefill(self, layer: int, keys, values, token_ids, query_window=None, attention_mask=None, scale=None):
         """Store a layer's keep-sets of the prompt.
@@ -45,11 +46,11 @@ class CompressedKV:
         """
         batch, length = token_ids.shape
         start = padding_start(attention_mask, batch, length, keys.device)
-        self.layers[layer].prefill(keys, values, self.token_classes[token_ids], start, query_window, scale)
+        self.layers[layer].prefill(keys, values, self.token_classes(token_ids), start, query_window, scale)
 
     def extend(self, layer: int, queries, keys, values, token_ids, scale=None) -> torch.Tensor:
         """Attend a chunk of new tokens (to the layer's slots and causally to itself), then admit them."""
-        return self.layers[layer].extend(queries, keys, values, self.token_classes[token_ids], scale)
+        return self.layers[layer].extend(queries, keys, values, self.token_classes(token_ids), scale)
 
     def decode(self, layer: int, query, key, value, token_id, scale=None) -> torch.Tensor:
         """`extend` by one token per sequence: query (batch, q_heads, head_dim), key/value (batch,
@@ -60,7 +61,7 @@ class CompressedKV:
     def nbytes(self) -> int:
         """Bytes of every tensor the cache holds: the plan's `cache_bytes` at its batch."""
         held = [tensor for store in self.layers for tensor in store.held_tensors()]
-        return storage_bytes([*held, self.token_classes])
+        return storage_bytes([*held, *self.token_classes.tensors()])
 
     def reset(self) -> None:
         """Forget the sequences, keep the memory."""

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvc.plan import Plan, Target
+from kvc.plan import class_members as plan_class_ids
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import Budget, frequency_keep, keep_set, kind_components
 from kvc.policies.tokens import PUNCT_BIT, SPECIAL_BIT
@@ -23,12 +24,14 @@ HEAD_DIM, GROUP = 16, 2
 BUDGET = Budget(sinks=2, window=4, heavy=5)
 
 
-def tiny_plan(kinds, max_len=64, batch=2, class_slots=32, budget=BUDGET, dtype="float32", kv_bits=0) -> Plan:
+def tiny_plan(kinds, max_len=64, batch=2, class_slots=32, budget=BUDGET, dtype="float32", kv_bits=0,
+              token_classes=None) -> Plan:
     layers, heads = len(kinds), len(kinds[0])
     return Plan(
         model_name="tiny", fingerprint="sha256:tiny", num_layers=layers, num_attention_heads=heads * GROUP,
         num_kv_heads=heads, head_dim=HEAD_DIM, target=Target(max_len=max_len, batch=batch, dtype=dtype),
-        token_classes=torch.zeros(8, dtype=torch.uint8), expected_recovery=torch.ones(layers, heads), kv_bits=kv_bits,
+        token_classes=torch.zeros(8, dtype=torch.uint8) if token_classes is None else token_classes,
+        expected_recovery=torch.ones(layers, heads), kv_bits=kv_bits,
         **head_tables(kinds, max_len, budget.sinks, class_slots, budget.heavy, budget.window),
     )
 
@@ -62,7 +65,7 @@ def test_prefill_keep_sets_follow_kinds(generator):
     window = queries[:, :, -8:]
     store.prefill(keys, values, classes, start, window)
     scores = observation_scores_reference(window, keys, start, None, plan.pool_kernel)
-    assert store.nbytes() + len(plan.token_classes) == plan.cache_bytes  # the cache holds the token classes
+    assert store.nbytes() + 4 * plan_class_ids(plan.token_classes) == plan.cache_bytes  # the cache holds the class tokens' ids
     for b in range(2):
         s = int(start[b])
         is_special, is_punct = (classes[b, s:] & SPECIAL_BIT) != 0, (classes[b, s:] & PUNCT_BIT) != 0
@@ -156,10 +159,10 @@ def test_a_chunk_attends_to_the_kept_slots_and_to_itself(generator, kv_bits, chu
     """Standalone API: each chunk query's output is softmax attention over the tokens the positions
     table names before the chunk plus the chunk up to itself (as the rows store them); the window
     (4) is shorter than most chunks, and the frequency heads must evict inside them."""
-    plan = tiny_plan(EXTEND_KINDS, batch=1, class_slots=3, kv_bits=kv_bits, max_len=256)
+    plan = tiny_plan(EXTEND_KINDS, batch=1, class_slots=3, kv_bits=kv_bits, max_len=256,
+                     token_classes=torch.tensor([0, 0, 0, 0, 0, PUNCT_BIT, SPECIAL_BIT, 0], dtype=torch.uint8))
     stored = (lambda x: decode(encode(x, kv_bits), kv_bits)) if kv_bits else (lambda x: x)
     cache = CompressedKV(plan, batch=1)
-    cache.token_classes = torch.tensor([0, 0, 0, 0, 0, PUNCT_BIT, SPECIAL_BIT, 0], dtype=torch.uint8)
     heads, length = len(EXTEND_KINDS[0]), 9
     keys, values, queries, _ = prompt(generator, 1, heads, length)
     cache.prefill(0, keys, values, torch.randint(0, 8, (1, length), generator=generator),
@@ -188,12 +191,12 @@ def test_a_chunk_equals_single_steps_where_admission_does_not_depend_on_chunking
     """A keep-everything plan gives the same outputs chunked or token by token; ring kinds keep the
     same tokens either way (their outputs differ: a chunk's queries still see what the ring evicts
     inside the chunk)."""
-    plan = tiny_plan([["full", "full"], ["local", "special+punct"]], batch=1, class_slots=3, max_len=64)
+    plan = tiny_plan([["full", "full"], ["local", "special+punct"]], batch=1, class_slots=3, max_len=64,
+                     token_classes=torch.tensor([0, 0, PUNCT_BIT, 0, SPECIAL_BIT, 0, 0, 0], dtype=torch.uint8))
     chunked, single = CompressedKV(plan), CompressedKV(plan)
     keys, values, queries, _ = prompt(generator, 1, 2, 6)
     token_ids = torch.randint(0, 8, (1, 6), generator=generator)
     for cache in (chunked, single):
-        cache.token_classes = torch.tensor([0, 0, PUNCT_BIT, 0, SPECIAL_BIT, 0, 0, 0], dtype=torch.uint8)
         for layer in range(2):
             cache.prefill(layer, keys, values, token_ids)
     query = torch.randn(1, 4, 11, HEAD_DIM, generator=generator)

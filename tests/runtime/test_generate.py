@@ -80,7 +80,7 @@ def test_cli_generate_with_and_without_a_plan(cli, small_plan, tmp_path):
     assert code == 0 and "Paris" in out and "(full cache)" in out
     code, out, _ = cli("generate", "--plan", str(plan_path), "--prompt", "The capital of France is",
                        "--max-new-tokens", "6")
-    assert code == 0 and "Paris" in out and "compressed (static plan, 20.1% of a full cache at 512 tokens)" in out
+    assert code == 0 and "Paris" in out and "compressed (static plan, 19.9% of a full cache at 512 tokens)" in out
 
 
 @pytest.mark.parametrize("arguments, message", [
