@@ -184,15 +184,12 @@ class LayerStore:
         RoPE; classes (batch, chunk) uint8. Returns (batch, q_heads, chunk, head_dim) in the query's dtype.
         """
         assert self.prefilled, f"layer {self.layer} was not prefilled"
-        batch, q_heads, chunk, head_dim = query.shape
+        chunk, head_dim = query.shape[2:]
         if self.sliding_window is not None and chunk > 1:
             # A sliding layer's window moves with every query: token by token, each sees exactly its window.
             return torch.cat([self.extend(query[:, :, i:i + 1], keys[:, :, i:i + 1], values[:, :, i:i + 1],
                                           classes[:, i:i + 1], scale) for i in range(chunk)], 2)
-        kv_heads = keys.shape[1]
-        group = q_heads // kv_heads
         scale = head_dim ** -0.5 if scale is None else scale
-        layout = self.layout
         # The chunk's rows as the cache will hold them, keys and values side by side, and what attention reads of them.
         both = torch.stack([keys, values], 3)  # (batch, kv_heads, chunk, 2, head_dim)
         if self.bits:
@@ -203,29 +200,7 @@ class LayerStore:
             chunk_rows = both.to(self.dtype)
             readable = chunk_rows.float()
             turned_query = query.float()
-        chunk_keys, chunk_values = readable[..., 0, :], readable[..., 1, :]
-        # The chunk attending to itself, causally: (batch, kv_heads, group, chunk, chunk).
-        grouped = turned_query.reshape(batch, kv_heads, group, chunk, head_dim)
-        own = grouped @ chunk_keys[:, :, None].transpose(-1, -2) * scale
-        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).tril()
-        own = own.masked_fill(~causal, float("-inf"))
-        own_lse = torch.logsumexp(own, -1)
-        own_weights = torch.exp(own - own_lse[..., None])
-        own_output = own_weights @ chunk_values[:, :, None]
-        own_lse = own_lse.reshape(batch, q_heads, chunk)
-        # The chunk attending to the slots, merged with the above.
-        attended = self.kernels.slot_attention(
-            turned_query, self.keys, self.values, self.positions, layout.segments, scale, self.bits,
-            extra_lse=own_lse, return_probs=layout.has_frequency, table=layout.table)
-        slot_output, slot_lse = attended[0], attended[1]
-        lse = torch.logaddexp(slot_lse, own_lse)
-        output = (torch.exp(slot_lse - lse)[..., None] * slot_output
-                  + torch.exp(own_lse - lse)[..., None] * own_output.reshape(batch, q_heads, chunk, head_dim))
-        own_scores = None
-        if layout.has_frequency:
-            self._accumulate(attended[2])
-            share = torch.exp(own_lse - lse).reshape(batch, kv_heads, group, chunk, 1)
-            own_scores = (own_weights * share).sum((2, 3))  # (batch, kv_heads, chunk) each token's attention received
+        output, own_scores = self._attend(turned_query, readable[..., 0, :], readable[..., 1, :], scale)
         if self.writers is not None:
             for index in range(chunk):
                 self._admit(index, chunk_rows, classes[:, index],
@@ -234,6 +209,37 @@ class LayerStore:
         if self.bits:
             output = quantize.turn_back(output, self.rotation)
         return output.to(query.dtype)
+
+    def _attend(self, query, chunk_keys, chunk_values, scale):
+        """The chunk's attention to itself (causal) and to the slots, merged by log-sum-exp.
+
+        query (batch, q_heads, chunk, head_dim) float32 (turned on a low-bit plan); chunk_keys and
+        chunk_values (batch, kv_heads, chunk, head_dim) as the cache stores them. Returns the output
+        and, on a layer with frequency heads (whose slot scores it accumulates), the attention each
+        chunk token received (batch, kv_heads, chunk).
+        """
+        batch, q_heads, chunk, head_dim = query.shape
+        kv_heads = chunk_keys.shape[1]
+        group, layout = q_heads // kv_heads, self.layout
+        grouped = query.reshape(batch, kv_heads, group, chunk, head_dim)
+        own = grouped @ chunk_keys[:, :, None].transpose(-1, -2) * scale  # (batch, kv_heads, group, chunk, chunk)
+        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).tril()
+        own = own.masked_fill(~causal, float("-inf"))
+        own_lse = torch.logsumexp(own, -1)
+        own_weights = torch.exp(own - own_lse[..., None])
+        own_output = (own_weights @ chunk_values[:, :, None]).reshape(batch, q_heads, chunk, head_dim)
+        own_lse = own_lse.reshape(batch, q_heads, chunk)
+        attended = self.kernels.slot_attention(
+            query, self.keys, self.values, self.positions, layout.segments, scale, self.bits,
+            extra_lse=own_lse, return_probs=layout.has_frequency, table=layout.table)
+        slot_output, slot_lse = attended[0], attended[1]
+        lse = torch.logaddexp(slot_lse, own_lse)
+        output = torch.exp(slot_lse - lse)[..., None] * slot_output + torch.exp(own_lse - lse)[..., None] * own_output
+        if not layout.has_frequency:
+            return output, None
+        self._accumulate(attended[2])
+        share = torch.exp(own_lse - lse).reshape(batch, kv_heads, group, chunk, 1)
+        return output, (own_weights * share).sum((2, 3))
 
     def _accumulate(self, probs: torch.Tensor) -> None:
         """Add the chunk's attention to the accumulated score of every frequency-head slot."""
