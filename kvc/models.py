@@ -181,8 +181,12 @@ def converted_gguf_dir(gguf: Path) -> Path:
                        "set KVC_CACHE to a writable folder") from None
     try:
         _convert(gguf, staging)
+    except BaseException:  # interrupted or failed: no half-written staging folder stays behind
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
         os.replace(staging, target)
-    except BaseException:
+    except OSError:  # another process finished the same conversion first: keep its folder
         shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").is_file():
             raise
