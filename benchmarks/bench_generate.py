@@ -32,6 +32,7 @@ from kvc.policies.schema import load_policy
 from kvc.report import human_bytes
 from kvc.runtime.apply import cache_keyword
 from kvc.runtime.cache import CompressedLayer
+from kvc.runtime.generate import dense_cache_bytes
 from kvc.runtime.step import Step
 
 RESULTS = Path(__file__).parent / "results"
@@ -114,7 +115,7 @@ class HfCase:
         self.length = record[0][0].shape[2]
         self.forward = torch.compile(self._forward, fullgraph=True) if compile else self._forward
         self.restore()
-        self.nbytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers)
+        self.nbytes = dense_cache_bytes(self.cache)
 
     def restore(self):
         config = self.model.config

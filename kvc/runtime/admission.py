@@ -15,9 +15,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvc.runtime.layout import CLASS, FIELDS, HEAVY, NO_GROUP, SINK, WINDOW, LayerLayout
-
-_COLUMN = {name: index for index, name in enumerate(FIELDS)}
+from kvc.runtime.layout import CLASS, HEAVY, NO_GROUP, SINK, WINDOW, LayerLayout
 
 
 class Admission(NamedTuple):
@@ -35,19 +33,14 @@ class Admission(NamedTuple):
     counts: torch.Tensor  # (batch, heads, 2) int32 class and window tokens admitted after this one
 
 
-def column(layout: LayerLayout, name: str) -> torch.Tensor:
-    """(kv_heads,) int64 view of one field of the head table."""
-    return layout.table[:, _COLUMN[name]]
-
-
 def token_group(layout: LayerLayout, classes: torch.Tensor, relative_position: torch.Tensor) -> torch.Tensor:
     """(batch, kv_heads) int64: the group a new token joins in each head, NO_GROUP if the head drops it.
 
     classes (batch,) uint8 token-class bits; relative_position (batch,) the token's index after the padding.
     """
-    quota = {name: column(layout, f"{name}_quota") for name in ("sink", "class", "heavy", "window")}
-    member = ((classes.long()[:, None] & column(layout, "class_bits")[None, :]) != 0) & (quota["class"] > 0)
-    heavy_only = (column(layout, "frequency") > 0) & (quota["heavy"] > 0)
+    quota = {name: layout.column(f"{name}_quota") for name in ("sink", "class", "heavy", "window")}
+    member = ((classes.long()[:, None] & layout.column("class_bits")[None, :]) != 0) & (quota["class"] > 0)
+    heavy_only = (layout.column("frequency") > 0) & (quota["heavy"] > 0)
     fallback = torch.where(quota["window"] > 0, WINDOW, torch.where(heavy_only, HEAVY, NO_GROUP))  # (heads,)
     group = torch.where(member, CLASS, fallback[None, :])
     return torch.where(relative_position[:, None] < quota["sink"][None, :], SINK, group)
@@ -56,9 +49,9 @@ def token_group(layout: LayerLayout, classes: torch.Tensor, relative_position: t
 def ring_slot(layout: LayerLayout, group: str, count: torch.Tensor) -> torch.Tensor:
     """(batch, heads) absolute slot a ring (class or window) writes next; a head without the ring
     names its own first slot (every index stays inside its head's segment)."""
-    quota = column(layout, f"{group}_quota")
-    return torch.where(quota > 0, column(layout, f"{group}_base") + count % quota.clamp(min=1),
-                       column(layout, "offset"))
+    quota = layout.column(f"{group}_quota")
+    return torch.where(quota > 0, layout.column(f"{group}_base") + count % quota.clamp(min=1),
+                       layout.column("offset"))
 
 
 def weakest_heavy(layout: LayerLayout, positions: torch.Tensor, scores: torch.Tensor):
@@ -67,12 +60,12 @@ def weakest_heavy(layout: LayerLayout, positions: torch.Tensor, scores: torch.Te
     Returns (slot (batch, heads) absolute, its score with -inf for an empty slot). Heads without
     heavy slots get their own first slot and score +inf; they never use it.
     """
-    quota, base = column(layout, "heavy_quota"), column(layout, "heavy_base")
+    quota, base = layout.column("heavy_quota"), layout.column("heavy_base")
     rank = torch.arange(layout.max_heavy, device=positions.device)
     inside = rank[None, :] < quota[:, None]  # (heads, max_heavy)
-    offset = column(layout, "offset")[:, None]
+    offset = layout.column("offset")[:, None]
     slots = torch.where(inside, base[:, None] + rank[None, :], offset)
-    score_slots = torch.where(inside, slots - offset + column(layout, "score_offset")[:, None], 0)
+    score_slots = torch.where(inside, slots - offset + layout.column("score_offset")[:, None], 0)
     held = torch.where(positions[:, slots] >= 0, scores[:, score_slots], float("-inf"))
     held = torch.where(inside[None], held, float("inf"))  # (batch, heads, max_heavy)
     lowest, choice = held.min(-1)  # (batch, heads)
@@ -90,20 +83,20 @@ def admit(layout: LayerLayout, counts: torch.Tensor, positions: torch.Tensor, sc
     group = token_group(layout, classes, relative_position)
     class_slot = ring_slot(layout, "class", counts[..., 0])
     window_slot = ring_slot(layout, "window", counts[..., 1])
-    sink_slot = column(layout, "offset")[None, :] + relative_position[:, None]
+    sink_slot = layout.column("offset")[None, :] + relative_position[:, None]
     slot = torch.where(group == SINK, sink_slot, torch.where(group == CLASS, class_slot, window_slot))
     move_from = move_to = moved = None
     if scores is not None and layout.max_heavy:
         heavy_slot, lowest = weakest_heavy(layout, positions, scores)
         slot = torch.where(group == HEAVY, heavy_slot, slot)
-        frequency = column(layout, "frequency") > 0
-        graduates = ((group == WINDOW) & frequency & (column(layout, "heavy_quota") > 0)
-                     & (counts[..., 1] >= column(layout, "window_quota")))
-        leaving = torch.where(frequency, window_slot - column(layout, "offset") + column(layout, "score_offset"), 0)
+        frequency = layout.column("frequency") > 0
+        graduates = ((group == WINDOW) & frequency & (layout.column("heavy_quota") > 0)
+                     & (counts[..., 1] >= layout.column("window_quota")))
+        leaving = torch.where(frequency, window_slot - layout.column("offset") + layout.column("score_offset"), 0)
         score_of_leaving = scores.gather(1, leaving)
         moved = graduates & (score_of_leaving > lowest)  # an empty heavy slot scores -inf
         move_from, move_to = window_slot, heavy_slot
     stored = group != NO_GROUP
     admitted = torch.stack([group == CLASS, group == WINDOW], -1).to(torch.int32)
-    slot = torch.where(stored, slot, column(layout, "offset"))
+    slot = torch.where(stored, slot, layout.column("offset"))
     return Admission(slot, stored, move_from, move_to, moved, counts + admitted)

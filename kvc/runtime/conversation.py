@@ -19,6 +19,7 @@ from kvc.models import LoadedModel
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.runtime.apply import apply, cache_keyword
+from kvc.runtime.generate import dense_cache_bytes
 
 TURN_SEPARATOR = "---"  # a line of its own between the user turns of a conversation file
 
@@ -94,7 +95,7 @@ class Conversation:
     def nbytes(self) -> int:
         if self.plan is not None:
             return self.cache.nbytes()
-        return sum(layer.keys.nbytes + layer.values.nbytes for layer in self.cache.layers if layer.keys is not None)
+        return dense_cache_bytes(self.cache)
 
     def close(self) -> None:
         if self.applied is not None:

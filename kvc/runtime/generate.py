@@ -107,6 +107,11 @@ def full_cache_bytes(config, tokens: int, batch: int, dtype: torch.dtype) -> int
     return arch.num_layers * arch.num_kv_heads * tokens * arch.head_dim * 2 * element * batch
 
 
+def dense_cache_bytes(cache) -> int:
+    """Bytes of the keys and values a transformers DynamicCache or StaticCache holds."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+
+
 def generate(
     loaded: LoadedModel,
     prompts: str | list[str],
@@ -145,7 +150,7 @@ def generate(
     continuations = output[:, input_ids.shape[1]:]
     cached_tokens = output.shape[1] - 1  # the last token is never fed back
     if plan is None:
-        cache_bytes = full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+        cache_bytes = full_bytes = dense_cache_bytes(cache)
     else:
         cache_bytes = cache.nbytes()
         full_bytes = full_cache_bytes(model.config, cached_tokens, len(prompts), cache.layers[0].store.dtype)

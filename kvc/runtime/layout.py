@@ -27,6 +27,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FIELDS = ("offset", "capacity", "sink_quota", "class_base", "class_quota", "heavy_base", "heavy_quota",
           "window_base", "window_quota", "class_bits", "frequency", "score_offset")
 assert len(FIELDS) == LAYOUT_FIELDS
+_COLUMN = {name: index for index, name in enumerate(FIELDS)}
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class LayerLayout:
 
     def column(self, name: str) -> torch.Tensor:
         """(kv_heads,) int64 one field of every head (a view)."""
-        return self.table[:, FIELDS.index(name)]
+        return self.table[:, _COLUMN[name]]
 
     @property
     def quotas(self) -> torch.Tensor:

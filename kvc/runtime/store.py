@@ -19,7 +19,7 @@ import torch
 from kvc.plan import Plan, quant_group
 from kvc.policies.errors import KvcError
 from kvc.runtime import kernels, quantize
-from kvc.runtime.admission import admit, column
+from kvc.runtime.admission import admit
 from kvc.runtime.layout import DTYPES, LayerLayout
 from kvc.runtime.quantize import Rows
 from kvc.runtime.selection import keep_groups, slot_sources
@@ -257,10 +257,10 @@ class LayerStore:
         token = [chunk_rows.codes[:, :, index], chunk_rows.params[:, :, index]] if self.bits else [chunk_rows[:, :, index]]
         rows = [*zip(list(self.rows) if self.bits else [self.rows], token),
                 (self.positions, (self.seen + index)[:, None].expand_as(admission.slot))]
-        owners = column(layout, "capacity") > 0
+        owners = layout.column("capacity") > 0
         first, some_idle = self.writers
         writer = (owners, first) if some_idle else None
-        scored = owners & (column(layout, "frequency") > 0)
+        scored = owners & (layout.column("frequency") > 0)
         scorer = (scored, layout.frequency_heads[0]) if layout.has_frequency else None
         if admission.moved is not None:
             for buffer, _ in rows:
@@ -303,8 +303,8 @@ class LayerStore:
 def _score_index(layout, slot):
     """(batch, heads) index into the scores of the slots `slot` (0 on heads without scores; their
     writes repeat a scored head's)."""
-    shift = column(layout, "score_offset") - column(layout, "offset")
-    return torch.where(column(layout, "frequency") > 0, slot + shift, 0)
+    shift = layout.column("score_offset") - layout.column("offset")
+    return torch.where(layout.column("frequency") > 0, slot + shift, 0)
 
 
 def _write(buffer, sequences, slot, mask, value, owners=None):
