@@ -24,6 +24,9 @@ CASES = [
     (2, 3, 2, 96, [19, 0, 6], 8, torch.float32),
     (1, 2, 5, 96, [30, 3], 4, torch.float32),
     (2, 1, 1, 96, [12, 12], 2, torch.float32),
+    # more query rows per head than WHOLE_LAYER_ROWS: the reference goes head by head
+    (1, 3, 12, 64, [40, 0, 9], 8, torch.float32),
+    (2, 2, 17, 48, [3, 25], 0, torch.bfloat16),
 ]
 
 
