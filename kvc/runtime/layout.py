@@ -10,7 +10,7 @@ the segment (only heavy hitters look for their weakest member).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +50,7 @@ class LayerLayout:
     frequency_heads: tuple[int, ...] = ()  # the heads with slots and scores
     max_capacity: int = 0
     max_heavy: int = 0
+    columns: dict = field(default=None, compare=False, repr=False)  # FIELDS -> (kv_heads,) view of `table`
 
     def __post_init__(self):
         heads = self.heads
@@ -59,6 +60,7 @@ class LayerLayout:
                            tuple(i for i, head in enumerate(heads) if head["frequency"] and head["capacity"]))
         object.__setattr__(self, "max_capacity", max((head["capacity"] for head in heads), default=0))
         object.__setattr__(self, "max_heavy", max((head["heavy_quota"] for head in heads), default=0))
+        object.__setattr__(self, "columns", {name: self.table[:, index] for name, index in _COLUMN.items()})
 
     @classmethod
     def from_plan(cls, plan: Plan, layer: int, sliding_window: int | None = None) -> LayerLayout:
@@ -89,7 +91,7 @@ class LayerLayout:
 
     def column(self, name: str) -> torch.Tensor:
         """(kv_heads,) int64 one field of every head (a view)."""
-        return self.table[:, _COLUMN[name]]
+        return self.columns[name]
 
     @property
     def quotas(self) -> torch.Tensor:

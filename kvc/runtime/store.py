@@ -223,11 +223,14 @@ class LayerStore:
         group, layout = q_heads // kv_heads, self.layout
         grouped = query.reshape(batch, kv_heads, group, chunk, head_dim)
         own = grouped @ chunk_keys[:, :, None].transpose(-1, -2) * scale  # (batch, kv_heads, group, chunk, chunk)
-        causal = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).tril()
-        own = own.masked_fill(~causal, float("-inf"))
-        own_lse = torch.logsumexp(own, -1)
-        own_weights = torch.exp(own - own_lse[..., None])
-        own_output = (own_weights @ chunk_values[:, :, None]).reshape(batch, q_heads, chunk, head_dim)
+        if chunk == 1:  # a lone token's softmax over itself is 1
+            own_weights, own_lse = torch.ones_like(own), own[..., 0]
+            own_output = chunk_values[:, :, None].expand(batch, kv_heads, group, 1, head_dim)
+        else:
+            causal = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).tril()
+            own_weights, own_lse = kernels.softmax_with_lse(own.masked_fill(~causal, float("-inf")))
+            own_output = own_weights @ chunk_values[:, :, None]
+        own_output = own_output.reshape(batch, q_heads, chunk, head_dim)
         own_lse = own_lse.reshape(batch, q_heads, chunk)
         attended = self.kernels.slot_attention(
             query, self.keys, self.values, self.positions, layout.segments, scale, self.bits,

@@ -15,6 +15,7 @@ from kvc.runtime.kernels.slot_attention import (
     slot_attention,
     slot_attention_reference,
     slot_attention_triton,
+    softmax_with_lse,
     use_triton,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "slot_attention",
     "slot_attention_reference",
     "slot_attention_triton",
+    "softmax_with_lse",
     "use_triton",
 ]

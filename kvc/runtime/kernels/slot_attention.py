@@ -63,6 +63,14 @@ def _check(query, keys, values, positions, segments, bits):
     return query.shape[1] // kv_heads
 
 
+def softmax_with_lse(scores: torch.Tensor):
+    """Softmax over the last dimension and its log-sum-exp; a row of -inf gives zero weights and -inf."""
+    top = scores.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
+    exps = torch.exp(scores - top)
+    total = exps.sum(-1, keepdim=True)  # >= 1 unless the whole row is -inf
+    return exps / total.clamp(min=1.0), (top + total.log()).squeeze(-1)
+
+
 def _probability_weights(lse, extra_lse):
     """exp(lse - merged lse) per query row: how much of the merged softmax the slots hold."""
     if extra_lse is None:
@@ -131,8 +139,7 @@ def _attend_span(query, keys, values, positions, lo, hi, members, scale, bits, e
     scores = scores.reshape(batch, kv_heads, rows // kv_heads, slots) * scale
     readable = members & (positions[:, None, lo:hi] >= 0)
     scores = scores.masked_fill(~readable[:, :, None], float("-inf"))
-    lse = torch.logsumexp(scores, -1)  # -inf where a head has no filled slot
-    weights = torch.exp(scores - lse.nan_to_num(0.0, neginf=0.0)[..., None])
+    weights, lse = softmax_with_lse(scores)
     flat_weights = weights.reshape(batch, rows, slots)
     output = sum(flat_weights[..., a - lo:b - lo] @ read_rows(values, a, b, bits) for a, b in blocks)
     output, lse = output.reshape(batch, q_heads, chunk, head_dim), lse.reshape(batch, q_heads, chunk)
