@@ -7,6 +7,10 @@ attention function, which finds the cache in its keyword arguments (`apply`'s in
 there), then either runs the prompt's usual attention and stores the keep-sets (prefill), or runs
 the store's `extend` on the chunk (any number of new tokens: decode, a second chat turn, a
 question after a cached document).
+
+On CUDA, transformers' `generate` compiles the decode forward of any compileable cache by itself;
+a compiled forward cannot advance the cache's host-side token count, so pass
+`**GENERATE_OPTIONS` (kvc's own generate does) and compile with `kvc.runtime.step.Step` instead.
 """
 
 from __future__ import annotations
@@ -25,6 +29,9 @@ from kvc.runtime.store import LayerStore, storage_bytes
 from kvc.runtime.token_classes import TokenClasses
 
 CACHE_KEYWORD = "kvc_cache"  # the keyword the input hook adds to the model's forward for the attention function
+
+# For model.generate with a CompressedCache: no automatic compilation (see the module docstring).
+GENERATE_OPTIONS = {"disable_compile": True}
 
 
 @dataclass

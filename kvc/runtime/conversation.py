@@ -19,6 +19,7 @@ from kvc.models import LoadedModel
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.runtime.apply import apply, cache_keyword
+from kvc.runtime.cache import GENERATE_OPTIONS
 from kvc.runtime.generate import dense_cache_bytes
 
 TURN_SEPARATOR = "---"  # a line of its own between the user turns of a conversation file
@@ -83,7 +84,8 @@ class Conversation:
         began = time.perf_counter()
         with torch.no_grad():
             output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=pad_id, **{self.keyword: self.cache})
+                                    do_sample=False, pad_token_id=pad_id, **{self.keyword: self.cache},
+                                    **(GENERATE_OPTIONS if self.plan is not None else {}))
         seconds = time.perf_counter() - began
         reply_ids = output[0, input_ids.shape[1]:].tolist()
         reply = tokenizer.decode(reply_ids, skip_special_tokens=True)

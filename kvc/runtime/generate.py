@@ -21,7 +21,7 @@ from kvc.policies.errors import KvcError
 from kvc.report import human_bytes
 from kvc.runtime.applied import applied_fingerprint
 from kvc.runtime.apply import apply, cache_keyword
-from kvc.runtime.cache import CompressedCache
+from kvc.runtime.cache import GENERATE_OPTIONS, CompressedCache
 
 
 @dataclass
@@ -145,7 +145,7 @@ def generate(
             plan.check_length(input_ids.shape[1] + max_new_tokens)
             with nullcontext() if applied_fingerprint(model) else apply(loaded, plan):  # keep a caller's apply
                 cache = CompressedCache(plan, model, kernels)
-                output = model.generate(input_ids, **{keyword: cache}, **options)
+                output = model.generate(input_ids, **{keyword: cache}, **options, **GENERATE_OPTIONS)
     ended = time.perf_counter()
     continuations = output[:, input_ids.shape[1]:]
     cached_tokens = output.shape[1] - 1  # the last token is never fed back

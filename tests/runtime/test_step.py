@@ -54,3 +54,22 @@ def test_the_eager_step_continues_as_generate(smollm):
         output = loaded.model.generate(input_ids, **{applied.cache_keyword: applied.cache()}, do_sample=False,
                                        max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
     assert decode(loaded, plan, input_ids, 5, compile=False) == output[0, input_ids.shape[1]:].tolist()
+
+
+def test_generate_never_lets_transformers_compile_the_compressed_step(smollm):
+    """transformers compiles generate's decode forward for a compileable cache (on CUDA; here forced on the
+    CPU); a compiled forward would leave the cache's token count behind, so kvc's generate turns it off."""
+    from transformers import CompileConfig
+
+    from kvc.runtime.generate import generate
+
+    loaded = tiny_llama(smollm.tokenizer)
+    plan = handmade_plan(loaded.model.config, smollm.tokenizer, KINDS, 64, class_slots=4, heavy=4, window=4)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True
+    loaded.model.generation_config.compile_config = compile_config
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    result = generate(loaded, "A short prompt, with commas.", plan, max_new_tokens=5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing was compiled
+    assert result.new_tokens == 5
