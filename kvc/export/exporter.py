@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 import warnings
-from collections.abc import Callable
-from contextlib import redirect_stdout
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from io import StringIO
 from pathlib import Path
@@ -63,6 +64,18 @@ def check_exportable(loaded: LoadedModel, plan: Plan, batch: int, chunk: int) ->
         raise KvcError("export runs on the CPU: load the model with --device cpu")
 
 
+def check_out_folder(out) -> None:
+    """Refuse, before any work, a destination that is not a new folder or an earlier export (which is
+    replaced whole): an unrelated folder is never deleted."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise KvcError(f"--out {out}: is a file; give a folder name (it is created)")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise KvcError(f"--out {out}: the folder exists and is not an earlier export; give a new folder name")
+    if not out.parent.is_dir():
+        raise KvcError(f"--out {out}: the folder {out.parent} does not exist")
+
+
 def shortest_prompt(plan: Plan) -> int:
     """The prefill graph's least prompt length: the observation window (shorter prompts are left-padded)."""
     return min(plan.observation_window, plan.target.max_len)
@@ -72,6 +85,7 @@ def export(loaded: LoadedModel, plan: Plan, out, chunk: int = 1, batch: int = 1,
            progress: Callable[[str], None] = lambda step: None) -> Exported:
     """Export `loaded` with `plan` into the folder `out` (replaced whole when it exists)."""
     check_exportable(loaded, plan, batch, chunk)
+    check_out_folder(out)
     began = time.perf_counter()
     with atomic_folder(out) as staging:
         graphs = {}
@@ -113,8 +127,7 @@ def _export_graph(graph: CacheGraph, example):
     input_names = [*INPUTS[name], *([f"past.{tensor.name}" for tensor in state] if stepping else [])]
     output_names = ["logits", *[f"present.{tensor.name}" for tensor in state]]
     try:
-        with warnings.catch_warnings(), redirect_stdout(StringIO()), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with _quiet(), torch.no_grad():
             program = torch.onnx.export(
                 graph, inputs, dynamo=True, opset_version=OPSET, input_names=input_names,
                 output_names=output_names, dynamic_shapes=dynamic, optimize=False, verbose=False,
@@ -126,6 +139,22 @@ def _export_graph(graph: CacheGraph, example):
     finally:
         graph.close()
     return program.model, state
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter's progress lines, warnings and log records stay out of the command's output."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnx_ir", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), redirect_stdout(StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _save_sharing_weights(graphs: dict, folder: Path) -> dict[str, int]:

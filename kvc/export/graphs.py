@@ -55,9 +55,9 @@ def load_state(store: LayerStore, tensors: dict[str, torch.Tensor]) -> None:
     store.seen, store.start = tensors["seen"], tensors["start"]
 
 
-def empty_state(store: LayerStore) -> dict[str, torch.Tensor]:
-    """Fresh buffers shaped as the store's: empty slots (position -1), zero counters."""
-    return {name: torch.full_like(tensor, -1 if name == "positions" else 0) for name, tensor in store_state(store).items()}
+def empty_state(template: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fresh buffers shaped as a store's: empty slots (position -1), zero counters."""
+    return {name: torch.full_like(tensor, -1 if name == "positions" else 0) for name, tensor in template.items()}
 
 
 class ComparedTokenClasses(TokenClasses):
@@ -82,22 +82,35 @@ class CacheGraph(torch.nn.Module):
         self.cache = CompressedCache(plan, self.model, kernels="reference")
         self.cache.token_classes = ComparedTokenClasses(plan.token_classes)
         device = next(self.model.parameters()).device
-        for layer in self.cache.layers:
-            layer.store.allocate(batch, device)
         self.stores = [layer.store for layer in self.cache.layers]
+        for store in self.stores:
+            store.allocate(batch, device)
+            if not store.bits:  # rows travel in the plan's dtype and are held in float32 inside the graph:
+                store.dtype = torch.float32  # onnxruntime's CPU kernels lack bfloat16 (Expand, Where, ScatterND ...)
+                store.rows = store.rows.float()
         self.fields = [list(store_state(store)) for store in self.stores]
+        self.templates = [{name: tensor.clone() for name, tensor in store_state(store).items()} for store in self.stores]
 
     def state_tensors(self) -> list[StateTensor]:
-        return [StateTensor(f"layer{index}.{name}", tuple(tensor.shape), tensor.dtype)
+        return [StateTensor(f"layer{index}.{name}", tuple(tensor.shape), self._carried(store, name, tensor).dtype)
                 for index, store in enumerate(self.stores) for name, tensor in store_state(store).items()]
 
     def state(self) -> list[torch.Tensor]:
-        return [tensor for store in self.stores for tensor in store_state(store).values()]
+        return [self._carried(store, name, tensor) for store in self.stores
+                for name, tensor in store_state(store).items()]
+
+    @staticmethod
+    def _carried(store, name, tensor):
+        """A state tensor as it enters and leaves the graph: rows in the plan's dtype."""
+        return tensor.to(store.plan_dtype) if name == "rows" else tensor
 
     def load(self, tensors) -> None:
         tensors = iter(tensors)
         for store, fields in zip(self.stores, self.fields):
-            load_state(store, {name: next(tensors).clone() for name in fields})  # the inputs stay unwritten
+            # clone: the step writes into the buffers and the graph's inputs stay as they were
+            given = {name: next(tensors) for name in fields}
+            load_state(store, {name: (tensor.to(store.dtype) if name == "rows" else tensor).clone()
+                               for name, tensor in given.items()})
             store.prefilled = True
 
     def run(self, input_ids, **inputs) -> torch.Tensor:
@@ -112,8 +125,8 @@ class PrefillGraph(CacheGraph):
     """Prompt ids and attention mask (batch, length), left-padded -> last logits and the new state."""
 
     def forward(self, input_ids, attention_mask):
-        for store in self.stores:
-            load_state(store, empty_state(store))
+        for store, template in zip(self.stores, self.templates):
+            load_state(store, empty_state(template))
             store.prefilled = False
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # as `generate` numbers a padded prompt
         logits = self.run(input_ids, attention_mask=attention_mask, position_ids=position_ids)
