@@ -307,19 +307,22 @@ def eval_command(
     png: Optional[Path] = typer.Option(None, "--png", help="Draw the Pareto plot (cache bytes vs score) here."),
     cache_dtype: str = typer.Option("bf16", "--cache-dtype", help="Dtype of every method's cache (bf16, fp16 or fp32; kvc's low-bit rows aside): budgets are shares of a full cache in it. The model computes in fp32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    backend: str = typer.Option("torch", "--backend", help="torch (kvc's runtime) or onnxruntime: each plan exported once (kept in the kvc cache) and its graphs run by onnxruntime; passkey and niah only."),
 ):
     """Evaluate kvc and the baselines at equal cache bytes on passkey, needle and perplexity.
 
     Records are saved as the run goes (to --json, or the kvc cache); the same command resumes a stopped run."""
     from kvc.compiler.sizes import parse_dtype
     from kvc.eval.baselines import METHODS
-    from kvc.eval.harness import TASKS
+    from kvc.eval.harness import TASKS, task_runner
     from kvc.eval.settings import parse_settings
 
     settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASKS, known_methods=METHODS,
                               answer_tokens=answer_tokens, samples=samples, first_sample=first_sample,
                               dtype=parse_dtype(cache_dtype, "--cache-dtype"), policy=recorded_path(policy),
-                              plan=recorded_path(plan))
+                              plan=recorded_path(plan), backend=backend)
+    for task in settings.tasks:
+        task_runner(task, backend)  # refuse a task the backend does not run before any work
     check_files({"--json": json_out, "--png": png}, {"model": model, "policy file": policy, "plan file": plan})
     run_evaluation(model, settings, policy, plan, json_out, png, device)
 

@@ -185,3 +185,34 @@ def test_an_interrupted_export_leaves_the_earlier_export_as_it_was(llama, monkey
     with pytest.raises(KeyboardInterrupt):
         export(loaded, plan, target)
     assert sorted(os.listdir(tmp_path)) == ["onnx"] and os.listdir(target) == ["manifest.json"]
+
+
+def test_eval_with_the_onnxruntime_backend_scores_what_the_torch_runtime_scores(llama, capsys, tmp_path, monkeypatch):
+    """The harness finds the plan's export in the kvc cache (put there as its first use would) and the
+    passkey completions through onnxruntime are the torch runtime's."""
+    import shutil
+
+    from kvc.export.cached import export_folder, plan_digest
+    from kvc.models import cache_folder
+
+    loaded, plan, plan_path, folder = llama
+    monkeypatch.setenv("KVC_CACHE", str(tmp_path / "cache"))
+    target = cache_folder("exports") / f"{loaded.fingerprint.replace('sha256:', '')}-{plan_digest(plan)}"
+    shutil.copytree(folder, target)
+    assert export_folder(loaded, plan) == target
+    scores = {}
+    for backend in ("torch", "onnxruntime"):
+        out = tmp_path / f"{backend}.json"
+        code, _, err = run(capsys, "eval", str(loaded.source.location),
+                           "--plan", str(plan_path), "--methods", "kvc", "--tasks", "passkey", "--lengths", "120",
+                           "--depths", "0.5", "--budgets", "1", "--cache-dtype", "fp32", "--device", "cpu",
+                           "--backend", backend, "--json", str(out))
+        assert code == 0, err
+        scores[backend] = json.loads(out.read_text())
+    assert scores["onnxruntime"]["settings"]["backend"] == "onnxruntime"
+    torch_records, onnx_records = scores["torch"]["records"], scores["onnxruntime"]["records"]
+    assert [r["completion"] for r in onnx_records] == [r["completion"] for r in torch_records]
+    assert [r["cache_bytes"] for r in onnx_records] == [r["cache_bytes"] for r in torch_records] == [plan.cache_bytes]
+    code, _, err = run(capsys, "eval", str(loaded.source.location), "--plan", str(plan_path), "--tasks", "ppl",
+                       "--backend", "onnxruntime")
+    assert code == 2 and "runs the tasks passkey, niah, not ppl" in err
