@@ -25,10 +25,14 @@ class Agreement:
     torch_tokens: list[int]
     same_tokens: bool
     first_divergence: int | None  # the step where onnxruntime's argmax is not the torch token
-    max_logit_difference: float
+    logit_differences: list[float]  # per step (0: the prefill's last position), the largest |difference|
+
+    @property
+    def max_logit_difference(self) -> float:
+        return max(self.logit_differences)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "max_logit_difference": self.max_logit_difference}
 
 
 def torch_greedy(loaded: LoadedModel, plan: Plan, ids: list[int], new_tokens: int):
@@ -54,4 +58,4 @@ def compare(loaded: LoadedModel, plan: Plan, generator: OnnxGenerator, ids: list
     got = np.stack(got)
     differs = [index for index, row in enumerate(got) if int(row.argmax()) != tokens[index]]
     return Agreement(len(ids), tokens, not differs, differs[0] if differs else None,
-                     float(np.abs(got - expected).max()))
+                     [float(row) for row in np.abs(got - expected).max(-1)])
