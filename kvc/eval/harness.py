@@ -134,6 +134,14 @@ def run_generation(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: 
     return Outcome(sample.score(result.texts[0]), result.texts[0], result.cache_bytes)
 
 
+def run_generation_onnx(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:
+    """The same prompt through the plan's exported graphs in onnxruntime (exported once, then cached)."""
+    from kvc.export.cached import exported_generator
+
+    result = exported_generator(loaded, plan).generate(sample.payload, max_new_tokens=new_tokens)
+    return Outcome(sample.score(result.texts[0]), result.texts[0], result.cache_bytes)
+
+
 def run_perplexity(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:
     """Teacher-forced perplexity of the continuation, one decode step per token through the plan's cache."""
     text, nll = sample.payload, []
@@ -146,6 +154,21 @@ def run_perplexity(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: 
 def run_recovery(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:
     score, nbytes = attention_recovery(loaded, plan, sample.payload)
     return Outcome(score, "", nbytes)
+
+
+BACKENDS = ("torch", "onnxruntime")
+ONNX_RUNS = {"passkey": run_generation_onnx, "niah": run_generation_onnx}  # the tasks onnxruntime runs
+
+
+def task_runner(task: str, backend: str) -> Callable:
+    """What runs one sample of a task on a backend: kvc's torch runtime, or the exported graphs."""
+    if backend not in BACKENDS:
+        raise KvcError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return TASKS[task].run
+    if task not in ONNX_RUNS:
+        raise KvcError(f"--backend onnxruntime runs the tasks {', '.join(ONNX_RUNS)}, not {task}")
+    return ONNX_RUNS[task]
 
 
 TASKS: dict[str, Task] = {
@@ -174,6 +197,7 @@ def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = No
     results = Results(settings)
     done = done or {}
     work = []  # (task, length, method, budget, max_len, plan, samples)
+    runners = {task: task_runner(task, settings.backend) for task in settings.tasks}
     for task in settings.tasks:
         for length in settings.lengths:
             samples = TASKS[task].samples(loaded.tokenizer, length, settings.depths, settings)
@@ -192,7 +216,7 @@ def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = No
                 earlier = done.get(cell_key(task, method, budget, length, sample.depth, sample.index))
                 if earlier is None:
                     progress.update(bar, description=f"{task} {length} {method} {budget:g}")
-                    outcome = TASKS[task].run(loaded, built, sample, new_tokens(task, settings))
+                    outcome = runners[task](loaded, built, sample, new_tokens(task, settings))
                     results.records.append(Record(task, method, budget, length, sample.depth, outcome.score,
                                                   outcome.cache_bytes, full_bytes(loaded, max_len, settings.dtype),
                                                   max_len, outcome.completion, sample.index))

@@ -28,6 +28,7 @@ class Settings:
     model: str = ""
     policy: str | None = None
     plan: str | None = None
+    backend: str = "torch"  # or "onnxruntime": passkey and needle through the exported graphs
 
 
 def items(text: str, option: str) -> list[str]:

@@ -89,7 +89,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
         # Earlier transformers releases pass the cache positions (a tensor) instead of the query length.
-        length = query_length if isinstance(query_length, int) else query_length.shape[-1]
+        length = query_length.shape[-1] if isinstance(query_length, torch.Tensor) else query_length  # int or SymInt
         # Only the prompt's attention uses the mask; a chunk's attention masks slots itself.
         return length, 0
 

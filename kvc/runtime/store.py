@@ -57,7 +57,9 @@ class LayerStore:
         self.layer = layer
         self.sliding_window = sliding_window
         self.layout = LayerLayout.from_plan(plan, layer, sliding_window)
-        self.dtype = DTYPES[plan.target.dtype]
+        # Rows hold values of the plan's dtype; a runtime without kernels for it (onnxruntime's CPU and
+        # bfloat16) may hold them in float32 (`dtype`), rounded to the plan's dtype on the way in.
+        self.dtype = self.plan_dtype = DTYPES[plan.target.dtype]
         self.bits = plan.kv_bits
         self.kernel_choice = kernels
         self.rows = None
@@ -168,9 +170,13 @@ class LayerStore:
     def _as_rows(self, vectors: torch.Tensor) -> list[torch.Tensor]:
         """(batch, heads, length, head_dim) vectors as the buffers' row tensors, each (batch, heads, length, width)."""
         if not self.bits:
-            return [vectors.to(self.dtype)]
+            return [self._rounded(vectors)]
         codes, params = quantize.encode(vectors, self.bits, self.rotation)
         return [codes, params.flatten(-2)]
+
+    def _rounded(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Vectors as the rows hold them: values of the plan's dtype, in `dtype`."""
+        return vectors.to(self.plan_dtype).to(self.dtype)
 
     def _buffers(self, rows) -> list[torch.Tensor]:
         """The keys' or values' view as (batch, slots, width) row tensors."""
@@ -197,7 +203,7 @@ class LayerStore:
             readable = quantize.decode_turned(chunk_rows, self.bits)
             turned_query = quantize.turn(query, self.rotation)
         else:
-            chunk_rows = both.to(self.dtype)
+            chunk_rows = self._rounded(both)
             readable = chunk_rows.float()
             turned_query = query.float()
         output, own_scores = self._attend(turned_query, readable[..., 0, :], readable[..., 1, :], scale)

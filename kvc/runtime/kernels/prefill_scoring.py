@@ -150,7 +150,11 @@ def _check_scoring_inputs(query_window, keys, key_start, pool_kernel):
 
 def _pool_and_mask_padding(scores, key_start, pool_kernel):
     """Max-pool (batch, kv_heads, seq_len) scores along seq_len, then zero the left padding again."""
-    pooled = F.max_pool1d(scores, kernel_size=pool_kernel, stride=1, padding=pool_kernel // 2)
+    # max_pool1d(kernel, stride 1, same padding) as the maximum of shifted copies: the same numbers, and
+    # unlike max_pool1d it keeps the prompt length symbolic when the prefill is exported.
+    half, length = pool_kernel // 2, scores.shape[2]
+    padded = F.pad(scores, (half, half), value=float("-inf"))
+    pooled = torch.stack([padded[..., shift:shift + length] for shift in range(pool_kernel)]).amax(0)
     padding = torch.arange(scores.shape[2], device=scores.device) < key_start[:, None, None]
     return pooled.masked_fill(padding, 0.0)
 
