@@ -26,6 +26,7 @@ from kvc.compiler import compile_policy
 from kvc.demo import cached_policy
 from kvc.eval.passkey import passkey_correct, passkey_sample
 from kvc.models import load
+from kvc.outputs import recorded_path
 from kvc.report import human_bytes
 
 RESULTS = Path(__file__).parent / "results"
@@ -118,7 +119,7 @@ def main():
                   f"{wanted:.1f}: {'met' if met else 'NOT met'}; throughput plan/full {speed:.2f}x (median of rounds)")
     record = {
         "kvc_version": kvc.__version__, "machine": platform.platform(), "cpus": torch.get_num_threads(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "settings": {k: recorded_path(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "plan": {"bytes": plan.cache_bytes, "full_bytes": plan.full_cache_bytes, "compression": plan.compression},
         "prompt_tokens": [len(p["prompt_token_ids"]) for p in prompts],
         "capacity": {**capacities, "wanted_plan": wanted, "met": met},
@@ -126,7 +127,7 @@ def main():
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(record, indent=1) + "\n")
-    console.print(f"wrote {args.json.relative_to(Path.cwd()) if args.json.is_relative_to(Path.cwd()) else args.json}")
+    console.print(f"wrote {recorded_path(args.json)}")
     for engine in engines.values():
         engine.llm_engine.engine_core.shutdown()
 

@@ -10,9 +10,11 @@ depths 0.1/0.5/0.9) and needle prompts (San Francisco needle, --needle-length to
 
 import argparse
 import json
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -26,6 +28,7 @@ from kvc.demo import DEPTHS, NEW_TOKENS, PROMPT_TOKENS, cached_policy
 from kvc.eval.niah import ANSWER_TOKENS, needle_sample, needle_score
 from kvc.eval.passkey import passkey_correct, passkey_sample
 from kvc.models import load
+from kvc.outputs import recorded_path
 from kvc.runtime.generate import generate
 
 RESULTS = Path(__file__).parent / "results"
@@ -67,8 +70,8 @@ def main():
     console = Console()
     loaded = load("smollm2-135m", dtype="float32", device="cpu")
     plan = compile_policy(cached_policy(loaded, console), target=args.target, max_len=args.max_len)
-    plan_path = args.json.with_suffix(".plan")
-    plan.save(plan_path)
+    scratch = Path(tempfile.mkdtemp(prefix="kvc-serve-parity-"))  # the plan the server reads, its log
+    plan_path = plan.save(scratch / "quarter.plan")
     tokenizer = loaded.tokenizer
     tasks = [("passkey", depth, passkey_sample(tokenizer, PROMPT_TOKENS, depth, seed=seed), NEW_TOKENS)
              for seed, depth in enumerate(DEPTHS)]
@@ -81,7 +84,7 @@ def main():
     runtime = [generate(loaded, sample.text, plan=plan, max_new_tokens=tokens).texts[0]
                for _, _, sample, tokens in tasks]
     port = free_port()
-    server = start_server(plan_path, port, args.json.with_suffix(".log"))
+    server = start_server(plan_path, port, scratch / "serve.log")
     try:
         url = f"http://127.0.0.1:{port}"
         model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
@@ -97,6 +100,7 @@ def main():
     finally:
         server.terminate()
         server.wait(120)
+        shutil.rmtree(scratch, ignore_errors=True)
     table = Table(title=f"kvc serve (HTTP) vs kvc's transformers runtime, plan at {plan.compression:.0%}")
     for column in ("task", "depth", "runtime", "served alone", "served together", "same text", "scores"):
         table.add_column(column)
@@ -110,7 +114,7 @@ def main():
     console.print(table)
     args.json.write_text(json.dumps({"plan": {"max_len": args.max_len, "compression": plan.compression},
                                      "rows": rows}, indent=1) + "\n")
-    console.print(f"wrote {args.json}")
+    console.print(f"wrote {recorded_path(args.json)}")
 
 
 if __name__ == "__main__":
