@@ -321,7 +321,10 @@ def serve_command(
     """
     from kvc.serving.vllm.server import serve
 
-    serve(model, plan, list(ctx.args), host, port)
+    extra = list(ctx.args)
+    if model is not None and model.startswith("-"):  # no MODEL: the first vLLM option landed in its place
+        model, extra = None, [model, *extra]
+    serve(model, plan, extra, host, port)
 
 
 def default_policy(loaded):
