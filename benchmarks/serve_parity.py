@@ -52,7 +52,8 @@ def free_port() -> int:
 def start_server(plan_path: Path, port: int, log: Path) -> subprocess.Popen:
     with open(log, "w") as output:
         process = subprocess.Popen([sys.executable, "-m", "kvc.cli", "serve", "smollm2-135m", "--plan", str(plan_path),
-                                    "--port", str(port), "--dtype", "float32", "--max-num-seqs", "8"],
+                                    "--port", str(port), "--dtype", "float32", "--max-num-seqs", "8",
+                                    "--kv-cache-memory-bytes", str(256 << 20)],
                                    stdout=output, stderr=subprocess.STDOUT)
     while True:
         if process.poll() is not None:
