@@ -83,6 +83,7 @@ def test_a_plan_of_another_model_is_one_line(policy_factory, tmp_path):
 @pytest.mark.parametrize("options, message", [
     (["--max-model-len", "2048"], "error: the engine serves sequences of up to 2048 tokens"),
     (["--enable-prefix-caching"], "error: kvc does not support prefix caching"),
+    (["--kv-cache-dtype", "fp8"], "error: --kv-cache-dtype fp8: the plan stores its cache as bfloat16"),
 ])
 def test_settings_the_plan_cannot_serve_are_one_line(served_plan_file, options, message):
     result = refusal(["--plan", str(served_plan_file), *options])

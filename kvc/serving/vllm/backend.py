@@ -108,22 +108,12 @@ class KvcAttentionImpl(AttentionImpl):
         if attn_metadata is None:  # profiling run: nothing is cached
             return output.fill_(0)
         self._bind(layer, kv_cache)
-        metadata, classes = attn_metadata, token_classes()(attn_metadata.token_ids[None])[0]
-        decoding = metadata.decoding
+        classes = token_classes()(attn_metadata.token_ids[None])[0]
+        decoding = attn_metadata.decoding
         if decoding:
-            self._decode(decoding, query, key, value, classes, output, metadata)
-        for request in range(len(metadata.held)):
-            if request in decoding:
-                continue
-            tokens = slice(metadata.query_start[request], metadata.query_start[request + 1])
-            block = int(metadata.blocks[request])
-            q, k, v = (_heads_first(x[tokens]) for x in (query, key, value))
-            if metadata.held[request]:
-                self.store.attach(self.pages.block(block), prefilled=True)
-                result = self.store.extend(q, k, v, classes[None, tokens], self.scale)
-            else:
-                result = self._prefill(block, q, k, v, classes[None, tokens])
-            output[tokens] = result[0].transpose(0, 1).to(output.dtype)
+            self._decode(decoding, query, key, value, classes, output, attn_metadata)
+        for request in sorted(set(range(len(attn_metadata.held))) - set(decoding)):
+            self._chunk(request, query, key, value, classes, output, attn_metadata)
         return output
 
     def _bind(self, layer, kv_cache: torch.Tensor) -> None:
@@ -133,6 +123,18 @@ class KvcAttentionImpl(AttentionImpl):
             self.store = LayerStore(plan, index)
             self.pages = PageViews(plan, index, kv_cache[:, 0, 0])
             self.raw = kv_cache
+
+    def _chunk(self, request: int, query, key, value, classes, output, metadata: KvcMetadata) -> None:
+        """A request's new tokens on their own: its prompt's first chunk (prefill) or any later one (extend)."""
+        tokens = slice(metadata.query_start[request], metadata.query_start[request + 1])
+        block = int(metadata.blocks[request])
+        q, k, v = (_heads_first(x[tokens]) for x in (query, key, value))
+        if metadata.held[request]:
+            self.store.attach(self.pages.block(block), prefilled=True)
+            result = self.store.extend(q, k, v, classes[None, tokens], self.scale)
+        else:
+            result = self._prefill(block, q, k, v, classes[None, tokens])
+        output[tokens] = result[0].transpose(0, 1).to(output.dtype)
 
     def _prefill(self, block: int, q, k, v, classes) -> torch.Tensor:
         """Causal attention over the first chunk, then its keep-sets into the block's pages."""
