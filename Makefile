@@ -1,23 +1,34 @@
 # Two entry points: `make demo` (the main job on the embedded model) and `make test`.
-# Each creates .venv if missing and installs everything it needs, CPU torch first.
-PYTHON ?= python3
-VENV   := .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.kvc-installed
+# Each creates what it needs and installs everything it needs, CPU torch first:
+# .venv (kvc, ONNX, the newest transformers) for everything, and for the tests of `kvc serve`
+# .venv-vllm, because vLLM 0.32 pins transformers < 5.20 (so the suite covers both releases).
+PYTHON    ?= python3
+VENV      := .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.kvc-installed
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.kvc-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install install-vllm clean
 
 install: $(STAMP)
+
+install-vllm: $(VLLM_STAMP)
 
 $(STAMP): pyproject.toml scripts/install.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash scripts/install.sh
 	touch $(STAMP)
 
+$(VLLM_STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) VENV=$(VLLM_VENV) WITH_VLLM=1 bash scripts/install.sh
+	touch $(VLLM_STAMP)
+
 demo: $(STAMP)
 	$(PY) -m kvc.demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+test: $(STAMP) $(VLLM_STAMP)
+	$(PY) -m pytest -q -m "not vllm"
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

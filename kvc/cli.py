@@ -367,6 +367,27 @@ def run_evaluation(model, settings, policy_path, plan_path, json_out, png, devic
             console.print(f"wrote {path}")
 
 
+@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve_command(
+    ctx: typer.Context,
+    model: Optional[str] = MODEL_ARGUMENT,
+    plan: Path = typer.Option(..., "--plan", help="The compiled plan to serve (`kvc compile`)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", help="Port to listen on."),
+):
+    """Serve MODEL through vLLM's OpenAI-compatible server with PLAN's compressed cache (needs kvc\\[vllm]).
+
+    Further options go to `vllm serve` (e.g. --dtype float32 --max-num-seqs 8 --kv-cache-memory-bytes 1G).
+    Each request holds the plan's bytes per sequence; prefix caching is off.
+    """
+    from kvc.serving.vllm.server import serve
+
+    extra = list(ctx.args)
+    if model is not None and model.startswith("-"):  # no MODEL: the first vLLM option landed in its place
+        model, extra = None, [model, *extra]
+    serve(model, plan, extra, host, port)
+
+
 def default_policy(loaded):
     """Without --policy: the demo's policy of this model on the built-in prompts, profiled once and cached."""
     from kvc.demo import cached_policy, cached_policy_path

@@ -12,7 +12,7 @@ written atomically and loaded in milliseconds.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -198,6 +198,22 @@ class Plan:
     @property
     def compression(self) -> float:
         return self.cache_bytes / self.full_cache_bytes
+
+    def slice_heads(self, first: int, count: int) -> "Plan":
+        """The plan of KV heads first..first+count-1 alone: what one tensor-parallel rank holds."""
+        if not (0 <= first and count > 0 and first + count <= self.num_kv_heads):
+            raise KvcError(f"KV heads {first}..{first + count - 1}: the plan has {self.num_kv_heads}")
+        group = self.num_attention_heads // self.num_kv_heads
+        heads = slice(first, first + count)
+        tables = {name: getattr(self, name)[:, heads].clone() for name in (*HEAD_TABLES, "expected_recovery")}
+        return replace(self, num_kv_heads=count, num_attention_heads=count * group, **tables)
+
+    def rank_slice(self, rank: int, ranks: int) -> "Plan":
+        """The heads tensor-parallel rank `rank` of `ranks` holds (vLLM gives each rank a contiguous range)."""
+        if self.num_kv_heads % ranks:
+            raise KvcError(f"{ranks} tensor-parallel ranks do not divide the plan's {self.num_kv_heads} KV heads")
+        count = self.num_kv_heads // ranks
+        return self if ranks == 1 else self.slice_heads(rank * count, count)
 
     # ------------------------------------------------------------ checks
     def check_model(self, model_fingerprint: str) -> None:

@@ -70,6 +70,21 @@ def policy_factory():
     return make_policy
 
 
+QUARTER_PROFILED = ("document-lighthouse-story", "code-python-review", "table-inventory")  # 4,047 tokens
+
+
+@pytest.fixture(scope="session")
+def passkey_policy(smollm):
+    """A real profile of the embedded model on three built-in prompts: its plans at 25% answer passkeys."""
+    from kvc.profiler import load_prompts, profile_model
+    from kvc.profiler.prompts import PromptSet
+
+    builtin = load_prompts("builtin")
+    prompts = PromptSet("builtin-3", tuple(p for p in builtin.prompts if p.name in QUARTER_PROFILED))
+    with torch.inference_mode():
+        return profile_model(smollm, prompts)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm):
     """A model folder (config, random weights, the embedded model's tokenizer) of a 2-layer Llama with

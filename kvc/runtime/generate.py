@@ -36,6 +36,7 @@ class Generation:
     decode_seconds: float
     plan_compression: float | None = None  # the plan's bytes against a full cache at its max_len
     max_len: int = 0
+    token_ids: list[list[int]] | None = None  # per prompt, the generated tokens
 
     @property
     def decode_tokens_per_second(self) -> float:
@@ -165,4 +166,5 @@ def generate(
         decode_seconds=ended - clock.times[0],
         plan_compression=None if plan is None else plan.compression,
         max_len=0 if plan is None else plan.target.max_len,
+        token_ids=continuations.tolist(),
     )

@@ -36,6 +36,20 @@ def kernel_set(device: torch.device, choice: str = "auto") -> SimpleNamespace:
                               ("slot_attention", "observation_scores", "gather_slots")})
 
 
+def sequence_fields(plan: Plan, layer: int, sliding_window: int | None = None) -> list[tuple[str, torch.dtype, tuple]]:
+    """What a layer's store keeps per sequence: (name, dtype, shape without the batch dim), 4-byte
+    fields first, so the fields packed back to back in this order stay aligned (a serving engine's page)."""
+    layout = LayerLayout.from_plan(plan, layer, sliding_window)
+    slots, head_dim, heads = layout.total_slots, plan.head_dim, layout.num_kv_heads
+    fields = [("positions", torch.int32, (slots,)), ("scores", torch.float32, (layout.score_slots,)),
+              ("counts", torch.int32, (heads, 2)), ("seen", torch.int32, ()), ("start", torch.int32, ())]
+    if not plan.kv_bits:
+        return [*fields, ("rows", DTYPES[plan.target.dtype], (slots, 2, head_dim))]
+    groups = head_dim // quant_group(head_dim)
+    return [*fields, ("params", torch.float16, (slots, 2, groups, 2)),
+            ("codes", torch.uint8, (slots, 2, head_dim * plan.kv_bits // 8))]
+
+
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind `tensors` (views and shared tables counted once)."""
     storages = {}
@@ -89,28 +103,26 @@ class LayerStore:
         if batch > self.plan.target.batch:
             raise KvcError(f"a batch of {batch} sequences does not fit a plan compiled for batch "
                            f"{self.plan.target.batch}; recompile with `kvc compile POLICY --batch {batch}` or more")
-        device = torch.device(device)
-        self.layout = self.layout.to(device)
-        self.kernels = kernel_set(device, self.kernel_choice)
-        slots, head_dim, heads = self.layout.total_slots, self.plan.head_dim, self.layout.num_kv_heads
-        self.rows = self._empty_rows(batch, slots, head_dim, device)  # keys [:, :, 0], values [:, :, 1]
-        self.rotation = quantize.rotation(head_dim, device) if self.bits else None
-        self.positions = torch.full((batch, slots), -1, dtype=torch.int32, device=device)
-        self.scores = torch.zeros(batch, self.layout.score_slots, dtype=torch.float32, device=device)
-        self.counts = torch.zeros(batch, heads, 2, dtype=torch.int32, device=device)
-        self.seen = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.start = torch.zeros(batch, dtype=torch.int32, device=device)
-        # Heads with slots own their writes; the others (a plan may starve some) repeat the first owner's.
-        stored = self.layout.stored_heads
-        self.writers = None if not stored else (stored[0], len(stored) < heads)
-        self.prefilled = False
+        buffers = {name: torch.zeros(batch, *shape, dtype=dtype, device=device)
+                   for name, dtype, shape in sequence_fields(self.plan, self.layer, self.sliding_window)}
+        buffers["positions"].fill_(-1)
+        self.attach(buffers)
 
-    def _empty_rows(self, batch, slots, head_dim, device):
-        if not self.bits:
-            return torch.zeros(batch, slots, 2, head_dim, dtype=self.dtype, device=device)
-        groups = head_dim // quant_group(head_dim)
-        return Rows(torch.zeros(batch, slots, 2, head_dim * self.bits // 8, dtype=torch.uint8, device=device),
-                    torch.zeros(batch, slots, 2, groups, 2, dtype=torch.float16, device=device))
+    def attach(self, buffers: dict[str, torch.Tensor], prefilled: bool = False) -> None:
+        """Run on buffers someone else owns (`sequence_fields`, each with a leading batch dim): a serving
+        engine's pages. `prefilled` says whether they already hold a prompt's keep-sets."""
+        device = buffers["positions"].device
+        if self.rows is None or self.layout.table.device != device:
+            self.layout = self.layout.to(device)
+            self.kernels = kernel_set(device, self.kernel_choice)
+            self.rotation = quantize.rotation(self.plan.head_dim, device) if self.bits else None
+            # Heads with slots own their writes; the others (a plan may starve some) repeat the first owner's.
+            stored = self.layout.stored_heads
+            self.writers = None if not stored else (stored[0], len(stored) < self.layout.num_kv_heads)
+        self.rows = Rows(buffers["codes"], buffers["params"]) if self.bits else buffers["rows"]  # keys [:, :, 0]
+        self.positions, self.scores, self.counts, self.seen, self.start = (
+            buffers[name] for name in ("positions", "scores", "counts", "seen", "start"))
+        self.prefilled = prefilled
 
     def held_tensors(self) -> list[torch.Tensor]:
         """Every tensor this store keeps between steps."""

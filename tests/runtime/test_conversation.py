@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 from kvc.cli import main
 from kvc.policies.errors import KvcError
+from kvc.runtime.apply import cache_keyword
 from kvc.runtime.conversation import Conversation, split_turns
 from kvc.runtime.handmade import handmade_plan
 
@@ -28,8 +29,8 @@ def test_a_second_turn_extends_the_cache_and_replies_as_a_fresh_full_cache(smoll
     assert second.added_tokens < 30 and fed_before == first.cached_tokens  # the turn's template and text only
     prompt = torch.tensor([history[:len(history) - second.new_tokens]])
     with torch.no_grad():
-        fresh = smollm.model.generate(prompt, cache=DynamicCache(config=smollm.model.config), max_new_tokens=10,
-                                      do_sample=False, pad_token_id=smollm.tokenizer.eos_token_id)
+        fresh = smollm.model.generate(prompt, **{cache_keyword(smollm.model): DynamicCache(config=smollm.model.config)},
+                                      max_new_tokens=10, do_sample=False, pad_token_id=smollm.tokenizer.eos_token_id)
     assert smollm.tokenizer.decode(fresh[0, prompt.shape[1]:], skip_special_tokens=True) == second.reply
 
 

@@ -3,24 +3,15 @@ from a real profile answers a passkey hidden in about 1,000 tokens of filler, at
 as the full cache does."""
 
 import pytest
-import torch
 
 from kvc.compiler import compile_policy
 from kvc.eval.passkey import passkey_correct, passkey_sample
-from kvc.profiler import load_prompts, profile_model
-from kvc.profiler.prompts import PromptSet
 from kvc.runtime.generate import generate
-
-PROFILED = ("document-lighthouse-story", "code-python-review", "table-inventory")  # 4,047 tokens
 
 
 @pytest.fixture(scope="module")
-def quarter_plan(smollm):
-    builtin = load_prompts("builtin")
-    prompts = PromptSet("builtin-3", tuple(p for p in builtin.prompts if p.name in PROFILED))
-    with torch.inference_mode():
-        policy = profile_model(smollm, prompts)
-    return compile_policy(policy, 0.25, max_len=1040, dtype="fp32")
+def quarter_plan(passkey_policy):
+    return compile_policy(passkey_policy, 0.25, max_len=1040, dtype="fp32")
 
 
 @pytest.mark.parametrize("seed, depth", [(0, 0.1), (1, 0.5), (2, 0.9)])

@@ -1,0 +1,1 @@
+"""Serving engines that run kvc plans (vLLM: `kvc.serving.vllm`)."""

