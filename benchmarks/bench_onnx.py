@@ -14,7 +14,6 @@ import platform
 import shutil
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import onnxruntime
