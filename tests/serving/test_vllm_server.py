@@ -6,7 +6,6 @@ import subprocess
 import sys
 import time
 
-import httpx
 import pytest
 
 from kvc.eval.passkey import passkey_correct, passkey_sample
@@ -24,6 +23,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(served_plan_file, tmp_path_factory):
+    import httpx  # comes with vLLM (this module runs in its environment)
+
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
     with open(log, "w") as output:
@@ -51,6 +52,8 @@ def server(served_plan_file, tmp_path_factory):
 
 
 def complete(url: str, prompt: str, tokens: int) -> str:
+    import httpx
+
     model = httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"]
     reply = httpx.post(f"{url}/v1/completions", timeout=600,
                        json={"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0})
