@@ -132,7 +132,8 @@ def draw(results: Results, path) -> Path:
             axis.set_ylabel("perplexity (lower is better)" if not TASKS[task].higher_is_better else "score")
             axis.set_title(f"{task}, {setting}")
             axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    labelled = {label: handle for axis in axes.flat for handle, label in zip(*axis.get_legend_handles_labels())}
+    axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)

@@ -31,6 +31,7 @@ HOPS = 3  # vartrack: assignments after the first, so HOPS + 1 variables hold th
 TOP_WORDS = 3  # fwe: the most frequent words asked
 VOCABULARY = 60  # fwe: distinct coded words
 ZIPF_ALPHA = 2.0
+DRAWS = 20  # fwe: draws of one seed tried until the top words are set apart
 ANSWER_TOKENS = {"multikey": 12, "multivalue": 40, "vartrack": 28, "fwe": 24}
 
 
@@ -129,26 +130,30 @@ def coded_words(rng: random.Random, count: int) -> list[str]:
 def fwe_sample(tokenizer, length: int, seed: int = 0) -> RulerSample:
     rng = random.Random(f"fwe-{seed}")
     vocabulary = coded_words(rng, VOCABULARY)
-    weights = [1 / rank ** ZIPF_ALPHA for rank in range(1, VOCABULARY + 1)]
     intro = ("Read the following coded text and track the frequency of each coded word. Find the three most "
              "frequently appeared coded words.\n")
     question = ("\n\nQuestion: What are the three most frequently appeared words in the above coded text?\nAnswer: "
                 "According to the coded text above, the three most frequently appeared words are:")
     room = length - len(tokenizer(intro + question).input_ids)
     cost = {word: len(tokenizer(" " + word, add_special_tokens=False).input_ids) for word in vocabulary}
+    for _ in range(DRAWS):  # the next draw of the same seed when the top words tie
+        words = coded_text(rng, vocabulary, cost, room)
+        counts = Counter(words).most_common()
+        if len(counts) > TOP_WORDS and counts[TOP_WORDS - 1][1] > counts[TOP_WORDS][1]:
+            return sample(tokenizer, intro + " ".join(words), question, [word for word, _ in counts[:TOP_WORDS]])
+    raise KvcError(f"fwe at {length} tokens: the {TOP_WORDS} most frequent words are not set apart; give a longer length")
+
+
+def coded_text(rng: random.Random, vocabulary: list[str], cost: dict[str, int], room: int) -> list[str]:
+    """Words drawn by the Zipf law until the next one would pass `room` tokens."""
+    weights = [1 / rank ** ZIPF_ALPHA for rank in range(1, len(vocabulary) + 1)]
     words, used = [], 0
     while True:
         word = rng.choices(vocabulary, weights)[0]
         if used + cost[word] > room:
-            break
+            return words
         words.append(word)
         used += cost[word]
-    counts = Counter(words).most_common()
-    if len(counts) <= TOP_WORDS or counts[TOP_WORDS - 1][1] == counts[TOP_WORDS][1]:
-        raise KvcError(f"fwe at {length} tokens: the {TOP_WORDS} most frequent words are not set apart; "
-                       "give a longer length")
-    context = intro + " ".join(words)
-    return sample(tokenizer, context, question, [word for word, _ in counts[:TOP_WORDS]])
 
 
 GENERATORS: dict[str, Callable[..., RulerSample]] = {

@@ -39,7 +39,7 @@ def test_metrics_of_a_loop_against_the_reference():
     reference = list(range(20))
     looping = list(range(5)) + [1, 2, 3, 4] * 3 + [0, 0, 0]
     assert fidelity_metrics(looping, reference) == {"first_difference": 5, "identical": 0.25,
-                                                    "repetition": round(1 - 9 / 17, 4)}
+                                                    "repetition": round(9 / 17, 4)}  # 17 4-grams, 8 distinct
 
 
 def test_fidelity_prompt_is_a_chat_turn_whose_request_comes_last(smollm):
