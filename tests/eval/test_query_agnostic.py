@@ -90,18 +90,17 @@ def test_query_agnostic_scores_do_not_see_the_question(smollm, prompt, plans):
 
 
 def test_the_harness_asks_in_both_settings_for_a_baseline_and_kvc(smollm, policy_of_model):
-    settings = Settings(tasks=["passkey", "multikey"], methods=["full", "streamingllm", "kvc"], budgets=[0.25],
-                        lengths=[LENGTH], depths=[0.5], samples=1, first_sample=3)
+    settings = Settings(tasks=["passkey"], methods=["full", "streamingllm", "kvc"], budgets=[0.25],
+                        lengths=[LENGTH], depths=[0.5], samples=1, first_sample=3, answer_tokens=8)
     records = evaluate(smollm, settings, policy_of_model, show_progress=False).records
     cells = [(r.task, r.setting, r.method) for r in records]
-    assert cells == [(task, setting, method) for task in ("passkey", "multikey")
-                     for setting in (QUERY_AWARE, QUERY_AGNOSTIC) for method in ("full", "streamingllm", "kvc")]
+    assert cells == [("passkey", setting, method) for setting in (QUERY_AWARE, QUERY_AGNOSTIC)
+                     for method in ("full", "streamingllm", "kvc")]
     for record in records:
         assert record.cache_bytes <= (1.0 if record.method == "full" else 0.25) * record.full_bytes
-    full = {(r.task, r.setting): r.score for r in records if r.method == "full"}
-    assert full == {(task, setting): 1.0 for task in ("passkey", "multikey") for setting in (QUERY_AWARE, QUERY_AGNOSTIC)}
+    assert [r.score for r in records if r.method == "full"] == [1.0, 1.0]
     # the recent window holds the passkey's question only when it was in the prompt
-    streaming = {r.setting: r.completion for r in records if r.method == "streamingllm" and r.task == "passkey"}
+    streaming = {r.setting: r.completion for r in records if r.method == "streamingllm"}
     assert streaming[QUERY_AWARE] != streaming[QUERY_AGNOSTIC]
 
 
