@@ -295,7 +295,8 @@ def eval_command(
     model: Optional[str] = MODEL_ARGUMENT,
     policy: Optional[Path] = typer.Option(None, "--policy", help="A policy from `kvc profile` (kvc, kvc-knapsack, kvc-fastgen, snapkv, pyramidkv and adakv need one)."),
     plan: Optional[Path] = typer.Option(None, "--plan", help="A compiled plan to evaluate as the kvc method instead of compiling one."),
-    tasks: str = typer.Option("passkey,niah,ppl", "--tasks", help="Comma-separated: passkey, niah, ppl, recovery (attention mass the cache holds, on held-out text)."),
+    tasks: str = typer.Option("passkey,niah,ppl", "--tasks", help="Comma-separated: passkey, niah, multikey, multivalue, vartrack, fwe (RULER-style: several needles, all values of a key, chained variables, frequent words), fidelity (128 greedy tokens on open-ended prompts against the full cache's; needs full), ppl, recovery (attention mass the cache holds, on held-out text)."),
+    setting: str = typer.Option("both", "--setting", help="Where a question is asked: query-aware (compressed with the context), query-agnostic (appended after the context was compressed, as for a cached document) or both."),
     methods: str = typer.Option("kvc,kvc-plain,kvc-knapsack,kvc-fastgen,full,streamingllm,h2o,snapkv,pyramidkv,adakv", "--methods", help="Comma-separated methods."),
     budgets: str = typer.Option("0.25", "--budgets", help="Comma-separated shares of the full cache's bytes, in (0, 1]."),
     lengths: str = typer.Option("1024", "--lengths", help="Comma-separated prompt lengths in tokens."),
@@ -309,20 +310,20 @@ def eval_command(
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     backend: str = typer.Option("torch", "--backend", help="torch (kvc's runtime) or onnxruntime: each plan exported once (kept in the kvc cache) and its graphs run by onnxruntime; passkey and niah only."),
 ):
-    """Evaluate kvc and the baselines at equal cache bytes on passkey, needle and perplexity.
+    """Evaluate kvc and the baselines at equal cache bytes on retrieval, RULER-style tasks, generation fidelity and perplexity, with the question asked before or after compression.
 
     Records are saved as the run goes (to --json, or the kvc cache); the same command resumes a stopped run."""
     from kvc.compiler.sizes import parse_dtype
     from kvc.eval.baselines import METHODS
-    from kvc.eval.harness import TASKS, task_runner
-    from kvc.eval.settings import parse_settings
+    from kvc.eval.harness import TASKS, check_backend
+    from kvc.eval.settings import parse_settings, question_settings
 
     settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASKS, known_methods=METHODS,
                               answer_tokens=answer_tokens, samples=samples, first_sample=first_sample,
                               dtype=parse_dtype(cache_dtype, "--cache-dtype"), policy=recorded_path(policy),
-                              plan=recorded_path(plan), backend=backend)
+                              plan=recorded_path(plan), setting=question_settings(setting), backend=backend)
     for task in settings.tasks:
-        task_runner(task, backend)  # refuse a task the backend does not run before any work
+        check_backend(task, backend)  # refuse a task the backend does not run before any work
     check_files({"--json": json_out, "--png": png}, {"model": model, "policy file": policy, "plan file": plan})
     run_evaluation(model, settings, policy, plan, json_out, png, device)
 

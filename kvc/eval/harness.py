@@ -1,6 +1,9 @@
-"""The evaluation harness: tasks x methods x budgets x lengths x depths, every sample through kvc's runtime.
+"""The evaluation harness: tasks x methods x budgets x lengths x depths x settings, every sample through kvc's runtime.
 
-Passkey and needle prompts are continued greedily by `generate`; perplexity is teacher-forced,
+Questions (passkey, needle, the RULER-style tasks, generation fidelity) are a context and a question,
+asked with the question in the compressed prompt (query-aware) or after it (query-agnostic); the
+context is prefilled once per sample and setting for every method (`questions.answer_all`), whose
+answers are then decoded greedily each through its own cache. Perplexity is teacher-forced,
 the prefix prefilled into the method's cache and the continuation fed one token per step, and
 recovery measures the full model's attention mass on what the cache holds at those steps. Each
 (task, length) gets one max length (its longest prompt plus the new tokens), the budgets are
@@ -10,9 +13,10 @@ shares of the full cache's bytes there, and `full` runs once as the reference (b
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import closing
 from dataclasses import asdict, dataclass, field
+from functools import partial
 
 import torch
 from rich.progress import (
@@ -23,28 +27,31 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from kvc.eval import ruler
 from kvc.eval.baselines import full_bytes, method_plan
+from kvc.eval.fidelity import ANSWER_TOKENS as FIDELITY_ANSWER_TOKENS
+from kvc.eval.fidelity import fidelity_metrics, fidelity_sample
 from kvc.eval.niah import ANSWER_TOKENS as NEEDLE_ANSWER_TOKENS
 from kvc.eval.niah import needle_sample, needle_score
 from kvc.eval.passkey import ANSWER_TOKENS as PASSKEY_ANSWER_TOKENS
 from kvc.eval.passkey import passkey_correct, passkey_sample
 from kvc.eval.perplexity import perplexity, perplexity_sample, teacher_forced
+from kvc.eval.questions import QUERY_AWARE, Prompt, answer_all
 from kvc.eval.recovery import attention_recovery
 from kvc.eval.settings import Settings
 from kvc.models import LoadedModel
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.policies.schema import Policy
-from kvc.runtime.generate import generate
 
 
 @dataclass(frozen=True)
 class Sample:
     depth: float | None
     num_tokens: int  # prompt (or prefix) tokens
-    payload: object  # the prompt text, or a PerplexitySample
+    payload: object  # the Prompt (context and question), or a PerplexitySample
     score: Callable[[str], float] | None = None
-    index: int = 0  # the sample's number: passkey seed, first essay of the haystack or passage back from the end
+    index: int = 0  # the sample's number: its seed, first essay of the haystack or passage back from the end
 
 
 @dataclass(frozen=True)
@@ -52,14 +59,21 @@ class Outcome:
     score: float
     completion: str
     cache_bytes: int
+    metrics: dict | None = None
 
 
 @dataclass(frozen=True)
 class Task:
     samples: Callable[[object, int, list[float], Settings], list[Sample]]
-    run: Callable[[LoadedModel, Plan, Sample, int], Outcome]
+    run: Callable[[LoadedModel, Plan, Sample, int], Outcome] | None = None  # None: a question, asked by `ask`
     higher_is_better: bool = True
     answer_tokens: int = 0  # tokens decoded after the prompt; 0: teacher-forced, the continuation's
+    compares: bool = False  # scored against the full cache's answer (generation fidelity)
+
+    @property
+    def asks(self) -> bool:
+        """A context and a question: evaluated in the query-aware and query-agnostic settings."""
+        return self.run is None
 
 
 @dataclass
@@ -75,14 +89,17 @@ class Record:
     max_len: int
     completion: str
     sample: int = 0
+    setting: str | None = None  # query-aware or query-agnostic; None: a task without a question
+    metrics: dict | None = None  # generation fidelity: first_difference, identical, repetition
 
     def cell(self) -> tuple:
-        return cell_key(self.task, self.method, self.budget, self.length, self.depth, self.sample)
+        return cell_key(self.task, self.method, self.budget, self.length, self.depth, self.sample, self.setting)
 
 
-def cell_key(task: str, method: str, budget: float, length: int, depth: float | None, sample: int) -> tuple:
-    """What a record is the score of: one sample of one task, method, budget, length and depth."""
-    return (task, method, float(budget), int(length), None if depth is None else float(depth), int(sample))
+def cell_key(task: str, method: str, budget: float, length: int, depth: float | None, sample: int,
+             setting: str | None = None) -> tuple:
+    """What a record is the score of: one sample of one task, method, budget, length, depth and setting."""
+    return (task, method, float(budget), int(length), None if depth is None else float(depth), int(sample), setting)
 
 
 @dataclass
@@ -100,18 +117,32 @@ class Results:
         """Results read back from `to_dict` (the JSON report), to render or plot them again."""
         settings = dict(data["settings"])
         settings.setdefault("first_sample", settings.pop("seed", 0))  # reports written before --first-sample
-        return cls(Settings(**settings), [Record(**record) for record in data["records"]], data["seconds"])
+        settings.setdefault("setting", [QUERY_AWARE])  # ... and before the query-agnostic setting
+        return cls(Settings(**settings), [read_record(record) for record in data["records"]], data["seconds"])
+
+
+def read_record(data: dict) -> Record:
+    """A record from JSON; one written before settings existed was asked query-aware, if it asked at all."""
+    if "setting" not in data and TASKS[data["task"]].asks:
+        data = data | {"setting": QUERY_AWARE}
+    return Record(**data)
 
 
 def sample_numbers(settings: Settings) -> range:
     return range(settings.first_sample, settings.first_sample + settings.samples)
 
 
+def question_sample(tokenizer, built, depth, index: int, answers: Callable[[str], float]) -> Sample:
+    """A task sample (with context and question) as the harness's: its prompt and its scorer."""
+    prompt = Prompt.encode(tokenizer, built.context, built.question)
+    return Sample(depth, prompt.num_tokens, prompt, answers, index)
+
+
 def passkey_samples(tokenizer, length, depths, settings) -> list[Sample]:
     """Sample i: the key of seed i, at every depth."""
     samples = [(index, passkey_sample(tokenizer, length, depth, seed=index))
                for index in sample_numbers(settings) for depth in depths]
-    return [Sample(s.depth, s.num_tokens, s.text, lambda text, s=s: float(passkey_correct(s, text)), index)
+    return [question_sample(tokenizer, s, s.depth, index, lambda text, s=s: float(passkey_correct(s, text)))
             for index, s in samples]
 
 
@@ -119,7 +150,23 @@ def needle_samples(tokenizer, length, depths, settings) -> list[Sample]:
     """Sample i: the haystack that starts at essay i, at every depth."""
     samples = [(index, needle_sample(tokenizer, length, depth, haystack=index))
                for index in sample_numbers(settings) for depth in depths]
-    return [Sample(s.depth, s.num_tokens, s.text, needle_score, index) for index, s in samples]
+    return [question_sample(tokenizer, s, s.depth, index, needle_score) for index, s in samples]
+
+
+def ruler_samples(name: str) -> Callable[..., list[Sample]]:
+    """Sample i of a RULER-style task: the seed i (no depths: positions are drawn from the seed)."""
+    def build(tokenizer, length, depths, settings) -> list[Sample]:
+        samples = [(index, ruler.GENERATORS[name](tokenizer, length, seed=index)) for index in sample_numbers(settings)]
+        return [question_sample(tokenizer, s, None, index, partial(ruler.share_found, s.answers))
+                for index, s in samples]
+
+    return build
+
+
+def fidelity_samples(tokenizer, length, depths, settings) -> list[Sample]:
+    """Sample i: essays from the middle of the collection on, then request i."""
+    return [question_sample(tokenizer, fidelity_sample(tokenizer, length, index), None, index, None)
+            for index in sample_numbers(settings)]
 
 
 def perplexity_samples(tokenizer, length, depths, settings) -> list[Sample]:
@@ -127,19 +174,6 @@ def perplexity_samples(tokenizer, length, depths, settings) -> list[Sample]:
     samples = [(index, perplexity_sample(tokenizer, length, settings.continuation, offset=index))
                for index in sample_numbers(settings)]
     return [Sample(None, len(sample.prefix_ids), sample, index=index) for index, sample in samples]
-
-
-def run_generation(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:
-    result = generate(loaded, sample.payload, plan, max_new_tokens=new_tokens)
-    return Outcome(sample.score(result.texts[0]), result.texts[0], result.cache_bytes)
-
-
-def run_generation_onnx(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:
-    """The same prompt through the plan's exported graphs in onnxruntime (exported once, then cached)."""
-    from kvc.export.cached import exported_generator
-
-    result = exported_generator(loaded, plan).generate(sample.payload, max_new_tokens=new_tokens)
-    return Outcome(sample.score(result.texts[0]), result.texts[0], result.cache_bytes)
 
 
 def run_perplexity(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: int) -> Outcome:
@@ -156,77 +190,143 @@ def run_recovery(loaded: LoadedModel, plan: Plan, sample: Sample, new_tokens: in
     return Outcome(score, "", nbytes)
 
 
-BACKENDS = ("torch", "onnxruntime")
-ONNX_RUNS = {"passkey": run_generation_onnx, "niah": run_generation_onnx}  # the tasks onnxruntime runs
-
-
-def task_runner(task: str, backend: str) -> Callable:
-    """What runs one sample of a task on a backend: kvc's torch runtime, or the exported graphs."""
-    if backend not in BACKENDS:
-        raise KvcError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
-    if backend == "torch":
-        return TASKS[task].run
-    if task not in ONNX_RUNS:
-        raise KvcError(f"--backend onnxruntime runs the tasks {', '.join(ONNX_RUNS)}, not {task}")
-    return ONNX_RUNS[task]
-
-
 TASKS: dict[str, Task] = {
-    "passkey": Task(passkey_samples, run_generation, answer_tokens=PASSKEY_ANSWER_TOKENS),
-    "niah": Task(needle_samples, run_generation, answer_tokens=NEEDLE_ANSWER_TOKENS),
+    "passkey": Task(passkey_samples, answer_tokens=PASSKEY_ANSWER_TOKENS),
+    "niah": Task(needle_samples, answer_tokens=NEEDLE_ANSWER_TOKENS),
+    **{name: Task(ruler_samples(name), answer_tokens=tokens) for name, tokens in ruler.ANSWER_TOKENS.items()},
+    "fidelity": Task(fidelity_samples, answer_tokens=FIDELITY_ANSWER_TOKENS, compares=True),
     "ppl": Task(perplexity_samples, run_perplexity, higher_is_better=False),
     "recovery": Task(perplexity_samples, run_recovery),
 }
+
+
+BACKENDS = ("torch", "onnxruntime")
+ONNX_TASKS = ("passkey", "niah")  # the tasks the exported graphs run
+
+
+def check_backend(task: str, backend: str) -> None:
+    """Refuse, before any work, a backend kvc does not have or a task it does not run."""
+    if backend not in BACKENDS:
+        raise KvcError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if backend == "onnxruntime" and task not in ONNX_TASKS:
+        raise KvcError(f"--backend onnxruntime runs the tasks {', '.join(ONNX_TASKS)}, not {task}")
 
 
 def new_tokens(task: str, settings: Settings) -> int:
     """Tokens after the prompt: the answer's (the task's own unless the settings say), or the
     teacher-forced continuation's."""
     own = TASKS[task].answer_tokens
+    if TASKS[task].compares:
+        return own  # fidelity: always its own long answer
     return settings.continuation if not own else settings.answer_tokens or own
+
+
+@dataclass(frozen=True)
+class Member:
+    """One method at one budget in a (task, length) group: its plan."""
+
+    method: str
+    budget: float
+    plan: Plan
+
+
+@dataclass(frozen=True)
+class Group:
+    task: str
+    length: int
+    max_len: int
+    members: list[Member]
+    samples: list[Sample]
 
 
 def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = None, plan: Plan | None = None,
              show_progress: bool = True, done: dict | None = None,
              on_record: Callable[[Results], None] | None = None) -> Results:
-    """Run every (task, length, method, budget, sample); `plan`, when given, is the `kvc` method's plan.
+    """Run every (task, length, sample, setting, method, budget); `plan`, when given, is the `kvc` method's plan.
 
-    `done` holds records of an earlier run by their cell (`Record.cell`): those cells are
-    taken from it, not run again. `on_record` sees the results after each new record."""
+    A question's context is prefilled once per sample and setting for every method (`ask`). `done`
+    holds records of an earlier run by their cell (`Record.cell`): those cells are taken from it,
+    not run again. `on_record` sees the results after each new record."""
     began = time.perf_counter()
     results = Results(settings)
     done = done or {}
-    work = []  # (task, length, method, budget, max_len, plan, samples)
-    runners = {task: task_runner(task, settings.backend) for task in settings.tasks}
+    for task in settings.tasks:
+        check_backend(task, settings.backend)
+    if any(TASKS[task].compares for task in settings.tasks) and "full" not in settings.methods:
+        raise KvcError("--tasks fidelity compares every answer with the full cache's: add full to --methods")
+    groups = []
     for task in settings.tasks:
         for length in settings.lengths:
             samples = TASKS[task].samples(loaded.tokenizer, length, settings.depths, settings)
             max_len = max(sample.num_tokens for sample in samples) + new_tokens(task, settings)
-            for method in settings.methods:
-                for budget in [1.0] if method == "full" else settings.budgets:
-                    built = given_plan(loaded, plan, max_len, budget, settings.dtype) if method == "kvc" and plan \
-                        else method_plan(method, loaded, policy, max_len, budget, settings.dtype)
-                    work.append((task, length, method, budget, max_len, built, samples))
-    total = sum(len(item[-1]) for item in work)
+            members = [Member(method, budget, given_plan(loaded, plan, max_len, budget, settings.dtype)
+                              if method == "kvc" and plan else
+                              method_plan(method, loaded, policy, max_len, budget, settings.dtype))
+                       for method in settings.methods for budget in ([1.0] if method == "full" else settings.budgets)]
+            groups.append(Group(task, length, max_len, members, samples))
+    total = sum(len(group.samples) * len(group.members) * len(settings_of(group.task, settings)) for group in groups)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   disable=not show_progress, transient=True) as progress:
         bar = progress.add_task("eval", total=total)
-        for task, length, method, budget, max_len, built, samples in work:
-            for sample in samples:
-                earlier = done.get(cell_key(task, method, budget, length, sample.depth, sample.index))
-                if earlier is None:
-                    progress.update(bar, description=f"{task} {length} {method} {budget:g}")
-                    outcome = runners[task](loaded, built, sample, new_tokens(task, settings))
-                    results.records.append(Record(task, method, budget, length, sample.depth, outcome.score,
-                                                  outcome.cache_bytes, full_bytes(loaded, max_len, settings.dtype),
-                                                  max_len, outcome.completion, sample.index))
-                    if on_record is not None:
-                        on_record(results)
-                else:
-                    results.records.append(earlier)
-                progress.advance(bar)
+        for group in groups:
+            for sample in group.samples:
+                for setting in settings_of(group.task, settings):
+                    progress.update(bar, description=f"{group.task} {group.length} {setting or ''} sample {sample.index}")
+                    for record in records_of(loaded, settings, group, sample, setting, done):
+                        results.records.append(record)
+                        if record.cell() not in done and on_record is not None:
+                            on_record(results)
+                        progress.advance(bar)
     results.seconds = time.perf_counter() - began
     return results
+
+
+def settings_of(task: str, settings: Settings) -> list[str | None]:
+    return list(settings.setting) if TASKS[task].asks else [None]
+
+
+def records_of(loaded, settings, group: Group, sample: Sample, setting, done: dict) -> Iterator[Record]:
+    """The group's records of one sample in one setting: earlier ones from `done`, the rest computed."""
+    task = TASKS[group.task]
+    cells = [cell_key(group.task, m.method, m.budget, group.length, sample.depth, sample.index, setting)
+             for m in group.members]
+    missing = [member for member, cell in zip(group.members, cells) if cell not in done]
+    answered = iter(ask(loaded, settings, group, sample, setting, missing) if task.asks and missing else [])
+    full_bytes_here = full_bytes(loaded, group.max_len, settings.dtype)
+    for member, cell in zip(group.members, cells):
+        if cell in done:
+            yield done[cell]
+            continue
+        outcome = next(answered) if task.asks else task.run(loaded, member.plan, sample,
+                                                             new_tokens(group.task, settings))
+        yield Record(group.task, member.method, member.budget, group.length, sample.depth, outcome.score,
+                     outcome.cache_bytes, full_bytes_here, group.max_len, outcome.completion, sample.index, setting,
+                     outcome.metrics)
+
+
+def ask(loaded, settings, group: Group, sample: Sample, setting: str, members: list[Member]) -> list[Outcome]:
+    """The members' answers to the sample's question after one shared prefill; a comparing task's
+    are scored against the full cache's answer (computed again when its record is done)."""
+    task = TASKS[group.task]
+    plans = [member.plan for member in members]
+    reference = next((m for m in group.members if m.method == "full"), None) if task.compares else None
+    position = next((i for i, member in enumerate(members) if member is reference), None)
+    extra = [reference.plan] if reference is not None and position is None else []
+    if settings.backend == "onnxruntime":
+        from kvc.export.cached import exported_generator
+        from kvc.eval.exported import answer_exported
+
+        answers = [answer_exported(exported_generator(loaded, plan), sample.payload, setting,
+                                   new_tokens(group.task, settings)) for plan in plans + extra]
+    else:
+        answers = answer_all(loaded, plans + extra, sample.payload, setting, new_tokens(group.task, settings))
+    texts = [loaded.tokenizer.decode(answer.tokens, skip_special_tokens=True) for answer in answers]
+    if reference is None:
+        return [Outcome(sample.score(text), text, answer.cache_bytes) for answer, text in zip(answers, texts)]
+    expected = answers[-1 if extra else position].tokens
+    metrics = [fidelity_metrics(answer.tokens, expected) for answer in answers[:len(members)]]
+    return [Outcome(scores["identical"], text, answer.cache_bytes, scores)
+            for answer, text, scores in zip(answers, texts, metrics)]
 
 
 def given_plan(loaded: LoadedModel, plan: Plan, max_len: int, budget: float, dtype: str) -> Plan:

@@ -27,9 +27,14 @@ ANSWER_TOKENS = 20
 
 @dataclass(frozen=True)
 class NeedleSample:
-    text: str
+    context: str
+    question: str
     depth: float
     num_tokens: int
+
+    @property
+    def text(self) -> str:
+        return self.context + self.question
 
 
 def essays_folder() -> Path:
@@ -51,25 +56,40 @@ def essays_text(first: int = 0) -> str:
     return "".join(texts[first:] + texts[:first])
 
 
+def haystack_ids(tokenizer, tokens: int, haystack: int = 0) -> list[int]:
+    """`tokens` token ids of the essays from essay `haystack` on."""
+    if tokens < 16:
+        raise KvcError(f"a prompt of this length leaves no room for the context ({tokens} tokens)")
+    return tokenizer(essays_text(haystack)[: tokens * 8], add_special_tokens=False).input_ids[:tokens]
+
+
+def insert_sentences(tokenizer, context: list[int], inserts: list[tuple[float, str]]) -> str:
+    """The context's text with each (depth, sentence) inserted at the sentence break before `depth`
+    (0..1) of its tokens (at the very start or end for 0 and 1); the text after an insert loses its
+    leading whitespace (the sentences carry their own)."""
+    text, cuts = tokenizer.decode(context), []
+    for depth, sentence in inserts:
+        if not 0.0 <= depth <= 1.0:
+            raise ValueError(f"depth must be in [0, 1], got {depth}")
+        cut = round(len(context) * depth)
+        before = tokenizer.decode(context[:cut])
+        period = before.rfind(".") if 0 < cut < len(context) else -1
+        cuts.append((period + 1 if period >= 0 else len(before), sentence))
+    pieces, last = [], 0
+    for at, sentence in sorted(cuts, key=lambda cut: cut[0]):
+        piece = text[last:at]
+        pieces += [piece.lstrip() if pieces else piece, sentence]
+        last = at
+    rest = text[last:]
+    return "".join([*pieces, rest.lstrip() if pieces else rest])
+
+
 def needle_sample(tokenizer, length: int, depth: float, haystack: int = 0) -> NeedleSample:
     """A haystack of about `length` tokens (question included), starting at essay `haystack`, with
     the needle at `depth` (0..1)."""
-    if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
-    budget = length - len(tokenizer(NEEDLE + QUESTION).input_ids)
-    if budget < 16:
-        raise KvcError(f"a haystack of {length} tokens leaves no room for the context")
-    context = tokenizer(essays_text(haystack)[: length * 8], add_special_tokens=False).input_ids[:budget]
-    cut = round(len(context) * depth)
-    before = tokenizer.decode(context[:cut])
-    if 0 < cut < len(context):
-        period = before.rfind(".")
-        cut_text = before[: period + 1] if period >= 0 else before
-    else:
-        cut_text = before
-    after = tokenizer.decode(context)[len(cut_text):]
-    text = cut_text + NEEDLE + after.lstrip() + QUESTION
-    return NeedleSample(text, depth, len(tokenizer(text).input_ids))
+    context = haystack_ids(tokenizer, length - len(tokenizer(NEEDLE + QUESTION).input_ids), haystack)
+    text = insert_sentences(tokenizer, context, [(depth, NEEDLE)]).rstrip()
+    return NeedleSample(text, QUESTION, depth, len(tokenizer(text + QUESTION).input_ids))
 
 
 def needle_score(completion: str) -> float:

@@ -21,10 +21,15 @@ ANSWER_TOKENS = 12  # decoded tokens: the five digits come first
 
 @dataclass(frozen=True)
 class PasskeySample:
-    text: str
+    context: str
+    question: str  # asked after the context
     passkey: str
     depth: float
     num_tokens: int
+
+    @property
+    def text(self) -> str:
+        return self.context + self.question
 
 
 def needle(passkey: str) -> str:
@@ -40,8 +45,9 @@ def passkey_sample(tokenizer, length: int, depth: float, seed: int = 0) -> Passk
     per_filler = len(tokenizer(FILLER * 8, add_special_tokens=False).input_ids) / 8
     repeats = max(1, round((length - fixed) / per_filler))
     before = round(repeats * depth)
-    text = INTRO + FILLER * before + needle(passkey) + FILLER * (repeats - before) + QUESTION
-    return PasskeySample(text, passkey, depth, len(tokenizer(text).input_ids))
+    context = (INTRO + FILLER * before + needle(passkey) + FILLER * (repeats - before)).rstrip()
+    question = " " + QUESTION
+    return PasskeySample(context, question, passkey, depth, len(tokenizer(context + question).input_ids))
 
 
 def passkey_correct(sample: PasskeySample, completion: str) -> bool:

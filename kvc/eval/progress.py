@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvc import __version__
 from kvc.eval import report
-from kvc.eval.harness import Record, Results
+from kvc.eval.harness import Record, Results, read_record
 from kvc.models import cache_folder
 
 
@@ -47,7 +47,7 @@ class Progress:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             if data.get("run") != self.identity:
                 return {}, 0.0
-            records = [Record(**record) for record in data["records"]]
+            records = [read_record(record) for record in data["records"]]
             return {record.cell(): record for record in records}, float(data.get("seconds", 0.0))
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return {}, 0.0  # nothing readable to resume from: start afresh

@@ -1,8 +1,10 @@
-"""What an evaluation shows: a table of method x budget x task, the JSON of every record, a Pareto plot.
+"""What an evaluation shows: per setting a table of method x budget x task, the JSON of every record, a Pareto plot.
 
 Scores are means over depths, lengths and samples (passkey: share right; niah: share of the needle's
-facts named; ppl: perplexity, with its ratio to the full cache's). The plot puts each method's
-actual cache bytes against its score, one panel per task.
+facts named; the RULER-style tasks: share of the expected strings named; fidelity: share of tokens
+identical to the full cache's answer, with the first differing position and the repeated 4-grams;
+ppl: perplexity, with its ratio to the full cache's). The plot puts each method's actual cache bytes
+against its score, one panel per task and setting.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from rich.console import Group
 from rich.table import Table
 
 from kvc.compiler.sizes import format_size as human_bytes
@@ -19,46 +22,80 @@ from kvc.eval.harness import TASKS, Results
 from kvc.files import atomic_write_bytes, atomic_write_text
 
 
+RULER_TASKS = ("multikey", "multivalue", "vartrack", "fwe")
+FIDELITY_COLUMNS = ("first_difference", "repetition")  # beside the share of identical tokens, the fidelity score
+
+
+def columns(results: Results) -> list[str]:
+    """The summary's score columns: each task, the RULER-style mean, the fidelity metrics."""
+    tasks = results.settings.tasks
+    ruler = ["ruler"] if sum(task in RULER_TASKS for task in tasks) > 1 else []
+    fidelity = [f"fidelity_{name}" for name in FIDELITY_COLUMNS] if "fidelity" in tasks else []
+    return [*tasks, *ruler, *fidelity]
+
+
 def summary(results: Results) -> list[dict]:
-    """One row per (method, budget): mean cache bytes and, per task, the mean score."""
+    """One row per (setting, method, budget): mean cache bytes and, per task, the mean score.
+
+    A task without a question (ppl, recovery) shows in every setting's rows; `ruler` is the mean
+    of the RULER-style tasks' means, fidelity_* the means of the fidelity metrics."""
     scores, sizes = defaultdict(list), defaultdict(list)
+    settings = results.settings.setting
     for record in results.records:
-        scores[(record.method, record.budget, record.task)].append(record.score)
-        sizes[(record.method, record.budget)].append(record.cache_bytes)
+        for setting in settings if record.setting is None else [record.setting]:
+            scores[(setting, record.method, record.budget, record.task)].append(record.score)
+            sizes[(setting, record.method, record.budget)].append(record.cache_bytes)
+            for name, value in (record.metrics or {}).items():
+                scores[(setting, record.method, record.budget, f"{record.task}_{name}")].append(value)
     rows = []
-    for (method, budget), cache in sizes.items():
-        row = {"method": method, "budget": budget, "cache_bytes": round(sum(cache) / len(cache))}
-        for task in results.settings.tasks:
-            values = scores.get((method, budget, task))
-            row[task] = sum(values) / len(values) if values else None
+    for (setting, method, budget), cache in sizes.items():
+        row = {"setting": setting, "method": method, "budget": budget, "cache_bytes": round(sum(cache) / len(cache))}
+        for column in columns(results):
+            values = scores.get((setting, method, budget, column))
+            row[column] = sum(values) / len(values) if values else None
+        if "ruler" in row:
+            means = [row[task] for task in RULER_TASKS if row.get(task) is not None]
+            row["ruler"] = sum(means) / len(means) if means else None
         rows.append(row)
     return rows
 
 
-def render(results: Results) -> Table:
+def render(results: Results) -> Group:
+    """One table per setting (tasks without a question repeat in each)."""
     rows = summary(results)
+    return Group(*[setting_table(results, [row for row in rows if row["setting"] == setting], setting)
+                   for setting in results.settings.setting if any(row["setting"] == setting for row in rows)])
+
+
+def setting_table(results: Results, rows: list[dict], setting: str) -> Table:
     reference = next((row for row in rows if row["method"] == "full"), None)
-    table = Table(title=f"kvc eval: {', '.join(results.settings.tasks)} at lengths "
+    names = columns(results)
+    table = Table(title=f"kvc eval, {setting}: {', '.join(results.settings.tasks)} at lengths "
                         f"{', '.join(map(str, results.settings.lengths))} ({results.settings.dtype} cache, "
                         f"{results.seconds:.0f} s)")
     table.add_column("method", no_wrap=True)
     table.add_column("budget", justify="right")
     table.add_column("cache", justify="right")
-    for task in results.settings.tasks:
-        table.add_column(task, justify="right")
+    for name in names:
+        table.add_column(HEADERS.get(name, name), justify="right")
     for row in rows:
-        cells = [cell(row[task], reference and reference[task], TASKS[task].higher_is_better)
-                 for task in results.settings.tasks]
+        cells = [cell(row[name], reference and reference[name], name) for name in names]
         table.add_row(row["method"], f"{row['budget']:.0%}", human_bytes(row["cache_bytes"]), *cells)
     return table
 
 
-def cell(score: float | None, reference: float | None, higher_is_better: bool) -> str:
+HEADERS = {"fidelity": "fidelity (same tokens)", "fidelity_first_difference": "first diff",
+           "fidelity_repetition": "4-gram rep", "ruler": "ruler mean"}
+
+
+def cell(score: float | None, reference: float | None, column: str) -> str:
     if score is None:
         return "-"
-    if higher_is_better:
-        return f"{score:.2f}"
-    return f"{score:.2f} ({score / reference:.2f}x)" if reference else f"{score:.2f}"
+    if column == "fidelity_first_difference":
+        return f"{score:.1f}"
+    if column in TASKS and not TASKS[column].higher_is_better:
+        return f"{score:.2f} ({score / reference:.2f}x)" if reference else f"{score:.2f}"
+    return f"{score:.2f}"
 
 
 def write_json(results: Results, path, **extra) -> Path:
@@ -68,7 +105,7 @@ def write_json(results: Results, path, **extra) -> Path:
 
 
 def draw(results: Results, path) -> Path:
-    """Pareto plot: mean cache bytes (MiB) against mean score, one panel per task, a line per method
+    """Pareto plot: mean cache bytes (MiB) against mean score, one panel per task and setting, a line per method
     through its budgets (perplexity on a log scale: a collapsed method would flatten the rest)."""
     import matplotlib
 
@@ -76,24 +113,27 @@ def draw(results: Results, path) -> Path:
     import matplotlib.pyplot as plt
 
     rows = summary(results)
-    tasks = results.settings.tasks
-    figure, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks) + 1.5, 4), squeeze=False)
+    tasks, settings = results.settings.tasks, list(dict.fromkeys(row["setting"] for row in rows))
+    figure, axes = plt.subplots(len(settings), len(tasks), figsize=(4.5 * len(tasks) + 1.5, 4 * len(settings)),
+                                squeeze=False)
     methods = list(dict.fromkeys(row["method"] for row in rows))
     markers = "osD^v<>PX*"
-    for axis, task in zip(axes[0], tasks):
-        for index, method in enumerate(methods):
-            points = sorted((row["cache_bytes"] / 2**20, row[task]) for row in rows
-                            if row["method"] == method and row[task] is not None)
-            if points:
-                axis.plot(*zip(*points), color=f"C{index}", marker=markers[index % len(markers)], alpha=0.8,
-                          label=method)
-        axis.set_xlabel("cache (MiB)")
-        if not TASKS[task].higher_is_better:
-            axis.set_yscale("log")
-        axis.set_ylabel("perplexity (lower is better)" if not TASKS[task].higher_is_better else "score")
-        axis.set_title(task)
-        axis.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    for line, setting in zip(axes, settings):
+        for axis, task in zip(line, tasks):
+            for index, method in enumerate(methods):
+                points = sorted((row["cache_bytes"] / 2**20, row[task]) for row in rows
+                                if row["setting"] == setting and row["method"] == method and row[task] is not None)
+                if points:
+                    axis.plot(*zip(*points), color=f"C{index}", marker=markers[index % len(markers)], alpha=0.8,
+                              label=method)
+            axis.set_xlabel("cache (MiB)")
+            if not TASKS[task].higher_is_better:
+                axis.set_yscale("log")
+            axis.set_ylabel("perplexity (lower is better)" if not TASKS[task].higher_is_better else "score")
+            axis.set_title(f"{task}, {setting}")
+            axis.grid(alpha=0.3)
+    labelled = {label: handle for axis in axes.flat for handle, label in zip(*axis.get_legend_handles_labels())}
+    axes[0][-1].legend(labelled.values(), labelled.keys(), fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120)

@@ -8,9 +8,12 @@ empty. Every refusal is one `KvcError` naming the option.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kvc.policies.errors import KvcError
+
+
+SETTINGS = ("query-aware", "query-agnostic")  # where a question is asked: before compression, or after it
 
 
 @dataclass
@@ -28,6 +31,7 @@ class Settings:
     model: str = ""
     policy: str | None = None
     plan: str | None = None
+    setting: list[str] = field(default_factory=lambda: list(SETTINGS))  # where questions are asked
     backend: str = "torch"  # or "onnxruntime": passkey and needle through the exported graphs
 
 
@@ -62,6 +66,16 @@ def numbers(text: str, option: str, convert, low: float, high: float, low_open: 
             raise KvcError(f"{option}: {item} is outside {bounds}")
         values.append(value)
     return list(dict.fromkeys(values))
+
+
+def question_settings(text: str) -> list[str]:
+    """--setting: query-aware, query-agnostic or both."""
+    value = str(text).strip()
+    if value == "both":
+        return list(SETTINGS)
+    if value not in SETTINGS:
+        raise KvcError(f"--setting: unknown value {value!r} (expected query-aware, query-agnostic or both)")
+    return [value]
 
 
 def parse_settings(tasks: str, methods: str, budgets: str, lengths: str, depths: str, *, known_tasks,

@@ -98,7 +98,7 @@ def _observe_inputs(module, args, kwargs):
     """Forward pre-hook: give a CompressedCache the input ids and padding of the forward about to
     run, and pass the cache on to the attention function."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if not isinstance(cache, CompressedCache):
+    if not getattr(cache, "observes_inputs", False):
         kwargs.pop(CACHE_KEYWORD, None)
         return args, kwargs
     input_ids = kwargs.get("input_ids", args[0] if args else None)
@@ -110,5 +110,5 @@ def _observe_inputs(module, args, kwargs):
 def _count_tokens(module, args, kwargs, output):
     """Forward hook: the forward is done, so the cache counts its tokens."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if isinstance(cache, CompressedCache):
+    if getattr(cache, "observes_inputs", False):
         cache.finish()

@@ -116,6 +116,8 @@ class CompressedCache(Cache):
     CPU), 'triton' or 'reference'.
     """
 
+    observes_inputs = True  # `apply`'s hooks show it each forward's input ids and count its tokens
+
     def __init__(self, plan: Plan, model, kernels: str = "auto"):
         if isinstance(model, LoadedModel):
             model = model.model

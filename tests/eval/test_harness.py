@@ -18,15 +18,15 @@ from kvc.policies.errors import KvcError
 @pytest.fixture(scope="module")
 def results(smollm):
     settings = Settings(tasks=["passkey"], methods=["full", "streamingllm"], budgets=[0.25], lengths=[400],
-                        depths=[0.0, 0.5], answer_tokens=8, samples=2)
+                        depths=[0.0, 0.5], answer_tokens=8, samples=2, setting=["query-aware"])
     return evaluate(smollm, settings, show_progress=False)
 
 
 def test_every_sample_runs_through_every_method_at_its_bytes(results):
     records = results.records
-    assert [(r.method, r.budget, r.sample, r.depth) for r in records] == [
-        (method, budget, sample, depth) for method, budget in (("full", 1.0), ("streamingllm", 0.25))
-        for sample in (0, 1) for depth in (0.0, 0.5)]
+    assert [(r.method, r.budget, r.sample, r.depth, r.setting) for r in records] == [
+        (method, budget, sample, depth, "query-aware") for sample in (0, 1) for depth in (0.0, 0.5)
+        for method, budget in (("full", 1.0), ("streamingllm", 0.25))]  # one prefill per sample serves both
     assert len({r.completion[:6] for r in records if r.method == "full"}) == 2  # two passkeys
     for record in records:
         assert record.max_len > 400 and record.full_bytes > 0
@@ -38,8 +38,9 @@ def test_every_sample_runs_through_every_method_at_its_bytes(results):
 
 
 def test_report_table_json_and_png(results, tmp_path):
-    table = report.render(results)
+    (table,) = report.render(results).renderables  # one setting, one table
     assert [column.header for column in table.columns] == ["method", "budget", "cache", "passkey"]
+    assert "query-aware" in table.title
     data = json.loads(report.write_json(results, tmp_path / "eval.json").read_text())
     assert data["settings"]["lengths"] == [400] and len(data["records"]) == 8
     assert {row["method"] for row in data["summary"]} == {"full", "streamingllm"}
@@ -81,6 +82,7 @@ def test_a_given_plan_must_serve_the_length_within_the_budget(smollm):
     (["--lengths", "1e3"], "--lengths: '1e3' is not a number"),
     (["--json", "/nonexistent/r.json"], "--json /nonexistent/r.json: the folder /nonexistent does not exist"),
     (["--cache-dtype", "int4"], "--cache-dtype: unknown cache dtype"),
+    (["--setting", "agnostic"], "--setting: unknown value 'agnostic' (expected query-aware, query-agnostic or both)"),
 ])
 def test_cli_refuses_bad_input_in_one_line(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -33,7 +33,7 @@ def test_passkey_prompt_has_the_key_at_its_depth(smollm, depth):
     [(" 41190. Remember", True), (" 41 190.", True), (" 41191.", False), (" the pass key.", False), ("", False)],
 )
 def test_passkey_scorer(completion, right):
-    assert passkey_correct(PasskeySample("", "41190", 0.5, 0), completion) is right
+    assert passkey_correct(PasskeySample("", "", "41190", 0.5, 0), completion) is right
 
 
 def test_passkeys_differ_by_seed(smollm):
@@ -84,7 +84,9 @@ def test_samples_are_other_haystacks_and_passages(smollm):
     settings = Settings(tasks=[], methods=[], budgets=[], lengths=[], depths=[], samples=3, continuation=8)
     needles = needle_samples(smollm.tokenizer, 300, [0.5], settings)
     assert [s.index for s in needles] == [0, 1, 2]
-    assert len({s.payload for s in needles}) == 3 and all(NEEDLE.strip() in s.payload for s in needles)
+    contexts = [smollm.tokenizer.decode(s.payload.context_ids) for s in needles]
+    assert len(set(contexts)) == 3 and all(NEEDLE.strip() in context for context in contexts)
+    assert all(smollm.tokenizer.decode(s.payload.question_ids) == QUESTION for s in needles)
     passages = perplexity_samples(smollm.tokenizer, 64, [], settings)
     assert [s.index for s in passages] == [0, 1, 2]
     assert len({tuple(s.payload.prefix_ids) for s in passages}) == 3

@@ -189,7 +189,7 @@ def test_an_interrupted_export_leaves_the_earlier_export_as_it_was(llama, monkey
 
 def test_eval_with_the_onnxruntime_backend_scores_what_the_torch_runtime_scores(llama, capsys, tmp_path, monkeypatch):
     """The harness finds the plan's export in the kvc cache (put there as its first use would) and the
-    passkey completions through onnxruntime are the torch runtime's."""
+    query-aware passkey completion through onnxruntime is the torch runtime's; both settings are run."""
     import shutil
 
     from kvc.export.cached import export_folder, plan_digest
@@ -211,8 +211,31 @@ def test_eval_with_the_onnxruntime_backend_scores_what_the_torch_runtime_scores(
         scores[backend] = json.loads(out.read_text())
     assert scores["onnxruntime"]["settings"]["backend"] == "onnxruntime"
     torch_records, onnx_records = scores["torch"]["records"], scores["onnxruntime"]["records"]
-    assert [r["completion"] for r in onnx_records] == [r["completion"] for r in torch_records]
-    assert [r["cache_bytes"] for r in onnx_records] == [r["cache_bytes"] for r in torch_records] == [plan.cache_bytes]
+    assert [r["setting"] for r in onnx_records] == [r["setting"] for r in torch_records] == ["query-aware",
+                                                                                           "query-agnostic"]
+    # Query-aware: the same prompt, the same tokens. Query-agnostic: the export feeds the question token
+    # by token, the torch runtime as one chunk (test_a_question_after_the_context_... checks the former).
+    assert onnx_records[0]["completion"] == torch_records[0]["completion"]
+    assert [r["cache_bytes"] for r in onnx_records] == [r["cache_bytes"] for r in torch_records] == [plan.cache_bytes] * 2
     code, _, err = run(capsys, "eval", str(loaded.source.location), "--plan", str(plan_path), "--tasks", "ppl",
                        "--backend", "onnxruntime")
     assert code == 2 and "runs the tasks passkey, niah, not ppl" in err
+
+
+def test_a_question_after_the_context_through_the_export_is_the_torch_runtime_token_by_token(llama):
+    """Query-agnostic evaluation through the export: the context prefilled, the question fed one token per
+    step, then greedy decoding; the torch runtime doing the same gives the same tokens and bytes."""
+    from kvc.eval.exported import answer_exported
+    from kvc.eval.questions import QUERY_AGNOSTIC, Prompt, greedy
+
+    loaded, plan, _, folder = llama
+    prompt = Prompt.encode(loaded.tokenizer, PROMPT * 2, " What stays, and what moves on?")
+    answer = answer_exported(OnnxGenerator(folder), prompt, QUERY_AGNOSTIC, 8)
+    with kvc.apply(loaded, plan) as applied, torch.no_grad():
+        cache, keyword = applied.cache(), applied.cache_keyword
+        logits = loaded.model(torch.tensor([prompt.context_ids]), **{keyword: cache}).logits[0, -1]
+        for token in prompt.question_ids:
+            logits = loaded.model(torch.tensor([[token]]), **{keyword: cache}).logits[0, -1]
+        expected = greedy(loaded, cache, logits, 8)
+    assert answer.tokens == expected
+    assert answer.cache_bytes == plan.cache_bytes
