@@ -96,8 +96,8 @@ def test_the_harness_asks_in_both_settings_for_a_baseline_and_kvc(smollm, policy
     cells = [(r.task, r.setting, r.method) for r in records]
     assert cells == [("passkey", setting, method) for setting in (QUERY_AWARE, QUERY_AGNOSTIC)
                      for method in ("full", "streamingllm", "kvc")]
-    for record in records:
-        assert record.cache_bytes <= (1.0 if record.method == "full" else 0.25) * record.full_bytes
+    for record in records:  # the full cache is the reference (its plan adds its tables to the full bytes)
+        assert record.method == "full" or record.cache_bytes <= 0.25 * record.full_bytes
     assert [r.score for r in records if r.method == "full"] == [1.0, 1.0]
     # the recent window holds the passkey's question only when it was in the prompt
     streaming = {r.setting: r.completion for r in records if r.method == "streamingllm"}
