@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from vllm.platforms.cpu import CpuPlatform
 
+from kvc.policies.errors import KvcError
 from kvc.serving.vllm.plans import plan_requested, served_plan
 from kvc.serving.vllm.plugins import BACKEND, WORKER
 
@@ -20,7 +21,7 @@ class KvcCpuPlatform(CpuPlatform):
         if not plan_requested():
             return super().get_attn_backend_cls(selected_backend, attn_selector_config, num_heads)
         if attn_selector_config.use_mla or attn_selector_config.use_sparse:
-            raise NotImplementedError("kvc serves plans of models with plain multi-head (GQA) attention, not MLA")
+            raise KvcError("kvc serves plans of models with plain multi-head (GQA) attention, not MLA or sparse attention")
         return BACKEND
 
     @classmethod
