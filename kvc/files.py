@@ -85,14 +85,19 @@ def os_reason(error: OSError) -> str:
     return error.strerror or str(error)
 
 
+def _staging(path: Path) -> Path:
+    """A fresh temporary name beside `path`, once its folder is known to exist and stale temporaries are gone."""
+    if not path.parent.is_dir():
+        raise KvcError(f"{path}: the folder {path.parent} does not exist")
+    remove_stale(path.parent)
+    return temporary_path(path)
+
+
 def atomic_write_bytes(path, data: bytes) -> Path:
     """Write `data` to `path` through a temporary file in the same folder, then rename:
     a reader never sees half a file, and an interruption leaves nothing behind."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise KvcError(f"{path}: the folder {path.parent} does not exist")
-    remove_stale(path.parent)
-    temporary = temporary_path(path)
+    temporary = _staging(path)
     try:
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies
         with os.fdopen(descriptor, "wb") as out:
@@ -159,10 +164,7 @@ def atomic_folder(path) -> Iterator[Path]:
     `path` (an old folder of that name is removed after the swap). A failed or interrupted block
     leaves no staging folder behind and the old folder, if any, as it was."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise KvcError(f"{path}: the folder {path.parent} does not exist")
-    remove_stale(path.parent)
-    staging = temporary_path(path)
+    staging = _staging(path)
     try:
         staging.mkdir()
     except OSError as error:

@@ -14,10 +14,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
-from kvc.files import atomic_write_text, temporary_path
+from kvc.files import atomic_folder, atomic_write_text
 from kvc.models import cache_folder, converted_gguf_dir, fingerprint, resolve
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
@@ -55,18 +54,11 @@ def _with_architectures(folder: Path, config: dict) -> Path:
     target = cache_folder("served") / f"{folder.name}-{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]}"
     if (target / "config.json").is_file() and (target / "config.json").read_text() == text:
         return target
-    staging = temporary_path(target)
-    try:
-        staging.mkdir()
+    with atomic_folder(target) as staging:
         for path in folder.iterdir():
             if path.is_file() and path.name != "config.json":
                 os.symlink(path.resolve(), staging / path.name)
         atomic_write_text(staging / "config.json", text)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
