@@ -51,35 +51,42 @@ def prompts(tokenizer):
         yield name, encode_prompts(tokenizer, [text], chat)[0]
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--export", type=Path, default=None, help="an export of the demo's plan to reuse")
-    parser.add_argument("--new-tokens", type=int, default=24)
-    parser.add_argument("--json", type=Path, default=RESULTS / "onnx_agreement.json")
-    args = parser.parse_args()
-    console = Console()
-    loaded = load("smollm2-135m", dtype="float32", device="cpu")
-    plan = compile_policy(cached_policy(loaded, console), target=TARGET, max_len=PROMPT_TOKENS + 32 + NEW_TOKENS)
-    folder, seconds = args.export, None
-    if folder is None:
-        began = time.perf_counter()
-        folder = export(loaded, plan, Path(tempfile.mkdtemp(prefix="kvc-agreement-")) / "export").folder
-        seconds = time.perf_counter() - began
-    generator = OnnxGenerator(folder, device="cpu")
+def agreements(loaded, plan, generator, new_tokens, console) -> dict:
+    """Each prompt's agreement (as a dict), printed a line each."""
     rows = {}
     for name, ids in prompts(loaded.tokenizer):
-        agreement = compare(loaded, plan, generator, ids, args.new_tokens)
+        agreement = compare(loaded, plan, generator, ids, new_tokens)
         rows[name] = agreement.to_dict()
         verdict = "same tokens" if agreement.same_tokens else f"first differs at step {agreement.first_divergence}"
         console.print(f"{name:<20} {agreement.prompt_tokens:5d} tokens  {verdict:<26} max |logit diff| "
                       f"{agreement.max_logit_difference:.2e}  {loaded.tokenizer.decode(agreement.torch_tokens)[:40]!r}",
                       highlight=False)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--export", type=Path, default=None, help="an export of the demo's plan to reuse")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--json", type=Path, default=RESULTS / "onnx_agreement.json")
+    args = parser.parse_args()
+    console = Console(width=max(Console().width, 120))
+    loaded = load("smollm2-135m", dtype="float32", device="cpu")
+    plan = compile_policy(cached_policy(loaded, console), target=TARGET, max_len=PROMPT_TOKENS + 32 + NEW_TOKENS)
+    with tempfile.TemporaryDirectory(prefix="kvc-agreement-") as scratch:  # a fresh export is removed after
+        folder, seconds = args.export, None
+        if folder is None:
+            began = time.perf_counter()
+            folder = export(loaded, plan, Path(scratch) / "export").folder
+            seconds = time.perf_counter() - began
+        rows = agreements(loaded, plan, OnnxGenerator(folder, device="cpu"), args.new_tokens, console)
     agree = sum(row["same_tokens"] for row in rows.values())
     console.print(f"{agree}/{len(rows)} prompts: onnxruntime's greedy tokens are the torch runtime's")
     args.json.write_text(json.dumps({"plan": {"max_len": plan.target.max_len, "cache_bytes": plan.cache_bytes,
                                               "compression": plan.compression},
                                      "new_tokens": args.new_tokens, "export_seconds": seconds,
-                                     "export": recorded_path(args.export), "prompts": rows}, indent=1) + "\n")
+                                     "export": recorded_path(args.export) if args.export else "a fresh export (removed)",
+                                     "prompts": rows}, indent=1) + "\n")
     console.print(f"wrote {recorded_path(args.json)}")
 
 

@@ -6,7 +6,7 @@
     DIR/model.plan     the plan; the tokenizer's files; DIR/manifest.json (what the graphs take and give)
 
 The graphs are `graphs.PrefillGraph` and `graphs.StepGraph` through `torch.onnx.export(dynamo=True)`;
-the prompt length is dynamic (from the plan's observation window up to its max length), batch and
+the prompt length is dynamic (from one token up to the plan's max length), batch and
 chunk are fixed at export. The folder appears whole or not at all (`kvc.files.atomic_folder`).
 """
 
@@ -77,8 +77,10 @@ def check_out_folder(out) -> None:
 
 
 def shortest_prompt(plan: Plan) -> int:
-    """The prefill graph's least prompt length: the observation window (shorter prompts are left-padded)."""
-    return min(plan.observation_window, plan.target.max_len)
+    """The prefill graph's least prompt length: one token, so no prompt is padded beyond its batch's
+    longest (earlier exports started at the observation window; `OnnxGenerator` pads to what the
+    manifest records)."""
+    return 1
 
 
 def export(loaded: LoadedModel, plan: Plan, out, chunk: int = 1, batch: int = 1,

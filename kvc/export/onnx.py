@@ -1,6 +1,7 @@
 """Generation from a `kvc export` folder over onnxruntime: `OnnxGenerator(folder).generate(prompts)`.
 
-The prefill graph takes the left-padded prompts (padded further up to the graph's shortest prompt),
+The prefill graph takes the left-padded prompts (as long as the batch's longest, or the manifest's
+shortest prompt if that is longer),
 the step graph one token per sequence with the cache state. The state never leaves onnxruntime
 between steps: each step's outputs are bound as the next step's inputs (I/O binding), on the
 CPU or, with the CUDA provider, on the GPU. Greedy by default; a temperature > 0 samples (with

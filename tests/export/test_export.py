@@ -83,8 +83,9 @@ def onnx_logits(generator, input_ids, chunks):
     return torch.from_numpy(logits), steps, state
 
 
-def check_prefill_and_ten_steps(loaded, plan, folder, chunk_size):
-    input_ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
+def check_prefill_and_ten_steps(loaded, plan, folder, chunk_size, input_ids=None):
+    if input_ids is None:
+        input_ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
     generator = OnnxGenerator(folder, device="cpu")
     chunks = [torch.randint(0, loaded.model.config.vocab_size, (1, chunk_size), generator=torch.Generator().manual_seed(i))
               for i in range(10)]
@@ -104,6 +105,19 @@ def test_llama_8bit_rows_prefill_and_ten_steps_match_the_torch_runtime(llama):
     generator = check_prefill_and_ten_steps(loaded, plan, folder, chunk_size=1)
     codes = [entry for entry in generator.manifest["state"] if entry["name"].endswith(".codes")]
     assert codes and all(entry["dtype"] == "uint8" for entry in codes)
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_prompts_shorter_than_the_observation_window_are_not_padded(llama, length):
+    """The prefill graph takes any length from one token: a 1- or 3-token prompt runs as the torch
+    runtime runs it (unpadded), and the state counts exactly its tokens."""
+    loaded, plan, _, folder = llama
+    assert length < plan.observation_window
+    input_ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids[:, :length]
+    generator = check_prefill_and_ten_steps(loaded, plan, folder, chunk_size=1, input_ids=input_ids)
+    _, state = generator.prefill([input_ids[0].tolist()])
+    seen = state[generator.state_names.index("layer0.seen")].numpy()
+    assert seen.tolist() == [length]
 
 
 def test_qwen2_gqa_bf16_rows_chunks_of_four_match_the_torch_runtime(qwen):
