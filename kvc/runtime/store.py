@@ -143,12 +143,15 @@ class LayerStore:
                            -1).to(torch.int32)
 
     # ------------------------------------------------------------ prefill
-    def prefill(self, keys, values, classes, start, query_window=None, scale=None) -> None:
+    def prefill(self, keys, values, classes, start, query_window=None, scale=None, probe_keys=None) -> None:
         """Store each head's keep-set of a prompt.
 
         keys, values (batch, kv_heads, length, head_dim); classes (batch, length) uint8 token-class
         bits; start (batch,) first non-padding position; query_window (batch, q_heads, window,
-        head_dim) the last prompt queries, needed when the layer has frequency heads.
+        head_dim) the last prompt queries, needed when the layer has frequency heads. With
+        probe_keys (batch, kv_heads, window, head_dim), the window is a probe run right after the
+        prompt instead (`kvc.runtime.probe`): its queries score the prompt's keys (and, causally,
+        its own, which are never stored).
         """
         batch, _, length, head_dim = keys.shape
         self.plan.check_length(length)
@@ -161,7 +164,9 @@ class LayerStore:
         if layout.has_frequency:
             assert query_window is not None, "frequency heads need the observation-window queries"
             scale = head_dim ** -0.5 if scale is None else scale
-            scores = self.kernels.observation_scores(query_window, keys, start, scale, self.plan.pool_kernel)
+            scored = keys if probe_keys is None else torch.cat([keys, probe_keys], 2)
+            scores = self.kernels.observation_scores(query_window, scored, start, scale,
+                                                     self.plan.pool_kernel)[..., :length]
         index, counts = slot_sources(layout, keep_groups(layout, classes, start, scores))
         for side, vectors in enumerate((keys, values)):
             for source, buffer in zip(self._as_rows(vectors), self._buffers(self._side(side))):
