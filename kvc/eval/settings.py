@@ -33,6 +33,7 @@ class Settings:
     plan: str | None = None
     setting: list[str] = field(default_factory=lambda: list(SETTINGS))  # where questions are asked
     backend: str = "torch"  # or "onnxruntime": passkey and needle through the exported graphs
+    context_probe: str = "reconstruct"  # what scores kvc's frequency heads query-agnostic (`kvc.runtime.probe`)
 
 
 def items(text: str, option: str) -> list[str]:
