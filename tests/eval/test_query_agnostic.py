@@ -15,6 +15,7 @@ from kvc.policies.errors import KvcError
 from kvc.policies.synthetic import synthetic_policy
 from kvc.runtime.apply import apply
 from kvc.runtime.cache import CompressedCache
+from kvc.runtime.probe import prefill_context, probe_ids
 from kvc.runtime.shared_prefill import SharedPrefill
 
 LENGTH = 360
@@ -72,6 +73,23 @@ def test_the_full_cache_answers_alike_in_both_settings_and_a_method_keeps_other_
     assert aware[0].tokens == agnostic[0].tokens  # nothing dropped: where the question comes changes nothing
     assert passkey in smollm.tokenizer.decode(aware[0].tokens).replace(" ", "")
     assert [a.cache_bytes for a in aware] == [a.cache_bytes for a in agnostic]
+
+
+def test_a_probe_scores_kvc_only_and_the_baselines_answer_as_without_it(smollm, prompt, plans):
+    """Query-agnostic with the reconstruction probe: the full cache and H2O (not probed) answer as
+    with no probe; kvc's SnapKV-style heads keep other tokens than the context's last queries pick."""
+    text, _ = prompt
+    window = answer_all(smollm, plans, text, QUERY_AGNOSTIC, 8)
+    probed = answer_all(smollm, plans, text, QUERY_AGNOSTIC, 8, probe="reconstruct", probed=[False, False, True])
+    assert [a.tokens for a in probed[:2]] == [a.tokens for a in window[:2]]
+    kept = []
+    for probe in ("window", "reconstruct"):
+        with torch.no_grad(), apply(smollm, plans[2]):
+            cache = CompressedCache(plans[2], smollm.model)
+            prefill_context(smollm.model, cache, text.context_ids, probe_ids(smollm.tokenizer, text.context_ids, probe))
+            kept.append([positions for layer in range(30) for positions in cache.kept_positions(layer)])
+            assert cache.length == len(text.context_ids)
+    assert any(not torch.equal(a, b) for a, b in zip(*kept))
 
 
 def test_query_agnostic_scores_do_not_see_the_question(smollm, prompt, plans):
