@@ -4,7 +4,8 @@ A frequency (SnapKV-style) head picks its heavy hitters by the attention they ge
 last queries. When the context is compressed before the question (a cached document, a system
 prompt), those queries are the end of the context, not the question. A probe is text the model
 reads right after the context in the same prefill forward; its queries replace the observation
-window (`LayerStore.prefill`), its own keys and values are never stored, and the cache counts the
+window (`LayerStore.prefill`), each context key scoring its largest attention probability over
+them and the query group; its own keys and values are never stored, and the cache counts the
 context only, so a later question's positions continue from the context's end. KVzip's idea
 (arXiv 2505.23416): the best question-independent probe makes the model repeat the context, so
 every token the context could be asked about is attended by its copy.

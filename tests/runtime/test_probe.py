@@ -23,15 +23,15 @@ CONTEXT = ("The lighthouse keeper counted ships, storms and gulls. Her brother, 
 
 def reference_keep(query, keys, probe_keys, heavy, window, pool):
     """Per KV head, the positions a frequency+local head keeps: the last `window`, and the `heavy` best
-    others by the probe queries' softmax (over context and, causally, probe keys) summed over the
-    group and the probe, max-pooled (ties: the earlier position)."""
+    others by the probe queries' softmax (over context and, causally, probe keys), its largest value
+    over the group and the probe, max-pooled (ties: the earlier position)."""
     length, probe = keys.shape[2], probe_keys.shape[2]
     kv_heads = keys.shape[1]
     every = torch.cat([keys, probe_keys], 2)[0]  # (kv_heads, length + probe, dim)
     grouped = query[0].reshape(kv_heads, -1, probe, query.shape[-1])
     logits = torch.einsum("hgpd,hnd->hgpn", grouped, every) * query.shape[-1] ** -0.5
     visible = torch.arange(length + probe)[None, :] <= length + torch.arange(probe)[:, None]
-    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1).sum((1, 2))[:, :length]
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1).amax((1, 2))[:, :length]
     pooled = F.max_pool1d(probs[:, None], pool, stride=1, padding=pool // 2)[:, 0]
     kept = []
     for head in range(kv_heads):
