@@ -342,7 +342,7 @@ def eval_command(
 def run_evaluation(model, settings, policy_path, plan_path, json_out, png, device) -> None:
     from kvc.eval import report
     from kvc.eval.baselines import METHODS
-    from kvc.eval.harness import evaluate
+    from kvc.eval.harness import TASKS, evaluate
     from kvc.eval.progress import Progress, run_identity
     from kvc.eval.settings import check_lengths
     from kvc.files import all_or_none
@@ -354,7 +354,8 @@ def run_evaluation(model, settings, policy_path, plan_path, json_out, png, devic
     policy = load_policy(policy_path) if policy_path is not None else None
     plan = Plan.load(plan_path) if plan_path is not None else None
     loaded = load(model, dtype="float32", device=device)
-    check_lengths(settings, architecture(loaded.model.config).max_position_embeddings)
+    check_lengths(settings, architecture(loaded.model.config).max_position_embeddings,
+                  asks=any(TASKS[task].asks for task in settings.tasks))
     settings.model = loaded.source.name
     if needing and policy is None:
         policy, settings.policy = default_policy(loaded)

@@ -10,7 +10,7 @@ from kvc.eval.baselines import method_plan
 from kvc.eval.harness import evaluate
 from kvc.eval.passkey import passkey_sample
 from kvc.eval.questions import QUERY_AGNOSTIC, QUERY_AWARE, Prompt, answer_all
-from kvc.eval.settings import Settings, question_settings
+from kvc.eval.settings import Settings, check_lengths, question_settings
 from kvc.policies.errors import KvcError
 from kvc.policies.synthetic import synthetic_policy
 from kvc.runtime.apply import apply
@@ -130,3 +130,14 @@ def test_fidelity_needs_the_full_cache_and_setting_names_are_checked(smollm):
     assert question_settings("query-agnostic") == [QUERY_AGNOSTIC]
     with pytest.raises(KvcError, match="--setting: unknown value 'agnostic'"):
         question_settings("agnostic")
+
+
+def test_lengths_the_reconstruction_probe_cannot_read_twice_are_refused():
+    settings = Settings(tasks=["passkey"], methods=["kvc", "snapkv"], budgets=[0.25], lengths=[1024, 5000],
+                        depths=[0.5])
+    with pytest.raises(KvcError, match="reads a context of 5000 tokens twice, more than the model's 8192"):
+        check_lengths(settings, 8192)
+    check_lengths(settings, 8192, asks=False)  # perplexity alone: no question, no probe
+    for other in (replace(settings, context_probe="generic"), replace(settings, setting=[QUERY_AWARE]),
+                  replace(settings, methods=["snapkv"])):
+        check_lengths(other, 8192)
