@@ -113,15 +113,19 @@ def generate_command(
     temperature: float = typer.Option(0.0, "--temperature", help="With --onnx: sample at this temperature (0: greedy)."),
     top_p: float = typer.Option(1.0, "--top-p", help="With --onnx: sample from the smallest set of tokens holding this much probability."),
     seed: int = typer.Option(0, "--seed", help="With --onnx: the sampler's seed."),
+    context_probe: str = typer.Option("window", "--context-probe", help="With --plan in a conversation whose first turn is a document the later turns ask about: what picks the tokens of the plan's SnapKV-style heads in it: window (the turn's last 32 queries), generic (a short fixed question) or reconstruct (the model reads the turn again after a request to repeat it: about twice its prefill; best on the query-agnostic evaluation)."),
 ):
     """Continue a prompt greedily through a plan's compressed cache (or the full cache) and show the bytes."""
     from kvc.models import load
     from kvc.plan import Plan
     from kvc.runtime.conversation import split_turns
     from kvc.runtime.generate import generate, read_prompt
+    from kvc.runtime.probe import check_probe
 
     if interactive and not chat:
         raise KvcError("--interactive is a chat: add --chat")
+    if check_probe(context_probe) != "window" and (onnx is not None or plan is None):
+        raise KvcError("--context-probe picks what a plan's cache keeps in the torch runtime: give --plan, not --onnx")
     text = None if interactive and prompt is None and prompt_file is None else read_prompt(prompt, prompt_file)
     if onnx is not None:
         generate_onnx(onnx, model, plan, text, interactive, max_new_tokens, chat, device, temperature, top_p, seed)
@@ -129,10 +133,13 @@ def generate_command(
     if temperature or top_p != 1.0:
         raise KvcError("--temperature and --top-p sample through --onnx; the torch runtime decodes greedily")
     turns = split_turns(text) if chat and text is not None else []
+    if context_probe != "window" and not (interactive or len(turns) > 1):
+        raise KvcError("--context-probe scores a first turn compressed before later ones: give a conversation "
+                       "(--chat with turns separated by ---, or --interactive)")
     compiled = Plan.load(plan) if plan is not None else None
     loaded = load(model, dtype=dtype, device=device)
     if interactive or len(turns) > 1:
-        converse(loaded, compiled, turns, interactive, max_new_tokens)
+        converse(loaded, compiled, turns, interactive, max_new_tokens, context_probe)
         return
     result = generate(loaded, text, compiled, max_new_tokens, chat)
     console.print(result.texts[0], markup=False, highlight=False)
@@ -154,7 +161,8 @@ def generate_onnx(folder, model, plan, text, interactive, max_new_tokens, chat, 
     console.print(result.summary(), style="dim", highlight=False, soft_wrap=True)
 
 
-def converse(loaded, plan, turns: list[str], interactive: bool, max_new_tokens: int) -> None:
+def converse(loaded, plan, turns: list[str], interactive: bool, max_new_tokens: int,
+             context_probe: str = "window") -> None:
     """A conversation through one cache: the given turns, then (interactive) the terminal's."""
     from kvc.report import human_bytes
     from kvc.runtime.conversation import Conversation
@@ -170,7 +178,7 @@ def converse(loaded, plan, turns: list[str], interactive: bool, max_new_tokens: 
                 return
             yield line
 
-    with Conversation(loaded, plan) as conversation:
+    with Conversation(loaded, plan, context_probe=context_probe) as conversation:
         for text in lines():
             turn = conversation.say(text, max_new_tokens)
             if not interactive:
@@ -309,6 +317,7 @@ def eval_command(
     cache_dtype: str = typer.Option("bf16", "--cache-dtype", help="Dtype of every method's cache (bf16, fp16 or fp32; kvc's low-bit rows aside): budgets are shares of a full cache in it. The model computes in fp32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     backend: str = typer.Option("torch", "--backend", help="torch (kvc's runtime) or onnxruntime: each plan exported once (kept in the kvc cache) and its graphs run by onnxruntime; passkey and niah only."),
+    context_probe: str = typer.Option("reconstruct", "--context-probe", help="Query-agnostic, what picks the tokens of kvc's SnapKV-style heads: reconstruct (the model reads the context again after a request to repeat it: about twice the prefill), generic (a short fixed question) or window (the context's last 32 queries). Baselines keep their published scoring."),
 ):
     """Evaluate kvc and the baselines at equal cache bytes on retrieval, RULER-style tasks, generation fidelity and perplexity, with the question asked before or after compression.
 
@@ -317,11 +326,13 @@ def eval_command(
     from kvc.eval.baselines import METHODS
     from kvc.eval.harness import TASKS, check_backend
     from kvc.eval.settings import parse_settings, question_settings
+    from kvc.runtime.probe import check_probe
 
     settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASKS, known_methods=METHODS,
                               answer_tokens=answer_tokens, samples=samples, first_sample=first_sample,
                               dtype=parse_dtype(cache_dtype, "--cache-dtype"), policy=recorded_path(policy),
-                              plan=recorded_path(plan), setting=question_settings(setting), backend=backend)
+                              plan=recorded_path(plan), setting=question_settings(setting), backend=backend,
+                              context_probe=check_probe(context_probe))
     for task in settings.tasks:
         check_backend(task, backend)  # refuse a task the backend does not run before any work
     check_files({"--json": json_out, "--png": png}, {"model": model, "policy file": policy, "plan file": plan})
@@ -331,7 +342,7 @@ def eval_command(
 def run_evaluation(model, settings, policy_path, plan_path, json_out, png, device) -> None:
     from kvc.eval import report
     from kvc.eval.baselines import METHODS
-    from kvc.eval.harness import evaluate
+    from kvc.eval.harness import TASKS, evaluate
     from kvc.eval.progress import Progress, run_identity
     from kvc.eval.settings import check_lengths
     from kvc.files import all_or_none
@@ -343,7 +354,8 @@ def run_evaluation(model, settings, policy_path, plan_path, json_out, png, devic
     policy = load_policy(policy_path) if policy_path is not None else None
     plan = Plan.load(plan_path) if plan_path is not None else None
     loaded = load(model, dtype="float32", device=device)
-    check_lengths(settings, architecture(loaded.model.config).max_position_embeddings)
+    check_lengths(settings, architecture(loaded.model.config).max_position_embeddings,
+                  asks=any(TASKS[task].asks for task in settings.tasks))
     settings.model = loaded.source.name
     if needing and policy is None:
         policy, settings.policy = default_policy(loaded)

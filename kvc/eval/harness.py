@@ -118,6 +118,7 @@ class Results:
         settings = dict(data["settings"])
         settings.setdefault("first_sample", settings.pop("seed", 0))  # reports written before --first-sample
         settings.setdefault("setting", [QUERY_AWARE])  # ... and before the query-agnostic setting
+        settings.setdefault("context_probe", "window")  # ... and before probes
         return cls(Settings(**settings), [read_record(record) for record in data["records"]], data["seconds"])
 
 
@@ -319,7 +320,9 @@ def ask(loaded, settings, group: Group, sample: Sample, setting: str, members: l
         answers = [answer_exported(exported_generator(loaded, plan), sample.payload, setting,
                                    new_tokens(group.task, settings)) for plan in plans + extra]
     else:
-        answers = answer_all(loaded, plans + extra, sample.payload, setting, new_tokens(group.task, settings))
+        probed = [member.method.startswith("kvc") for member in members] + [False] * len(extra)  # baselines: as published
+        answers = answer_all(loaded, plans + extra, sample.payload, setting, new_tokens(group.task, settings),
+                             probe=settings.context_probe, probed=probed)
     texts = [loaded.tokenizer.decode(answer.tokens, skip_special_tokens=True) for answer in answers]
     if reference is None:
         return [Outcome(sample.score(text), text, answer.cache_bytes) for answer, text in zip(answers, texts)]

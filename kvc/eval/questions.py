@@ -3,7 +3,8 @@
 Query-aware: the prompt is the context and the question, compressed together (the question sits in
 the observation window). Query-agnostic: the context alone is compressed, then the question is
 appended to the compressed cache as one chunk (`extend`), as when a cached document serves many
-questions; every method's scores are then computed without the question. Either way the prefill
+questions; every method's scores are then computed without the question: the baselines' by the
+context's last queries, as published, kvc's by a probe after the context (`kvc.runtime.probe`). Either way the prefill
 forward is the same whatever the plan, so it runs once (`SharedPrefill`) and fills every method's
 cache; each then decodes its answer greedily on its own.
 """
@@ -19,6 +20,7 @@ from kvc.models import LoadedModel
 from kvc.plan import Plan
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import CompressedCache
+from kvc.runtime.probe import prefill_context, probe_ids
 from kvc.runtime.shared_prefill import SharedPrefill
 
 QUERY_AWARE, QUERY_AGNOSTIC = SETTINGS
@@ -52,20 +54,29 @@ def stop_tokens(loaded: LoadedModel) -> set[int]:
 
 
 def answer_all(loaded: LoadedModel, plans: list[Plan], prompt: Prompt, setting: str, new_tokens: int,
-               kernels: str = "auto") -> list[Answer]:
-    """Each plan's greedy answer to the prompt's question in `setting`, after one prefill for all."""
+               kernels: str = "auto", probe: str = "window", probed: list[bool] | None = None) -> list[Answer]:
+    """Each plan's greedy answer to the prompt's question in `setting`, after one prefill for all.
+
+    Query-agnostic, the plans marked in `probed` (default: none) score their frequency heads by
+    `probe` run after the context (`kvc.runtime.probe`); the others by the context's last queries.
+    """
     assert setting in SETTINGS, setting
     model = loaded.model
-    prefix = prompt.context_ids + (prompt.question_ids if setting == QUERY_AWARE else [])
+    probed = probed or [False] * len(plans)
     keyword = cache_keyword(model)
     answers = []
     with torch.no_grad(), apply(loaded, plans[0]):
-        caches = [CompressedCache(plan, model, kernels) for plan in plans]
-        inputs = torch.tensor([prefix], device=model.device)
-        logits = model(input_ids=inputs, **{keyword: SharedPrefill(caches)}, logits_to_keep=1).logits[0, -1]
+        caches = [CompressedCache(plan, model, kernels, probe_scoring) for plan, probe_scoring in zip(plans, probed)]
+        if setting == QUERY_AWARE:
+            inputs = torch.tensor([prompt.context_ids + prompt.question_ids], device=model.device)
+            logits = model(input_ids=inputs, **{keyword: SharedPrefill(caches)}, logits_to_keep=1).logits[0, -1]
+        else:
+            tokens = probe_ids(loaded.tokenizer, prompt.context_ids, probe) if any(probed) else []
+            prefill_context(model, SharedPrefill(caches), prompt.context_ids, tokens)
         for index, cache in enumerate(caches):
-            first = logits
-            if setting == QUERY_AGNOSTIC:
+            if setting == QUERY_AWARE:
+                first = logits
+            else:
                 question = torch.tensor([prompt.question_ids], device=model.device)
                 first = model(input_ids=question, **{keyword: cache}, logits_to_keep=1).logits[0, -1]
             answers.append(Answer(greedy(loaded, cache, first, new_tokens), cache.nbytes()))

@@ -33,6 +33,7 @@ class Settings:
     plan: str | None = None
     setting: list[str] = field(default_factory=lambda: list(SETTINGS))  # where questions are asked
     backend: str = "torch"  # or "onnxruntime": passkey and needle through the exported graphs
+    context_probe: str = "reconstruct"  # what scores kvc's frequency heads query-agnostic (`kvc.runtime.probe`)
 
 
 def items(text: str, option: str) -> list[str]:
@@ -91,8 +92,13 @@ def parse_settings(tasks: str, methods: str, budgets: str, lengths: str, depths:
     )
 
 
-def check_lengths(settings: Settings, model_limit: int) -> None:
-    """Refuse prompt lengths the model has no positions for, before building any prompt."""
+def check_lengths(settings: Settings, model_limit: int, asks: bool = True) -> None:
+    """Refuse prompt lengths the model has no positions for, before building any prompt (asks: some
+    task has a question, so the query-agnostic setting may run kvc's probe after the context)."""
     if model_limit and max(settings.lengths) >= model_limit:
         raise KvcError(f"--lengths: {max(settings.lengths)} tokens leave no room for an answer within the "
                        f"model's limit of {model_limit} positions")
+    probed = asks and "query-agnostic" in settings.setting and any(method.startswith("kvc") for method in settings.methods)
+    if model_limit and probed and settings.context_probe == "reconstruct" and 2 * max(settings.lengths) > model_limit:
+        raise KvcError(f"--lengths: the reconstruction probe reads a context of {max(settings.lengths)} tokens twice, "
+                       f"more than the model's {model_limit} positions; use --context-probe window or generic")

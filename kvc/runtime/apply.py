@@ -38,9 +38,9 @@ class Applied:
     def __exit__(self, *exc) -> None:
         restore(self.model)
 
-    def cache(self, kernels: str = "auto") -> CompressedCache:
+    def cache(self, kernels: str = "auto", probe_scoring: bool = True) -> CompressedCache:
         """A fresh compressed cache for this model and plan."""
-        return CompressedCache(self.plan, self.model, kernels)
+        return CompressedCache(self.plan, self.model, kernels, probe_scoring)
 
     @property
     def cache_keyword(self) -> str:

@@ -3,7 +3,9 @@
 The cache keeps the conversation (the first prompt, each reply, each later turn); a new turn is the
 text the chat template adds after what the cache holds, fed as one chunk (`extend`) before the reply
 is decoded, so nothing is prefilled twice. A compressed cache keeps of earlier turns only what its
-plan allows, which is the point: a long conversation in the memory of a short one.
+plan allows, which is the point: a long conversation in the memory of a short one. When the first
+turn is a document the later turns ask about, a probe (`context_probe`, `kvc.runtime.probe`) can
+pick what the plan's SnapKV-style heads keep of it, since its own last queries are not the questions.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from kvc.policies.errors import KvcError
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import GENERATE_OPTIONS
 from kvc.runtime.generate import dense_cache_bytes
+from kvc.runtime.probe import check_probe, prefill_context, probe_ids
 
 TURN_SEPARATOR = "---"  # a line of its own between the user turns of a conversation file
 
@@ -55,8 +58,10 @@ def split_turns(text: str) -> list[str]:
 class Conversation:
     """Greedy chat with `loaded` through one cache: a plan's compressed cache, or the full cache."""
 
-    def __init__(self, loaded: LoadedModel, plan: Plan | None = None, kernels: str = "auto"):
+    def __init__(self, loaded: LoadedModel, plan: Plan | None = None, kernels: str = "auto",
+                 context_probe: str = "window"):
         self.loaded = loaded
+        self.context_probe = check_probe(context_probe)  # what scores the first turn (`kvc.runtime.probe`)
         tokenizer = loaded.tokenizer
         if getattr(tokenizer, "chat_template", None) is None:
             raise KvcError(f"{loaded.source.name if loaded.source else 'this model'} has no chat template")
@@ -83,6 +88,11 @@ class Conversation:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         began = time.perf_counter()
         with torch.no_grad():
+            if self.plan is not None and not self.history_ids and self.context_probe != "window":
+                # The first turn (a document) is compressed before the questions: a probe scores it. The
+                # last token stays out, so generate has one to feed.
+                context = input_ids[0, :-1].tolist()
+                prefill_context(model, self.cache, context, probe_ids(tokenizer, context, self.context_probe))
             output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                                     do_sample=False, pad_token_id=pad_id, **{self.keyword: self.cache},
                                     **(GENERATE_OPTIONS if self.plan is not None else {}))

@@ -143,12 +143,16 @@ class LayerStore:
                            -1).to(torch.int32)
 
     # ------------------------------------------------------------ prefill
-    def prefill(self, keys, values, classes, start, query_window=None, scale=None) -> None:
+    def prefill(self, keys, values, classes, start, query_window=None, scale=None, probe_keys=None) -> None:
         """Store each head's keep-set of a prompt.
 
         keys, values (batch, kv_heads, length, head_dim); classes (batch, length) uint8 token-class
         bits; start (batch,) first non-padding position; query_window (batch, q_heads, window,
-        head_dim) the last prompt queries, needed when the layer has frequency heads.
+        head_dim) the last prompt queries, needed when the layer has frequency heads. With
+        probe_keys (batch, kv_heads, window, head_dim), the window is a probe run right after the
+        prompt instead (`kvc.runtime.probe`): its queries attend to the prompt's keys (and, causally,
+        to its own, which are never stored), and a key scores its largest probability over them and
+        the GQA group, not their sum.
         """
         batch, _, length, head_dim = keys.shape
         self.plan.check_length(length)
@@ -161,7 +165,11 @@ class LayerStore:
         if layout.has_frequency:
             assert query_window is not None, "frequency heads need the observation-window queries"
             scale = head_dim ** -0.5 if scale is None else scale
-            scores = self.kernels.observation_scores(query_window, keys, start, scale, self.plan.pool_kernel)
+            if probe_keys is None:
+                scores = self.kernels.observation_scores(query_window, keys, start, scale, self.plan.pool_kernel)
+            else:  # KVzip's score: a key's largest probability over the probe's queries (torch on every device)
+                scores = kernels.observation_scores_reference(query_window, torch.cat([keys, probe_keys], 2), start,
+                                                              scale, self.plan.pool_kernel, "max")[..., :length]
         index, counts = slot_sources(layout, keep_groups(layout, classes, start, scores))
         for side, vectors in enumerate((keys, values)):
             for source, buffer in zip(self._as_rows(vectors), self._buffers(self._side(side))):

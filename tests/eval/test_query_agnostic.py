@@ -10,11 +10,12 @@ from kvc.eval.baselines import method_plan
 from kvc.eval.harness import evaluate
 from kvc.eval.passkey import passkey_sample
 from kvc.eval.questions import QUERY_AGNOSTIC, QUERY_AWARE, Prompt, answer_all
-from kvc.eval.settings import Settings, question_settings
+from kvc.eval.settings import Settings, check_lengths, question_settings
 from kvc.policies.errors import KvcError
 from kvc.policies.synthetic import synthetic_policy
 from kvc.runtime.apply import apply
 from kvc.runtime.cache import CompressedCache
+from kvc.runtime.probe import prefill_context, probe_ids
 from kvc.runtime.shared_prefill import SharedPrefill
 
 LENGTH = 360
@@ -74,6 +75,23 @@ def test_the_full_cache_answers_alike_in_both_settings_and_a_method_keeps_other_
     assert [a.cache_bytes for a in aware] == [a.cache_bytes for a in agnostic]
 
 
+def test_a_probe_scores_kvc_only_and_the_baselines_answer_as_without_it(smollm, prompt, plans):
+    """Query-agnostic with the reconstruction probe: the full cache and H2O (not probed) answer as
+    with no probe; kvc's SnapKV-style heads keep other tokens than the context's last queries pick."""
+    text, _ = prompt
+    window = answer_all(smollm, plans, text, QUERY_AGNOSTIC, 8)
+    probed = answer_all(smollm, plans, text, QUERY_AGNOSTIC, 8, probe="reconstruct", probed=[False, False, True])
+    assert [a.tokens for a in probed[:2]] == [a.tokens for a in window[:2]]
+    kept = []
+    for probe in ("window", "reconstruct"):
+        with torch.no_grad(), apply(smollm, plans[2]):
+            cache = CompressedCache(plans[2], smollm.model)
+            prefill_context(smollm.model, cache, text.context_ids, probe_ids(smollm.tokenizer, text.context_ids, probe))
+            kept.append([positions for layer in range(30) for positions in cache.kept_positions(layer)])
+            assert cache.length == len(text.context_ids)
+    assert any(not torch.equal(a, b) for a, b in zip(*kept))
+
+
 def test_query_agnostic_scores_do_not_see_the_question(smollm, prompt, plans):
     """H2O's heavy hitters after the context alone are the same whatever question follows."""
     context, _ = prompt
@@ -112,3 +130,14 @@ def test_fidelity_needs_the_full_cache_and_setting_names_are_checked(smollm):
     assert question_settings("query-agnostic") == [QUERY_AGNOSTIC]
     with pytest.raises(KvcError, match="--setting: unknown value 'agnostic'"):
         question_settings("agnostic")
+
+
+def test_lengths_the_reconstruction_probe_cannot_read_twice_are_refused():
+    settings = Settings(tasks=["passkey"], methods=["kvc", "snapkv"], budgets=[0.25], lengths=[1024, 5000],
+                        depths=[0.5])
+    with pytest.raises(KvcError, match="reads a context of 5000 tokens twice, more than the model's 8192"):
+        check_lengths(settings, 8192)
+    check_lengths(settings, 8192, asks=False)  # perplexity alone: no question, no probe
+    for other in (replace(settings, context_probe="generic"), replace(settings, setting=[QUERY_AWARE]),
+                  replace(settings, methods=["snapkv"])):
+        check_lengths(other, 8192)

@@ -43,6 +43,20 @@ def test_a_compressed_conversation_keeps_its_bytes(smollm):
     assert turns[1].cached_tokens > turns[0].cached_tokens > 40
 
 
+def test_a_probed_first_turn_is_not_kept_and_the_conversation_goes_on_from_it(smollm):
+    """With a plan that keeps every token, a first turn scored by the reconstruction probe leaves the
+    cache as without it: the probe is never stored and the next positions follow the first turn."""
+    plan = handmade_plan(smollm.model.config, smollm.tokenizer, "full", 256)
+    replies = []
+    for probe in ("window", "reconstruct"):
+        with Conversation(smollm, plan, context_probe=probe) as conversation:
+            replies.append([conversation.say(text, 6) for text in TURNS])
+    assert [(turn.reply, turn.cached_tokens) for turn in replies[1]] == [
+        (turn.reply, turn.cached_tokens) for turn in replies[0]]
+    with pytest.raises(KvcError, match="--context-probe: unknown probe"):
+        Conversation(smollm, plan, context_probe="question")
+
+
 def test_turn_files_and_refusals(smollm):
     assert split_turns("first\nline two\n---\n\nsecond\n---\n") == ["first\nline two", "second"]
     with pytest.raises(KvcError, match="no user turn"):
@@ -69,3 +83,7 @@ def test_cli_conversation_file_and_interactive(monkeypatch, smollm, capsys, tmp_
     assert code == 0 and out.count("assistant: ") == 1
     code, _, err = run(capsys, "generate", "--interactive")
     assert code == 2 and "add --chat" in err
+    code, _, err = run(capsys, "generate", "--prompt", "hi", "--context-probe", "recon")
+    assert code == 2 and "--context-probe: unknown probe 'recon'" in err and err.strip().count("\n") == 0
+    code, _, err = run(capsys, "generate", "--prompt", "hi", "--context-probe", "generic")
+    assert code == 2 and "give --plan" in err

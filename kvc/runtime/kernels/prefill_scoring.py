@@ -1,7 +1,8 @@
 """Prefill-time SnapKV scoring and the gather of the kept keys into the flat compressed cache.
 
 Scoring: the last `window` prompt queries attend causally to the prompt; each key's softmax
-probability is summed over the window and the GQA group, then max-pooled along the sequence.
+probability is summed over the window and the GQA group (or, in the reference, maximised: a probe's
+score), then max-pooled along the sequence.
 Two Triton passes: per-query log-sum-exp over key blocks, then per key block the summed exp(s - lse).
 """
 
@@ -159,8 +160,11 @@ def _pool_and_mask_padding(scores, key_start, pool_kernel):
     return pooled.masked_fill(padding, 0.0)
 
 
-def observation_scores_reference(query_window, keys, key_start, scale=None, pool_kernel=7):
-    """Dense PyTorch SnapKV scores: (batch, kv_heads, seq_len) float32, exactly 0 at padding positions."""
+def observation_scores_reference(query_window, keys, key_start, scale=None, pool_kernel=7, reduce="sum"):
+    """Dense PyTorch SnapKV scores: (batch, kv_heads, seq_len) float32, exactly 0 at padding positions.
+
+    reduce="max" takes each key's largest probability over the window and the group instead of the sum
+    (KVzip's score of a context by the queries of a probe after it)."""
     group = _check_scoring_inputs(query_window, keys, key_start, pool_kernel)
     batch, _, window, head_dim = query_window.shape
     kv_heads, seq_len = keys.shape[1], keys.shape[2]
@@ -179,7 +183,7 @@ def observation_scores_reference(query_window, keys, key_start, scale=None, pool
         visible = (causal[None] & (key_positions >= key_start[:, None, None]))[:, None, None]  # (batch, 1, 1, chunk, seq_len)
         # Window queries inside the padding see no key: their all -inf rows give NaN, replaced by 0.
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
-        total += probs.sum(dim=(2, 3))
+        total = total + probs.sum(dim=(2, 3)) if reduce == "sum" else torch.maximum(total, probs.amax(dim=(2, 3)))
     return _pool_and_mask_padding(total, key_start, pool_kernel)
 
 

@@ -1,0 +1,75 @@
+"""What a probe after the context costs: prefill time of kvc's plan with each `--context-probe`.
+
+On the embedded model (float32 compute, the default kvc plan at 25% of a bf16 cache), a passkey
+context of each length is prefilled into the compressed cache with no probe (`window`), the
+generic probe and the reconstruction probe; configurations interleave in every round, and each
+round's time is divided by the same round's `window` time. Prints a table and writes
+benchmarks/results/bench_context_probe.json.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_context_probe.py [--lengths 1024,2048] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from kvc.eval.baselines import method_plan
+from kvc.eval.passkey import passkey_sample
+from kvc.eval.questions import Prompt
+from kvc.models import load
+from kvc.policies.schema import atomic_write_text
+from kvc.runtime.apply import apply
+from kvc.runtime.probe import PROBES, prefill_context, probe_ids
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="1024,2048")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/bench_context_probe.json")
+    args = parser.parse_args()
+    from kvc.cli import default_policy
+
+    loaded = load("smollm2-135m", dtype="float32", device="cpu")
+    policy, policy_path = default_policy(loaded)
+    rows = []
+    for length in [int(value) for value in args.lengths.split(",")]:
+        sample = passkey_sample(loaded.tokenizer, length, 0.5, seed=0)
+        prompt = Prompt.encode(loaded.tokenizer, sample.context, sample.question)
+        plan = method_plan("kvc", loaded, policy, prompt.num_tokens + 16, 0.25, "bfloat16")
+        probes = {probe: probe_ids(loaded.tokenizer, prompt.context_ids, probe) for probe in PROBES}
+        seconds = {probe: [] for probe in PROBES}
+        with torch.no_grad(), apply(loaded, plan) as applied:
+            for _ in range(args.rounds):
+                for probe, tokens in probes.items():
+                    cache = applied.cache()
+                    began = time.perf_counter()
+                    prefill_context(loaded.model, cache, prompt.context_ids, tokens)
+                    seconds[probe].append(time.perf_counter() - began)
+        for probe in PROBES:
+            ratios = [mine / base for mine, base in zip(seconds[probe], seconds["window"])]
+            rows.append({"length": len(prompt.context_ids), "probe": probe, "probe_tokens": len(probes[probe]),
+                         "median_s": statistics.median(seconds[probe]), "ratio_to_window": statistics.median(ratios)})
+    print(f"prefill of the context into kvc's 25% plan (embedded model, CPU, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved rounds)")
+    print(f"{'context':>8} {'probe':<12} {'probe tokens':>12} {'seconds':>8} {'x window':>9}")
+    for row in rows:
+        print(f"{row['length']:>8} {row['probe']:<12} {row['probe_tokens']:>12} {row['median_s']:>8.2f} "
+              f"{row['ratio_to_window']:>9.2f}")
+    result = {"rows": rows, "rounds": args.rounds, "threads": torch.get_num_threads(), "machine": platform.platform(),
+              "policy": str(Path(policy_path).name) if policy_path else None}
+    atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")
+
+
+if __name__ == "__main__":
+    main()
