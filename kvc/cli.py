@@ -317,7 +317,7 @@ def eval_command(
     cache_dtype: str = typer.Option("bf16", "--cache-dtype", help="Dtype of every method's cache (bf16, fp16 or fp32; kvc's low-bit rows aside): budgets are shares of a full cache in it. The model computes in fp32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     backend: str = typer.Option("torch", "--backend", help="torch (kvc's runtime) or onnxruntime: each plan exported once (kept in the kvc cache) and its graphs run by onnxruntime; passkey and niah only."),
-    context_probe: str = typer.Option("reconstruct", "--context-probe", help="Query-agnostic, what picks the tokens of kvc's SnapKV-style heads: reconstruct (the model reads the context again after a request to repeat it: about twice the prefill), generic (a short fixed question) or window (the context's last 32 queries). Baselines keep their published scoring."),
+    context_probe: str | None = typer.Option(None, "--context-probe", help="Query-agnostic, what picks the tokens of kvc's SnapKV-style heads: reconstruct (the default with --backend torch: the model reads the context again after a request to repeat it, about twice the prefill), generic (a short fixed question) or window (the context's last 32 queries; the only one the onnxruntime backend runs, and its default). Baselines keep their published scoring."),
 ):
     """Evaluate kvc and the baselines at equal cache bytes on retrieval, RULER-style tasks, generation fidelity and perplexity, with the question asked before or after compression.
 
@@ -326,17 +326,28 @@ def eval_command(
     from kvc.eval.baselines import METHODS
     from kvc.eval.harness import TASKS, check_backend
     from kvc.eval.settings import parse_settings, question_settings
-    from kvc.runtime.probe import check_probe
 
     settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASKS, known_methods=METHODS,
                               answer_tokens=answer_tokens, samples=samples, first_sample=first_sample,
                               dtype=parse_dtype(cache_dtype, "--cache-dtype"), policy=recorded_path(policy),
                               plan=recorded_path(plan), setting=question_settings(setting), backend=backend,
-                              context_probe=check_probe(context_probe))
+                              context_probe=eval_probe(context_probe, backend))
     for task in settings.tasks:
         check_backend(task, backend)  # refuse a task the backend does not run before any work
     check_files({"--json": json_out, "--png": png}, {"model": model, "policy file": policy, "plan file": plan})
     run_evaluation(model, settings, policy, plan, json_out, png, device)
+
+
+def eval_probe(probe: str | None, backend: str) -> str:
+    """The evaluation's context probe: reconstruct by default; the exported graphs run none (window)."""
+    from kvc.runtime.probe import check_probe
+
+    if backend != "onnxruntime":
+        return check_probe(probe or "reconstruct")
+    if check_probe(probe or "window") != "window":
+        raise KvcError(f"--context-probe {probe}: the onnxruntime backend's graphs run no probe; "
+                       "leave the option out (window) or use --backend torch")
+    return "window"
 
 
 def run_evaluation(model, settings, policy_path, plan_path, json_out, png, device) -> None:

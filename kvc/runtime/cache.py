@@ -79,8 +79,12 @@ class CompressedLayer(CacheLayerMixin):
         kept; the probe's queries score the frequency heads if the cache scores by probes, else
         the context's own last queries do, as without a probe."""
         inputs, probe = self.cache.observed, self.cache.probe_length
+        if not probe:  # the common case, sliced from the end so that an exported length stays symbolic
+            window = query[:, :, -min(self.store.plan.observation_window, query.shape[2]):]
+            self.store.prefill(keys, values, inputs.classes, inputs.start, window, scale)
+            return
         context = keys.shape[2] - probe
-        if probe and self.cache.probe_scoring:
+        if self.cache.probe_scoring:
             window, probe_keys = query[:, :, context:], keys[:, :, context:]
         else:
             size = min(self.store.plan.observation_window, context)

@@ -84,6 +84,8 @@ def test_a_given_plan_must_serve_the_length_within_the_budget(smollm):
     (["--cache-dtype", "int4"], "--cache-dtype: unknown cache dtype"),
     (["--setting", "agnostic"], "--setting: unknown value 'agnostic' (expected query-aware, query-agnostic or both)"),
     (["--context-probe", "recon"], "--context-probe: unknown probe 'recon' (expected one of window, generic, reconstruct)"),
+    (["--backend", "onnxruntime", "--tasks", "passkey", "--context-probe", "reconstruct"],
+     "--context-probe reconstruct: the onnxruntime backend's graphs run no probe"),
 ])
 def test_cli_refuses_bad_input_in_one_line(arguments, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
