@@ -40,6 +40,7 @@ PLAN_FILE = "model.plan"
 GRAPHS = ("prefill", "step")
 EXTERNAL_THRESHOLD = 1024  # initializers of at least this many bytes go to the shared weights file
 ALIGNMENT = 64
+SHORTEST_PROMPT = 1  # the prefill graph's least length (older exports' manifests say 32; OnnxGenerator pads to it)
 
 
 @dataclass
@@ -76,13 +77,6 @@ def check_out_folder(out) -> None:
         raise KvcError(f"--out {out}: the folder {out.parent} does not exist")
 
 
-def shortest_prompt(plan: Plan) -> int:
-    """The prefill graph's least prompt length: one token, so no prompt is padded beyond its batch's
-    longest (earlier exports started at the observation window; `OnnxGenerator` pads to what the
-    manifest records)."""
-    return 1
-
-
 def export(loaded: LoadedModel, plan: Plan, out, chunk: int = 1, batch: int = 1,
            progress: Callable[[str], None] = lambda step: None) -> Exported:
     """Export `loaded` with `plan` into the folder `out` (replaced whole when it exists)."""
@@ -105,9 +99,9 @@ def export(loaded: LoadedModel, plan: Plan, out, chunk: int = 1, batch: int = 1,
 
 
 def _prefill_inputs(loaded, plan, batch):
-    length = min(plan.target.max_len, shortest_prompt(plan) + 5)  # not a bound, so the exporter keeps it symbolic
+    length = min(plan.target.max_len, SHORTEST_PROMPT + 5)  # not a bound, so the exporter keeps it symbolic
     input_ids = torch.randint(0, loaded.model.config.vocab_size, (batch, length))
-    dims = torch.export.Dim("prompt_length", min=shortest_prompt(plan), max=plan.target.max_len)
+    dims = torch.export.Dim("prompt_length", min=SHORTEST_PROMPT, max=plan.target.max_len)
     return (input_ids, torch.ones_like(input_ids)), ({1: dims}, {1: dims})
 
 
@@ -203,7 +197,7 @@ def _manifest(loaded, plan, batch, chunk, state, sizes) -> dict:
                  "table_bytes": plan.table_bytes},
         "batch": batch,
         "chunk": chunk,
-        "shortest_prompt": shortest_prompt(plan),
+        "shortest_prompt": SHORTEST_PROMPT,
         "pad_token_id": pad_id,
         "eos_token_id": tokenizer.eos_token_id,
         "graphs": {"prefill": {"inputs": {"input_ids": ["batch", "prompt_length"],
