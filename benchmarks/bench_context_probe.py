@@ -2,7 +2,8 @@
 
 On the embedded model (float32 compute, the default kvc plan at 25% of a bf16 cache), a passkey
 context of each length is prefilled into the compressed cache with no probe (`window`), the
-generic probe and the reconstruction probe; configurations interleave in every round, and each
+generic probe and the reconstruction probe (read in parts of at most `PART_TOKENS`, as the
+positions after the context allow); configurations interleave in every round, and each
 round's time is divided by the same round's `window` time. Prints a table and writes
 benchmarks/results/bench_context_probe.json.
 
@@ -26,7 +27,7 @@ from kvc.eval.questions import Prompt
 from kvc.models import load
 from kvc.policies.schema import atomic_write_text
 from kvc.runtime.apply import apply
-from kvc.runtime.probe import PROBES, prefill_context, probe_ids
+from kvc.runtime.probe import PROBES, make_probe, prefill_context
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,24 +47,28 @@ def main() -> None:
         sample = passkey_sample(loaded.tokenizer, length, 0.5, seed=0)
         prompt = Prompt.encode(loaded.tokenizer, sample.context, sample.question)
         plan = method_plan("kvc", loaded, policy, prompt.num_tokens + 16, 0.25, "bfloat16")
-        probes = {probe: probe_ids(loaded.tokenizer, prompt.context_ids, probe) for probe in PROBES}
+        probes = {probe: make_probe(loaded.tokenizer, prompt.context_ids, probe) for probe in PROBES}
         seconds = {probe: [] for probe in PROBES}
+        room = loaded.model.config.max_position_embeddings - len(prompt.context_ids)
         with torch.no_grad(), apply(loaded, plan) as applied:
             for _ in range(args.rounds):
-                for probe, tokens in probes.items():
+                for probe, read in probes.items():
                     cache = applied.cache()
                     began = time.perf_counter()
-                    prefill_context(loaded.model, cache, prompt.context_ids, tokens)
+                    prefill_context(loaded.model, cache, prompt.context_ids, read)
                     seconds[probe].append(time.perf_counter() - began)
         for probe in PROBES:
             ratios = [mine / base for mine, base in zip(seconds[probe], seconds["window"])]
-            rows.append({"length": len(prompt.context_ids), "probe": probe, "probe_tokens": len(probes[probe]),
+            parts = probes[probe].parts(room) if probes[probe] else []
+            rows.append({"length": len(prompt.context_ids), "probe": probe, "probe_forwards": len(parts),
+                         "probe_tokens": sum(len(part) for part in parts),
                          "median_s": statistics.median(seconds[probe]), "ratio_to_window": statistics.median(ratios)})
     print(f"prefill of the context into kvc's 25% plan (embedded model, CPU, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} interleaved rounds)")
-    print(f"{'context':>8} {'probe':<12} {'probe tokens':>12} {'seconds':>8} {'x window':>9}")
+    print(f"{'context':>8} {'probe':<12} {'forwards':>8} {'probe tokens':>12} {'seconds':>8} {'x window':>9}")
     for row in rows:
-        print(f"{row['length']:>8} {row['probe']:<12} {row['probe_tokens']:>12} {row['median_s']:>8.2f} "
+        print(f"{row['length']:>8} {row['probe']:<12} {row['probe_forwards']:>8} {row['probe_tokens']:>12} "
+              f"{row['median_s']:>8.2f} "
               f"{row['ratio_to_window']:>9.2f}")
     result = {"rows": rows, "rounds": args.rounds, "threads": torch.get_num_threads(), "machine": platform.platform(),
               "policy": str(Path(policy_path).name) if policy_path else None}

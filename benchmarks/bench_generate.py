@@ -36,6 +36,7 @@ from kvc.runtime.generate import dense_cache_bytes
 from kvc.runtime.step import Step
 
 RESULTS = Path(__file__).parent / "results"
+PLANS = {"kvc 25%": {"target": 0.25}, "kvc 10%": {"target": 0.1}, "kvc 25% bf16 rows": {"target": 0.25, "kv_bits": 0}}
 
 
 def parse_args():
@@ -47,6 +48,8 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads while decoding")
     parser.add_argument("--prefill-threads", type=int, default=2)
     parser.add_argument("--compile", default="", help="lengths at which to also time compiled steps (e.g. 512)")
+    parser.add_argument("--compile-plans", default="kvc 25%", help=f"which kvc plans to compile there, comma-separated "
+                        f"(of {', '.join(PLANS)}; each compiles for minutes)")
     parser.add_argument("--policy", type=Path, default=None, help="a profiled policy (default: the demo's, cached)")
     parser.add_argument("--json", type=Path, default=RESULTS / "bench_generate.json")
     return parser.parse_args()
@@ -163,6 +166,10 @@ def main():
     loaded = load(args.model, dtype="float32", device="cpu")
     policy = load_policy(args.policy) if args.policy else cached_policy(loaded, Console(stderr=True))
     compiled_at = {int(length) for length in args.compile.split(",") if length}
+    compiled_plans = [name.strip() for name in args.compile_plans.split(",") if name.strip()]
+    unknown = [name for name in compiled_plans if name not in PLANS]
+    if unknown:
+        raise SystemExit(f"--compile-plans: unknown {', '.join(unknown)} (expected some of {', '.join(PLANS)})")
     results = {"model": loaded.source.name,
                "settings": {**{k: str(v) for k, v in vars(args).items()}, "json": recorded_path(args.json),
                             "policy": recorded_path(args.policy) if args.policy else "the demo's"},
@@ -171,9 +178,9 @@ def main():
                "lengths": {}}
     for length in (int(text) for text in args.lengths.split(",")):
         max_len = length + args.new_tokens + 8
-        plans = {"kvc 25%": compile_policy(policy, 0.25, max_len=max_len),
-                 "kvc 10%": compile_policy(policy, 0.1, max_len=max_len),
-                 "kvc 25% bf16 rows": compile_policy(policy, 0.25, max_len=max_len, kv_bits=0)}
+        plans = {name: compile_policy(policy, options["target"], max_len=max_len,
+                                      **{k: v for k, v in options.items() if k != "target"})
+                 for name, options in PLANS.items()}
         torch.set_num_threads(args.prefill_threads)
         began = time.perf_counter()
         first, record = record_prefill(loaded, plans["kvc 25%"], prompt_ids(loaded.tokenizer, length))
@@ -184,7 +191,8 @@ def main():
         cases.update({name: KvcCase(loaded, plan, record) for name, plan in plans.items()})
         if length in compiled_at:
             cases["StaticCache compiled"] = HfCase(loaded, record, "static", max_len, compile=True)
-            cases["kvc 25% compiled"] = KvcCase(loaded, plans["kvc 25%"], record, compile=True)
+            for name in compiled_plans:
+                cases[f"{name} compiled"] = KvcCase(loaded, plans[name], record, compile=True)
         warmup = {}
         for name, case in cases.items():  # the first call compiles or warms up; not timed
             began = time.perf_counter()
@@ -215,11 +223,11 @@ def main():
         results["lengths"][str(length)] = {"prefill_seconds": prefill_seconds, "rows": rows}
         print(f"\n{loaded.source.name}: prompt {length} tokens, {args.new_tokens} new, {args.threads} thread(s), "
               f"{args.rounds} rounds (prefill {prefill_seconds:.0f} s)")
-        print(f"{'cache':<22}{'bytes':>11}{'tok/CPU s':>10}{'x Dynamic per round (CPU)':>28}{'peak step':>11}"
+        print(f"{'cache':<31}{'bytes':>11}{'tok/CPU s':>10}{'x Dynamic per round (CPU)':>28}{'peak step':>11}"
               f"{'allocs':>10}  same")
         for name, row in rows.items():
             ratios = " ".join(f"{r:.2f}" for r in row["cpu_ratio_per_round"])
-            print(f"{name:<22}{human_bytes(row['cache_bytes']):>11}{row['tokens_per_cpu_second']:>10.1f}{ratios:>28}"
+            print(f"{name:<31}{human_bytes(row['cache_bytes']):>11}{row['tokens_per_cpu_second']:>10.1f}{ratios:>28}"
                   f"{human_bytes(row['peak_step_allocation']):>11}{human_bytes(row['step_allocations']):>10}  "
                   f"{'yes' if row['same_tokens_as_dynamic'] else 'no'}")
         args.json.parent.mkdir(parents=True, exist_ok=True)

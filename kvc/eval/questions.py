@@ -20,7 +20,7 @@ from kvc.models import LoadedModel
 from kvc.plan import Plan
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import CompressedCache
-from kvc.runtime.probe import prefill_context, probe_ids
+from kvc.runtime.probe import prefill_context, make_probe
 from kvc.runtime.shared_prefill import SharedPrefill
 
 QUERY_AWARE, QUERY_AGNOSTIC = SETTINGS
@@ -71,8 +71,8 @@ def answer_all(loaded: LoadedModel, plans: list[Plan], prompt: Prompt, setting: 
             inputs = torch.tensor([prompt.context_ids + prompt.question_ids], device=model.device)
             logits = model(input_ids=inputs, **{keyword: SharedPrefill(caches)}, logits_to_keep=1).logits[0, -1]
         else:
-            tokens = probe_ids(loaded.tokenizer, prompt.context_ids, probe) if any(probed) else []
-            prefill_context(model, SharedPrefill(caches), prompt.context_ids, tokens)
+            prefill_context(model, SharedPrefill(caches), prompt.context_ids,
+                            make_probe(loaded.tokenizer, prompt.context_ids, probe) if any(probed) else None)
         for index, cache in enumerate(caches):
             if setting == QUERY_AWARE:
                 first = logits

@@ -3,8 +3,9 @@
 It finds the `CompressedCache` among its keyword arguments (`apply`'s input hook adds it to the
 model's forward, which hands it down to every attention call). Prefill runs the model's usual SDPA
 attention (with its mask), then stores each head's keep-set; any later chunk (one token or many)
-runs the store's `extend` over the compressed slots, never over a full K/V. Without a compressed
-cache it is plain SDPA, so an applied model still works as before. Masks for 'kvc' are SDPA masks.
+runs the store's `extend` over the compressed slots, never over a full K/V. A probe read after a
+context (`kvc.runtime.probe`) is attended by its scoring layer, which scores the context's keys from
+the same softmax. Without a compressed cache it is plain SDPA, so an applied model still works as before. Masks for 'kvc' are SDPA masks.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def kvc_attention(module, query, key, value, attention_mask, scaling=None, dropo
         raise KvcError("this model's attention uses logit soft-capping or learned sinks, which the compressed "
                        "decode does not implement")
     layer = cache.layers[module.layer_idx]
+    if getattr(layer, "reading_probe", False):  # a probe after a context (`kvc.runtime.probe`): it scores the context
+        scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+        return layer.read_probe(query, key, value, scale), None
     if layer.prefilling:
         output = sdpa(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
         layer.compress(query, key, value, scaling)

@@ -73,24 +73,11 @@ class CompressedLayer(CacheLayerMixin):
         return key_states, value_states
 
     def compress(self, query, keys, values, scale) -> None:
-        """After prefill attention: keep each head's keep-set, drop the rest.
-
-        When the forward ends with a probe (`kvc.runtime.probe`), only the context before it is
-        kept; the probe's queries score the frequency heads if the cache scores by probes, else
-        the context's own last queries do, as without a probe."""
-        inputs, probe = self.cache.observed, self.cache.probe_length
-        if not probe:  # the common case, sliced from the end so that an exported length stays symbolic
-            window = query[:, :, -min(self.store.plan.observation_window, query.shape[2]):]
-            self.store.prefill(keys, values, inputs.classes, inputs.start, window, scale)
-            return
-        context = keys.shape[2] - probe
-        if self.cache.probe_scoring:
-            window, probe_keys = query[:, :, context:], keys[:, :, context:]
-        else:
-            size = min(self.store.plan.observation_window, context)
-            window, probe_keys = query[:, :, context - size:context], None
-        self.store.prefill(keys[:, :, :context], values[:, :, :context], inputs.classes[:, :context], inputs.start,
-                           window, scale, probe_keys)
+        """After prefill attention: keep each head's keep-set, drop the rest. The observation window
+        is sliced from the end, so that an exported prompt length stays symbolic."""
+        inputs = self.cache.observed
+        window = query[:, :, -min(self.store.plan.observation_window, query.shape[2]):]
+        self.store.prefill(keys, values, inputs.classes, inputs.start, window, scale)
 
     def extend(self, query, keys, values, scale) -> torch.Tensor:
         """Attend a chunk of new tokens and admit them: (batch, q_heads, chunk, head_dim)."""
@@ -127,7 +114,7 @@ class CompressedCache(Cache):
     grows: `nbytes()` counts every tensor the cache holds, the plan's `cache_bytes` at its batch.
     A cache holds one prompt and whatever follows it (turns, questions, decoded tokens);
     `reset()` makes it ready for another. kernels: 'auto' (Triton on CUDA, torch references on
-    CPU), 'triton' or 'reference'. probe_scoring: when a prompt is prefilled with a probe after it
+    CPU), 'triton' or 'reference'. probe_scoring: when a context is prefilled with a probe after it
     (`kvc.runtime.probe.prefill_context`), its frequency heads score by the probe (the default);
     False keeps the context's own last queries (the evaluation's baselines).
     """
@@ -148,10 +135,7 @@ class CompressedCache(Cache):
         self.token_classes = TokenClasses(plan.token_classes)
         self.observed: ObservedInputs | None = None
         self.length = 0  # tokens held so far, counted on the host (the step itself never reads it)
-        # A prefill forward may end with a probe of `probe_length` tokens (`kvc.runtime.probe`) that is
-        # scored with, never stored; probe_scoring: whether its queries score the frequency heads.
-        self.probe_length = 0
-        self.probe_scoring = probe_scoring
+        self.probe_scoring = probe_scoring  # whether a probe after the context scores its frequency heads
 
     def observe(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None) -> None:
         """Record the token classes (and, at prefill, the padding) of the forward about to run."""
@@ -162,13 +146,12 @@ class CompressedCache(Cache):
         start = padding_start(attention_mask, batch, length, input_ids.device) if prefill else None
         self.observed = ObservedInputs(self.token_classes(input_ids), start)
         if not torch.compiler.is_compiling():  # a compiled step leaves the host count to its caller
-            self.plan.check_length(self.length + length - self.probe_length)
+            self.plan.check_length(self.length + length)
 
     def finish(self) -> None:
         """After the forward: count its tokens (the model read the old count for their positions)."""
         if self.observed is not None and not torch.compiler.is_compiling():
-            self.advance(self.observed.classes.shape[1] - self.probe_length)
-        self.probe_length = 0
+            self.advance(self.observed.classes.shape[1])
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if self.observed is None:

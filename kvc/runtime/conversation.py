@@ -23,7 +23,7 @@ from kvc.policies.errors import KvcError
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import GENERATE_OPTIONS
 from kvc.runtime.generate import dense_cache_bytes
-from kvc.runtime.probe import check_probe, prefill_context, probe_ids
+from kvc.runtime.probe import check_probe, prefill_context, make_probe
 
 TURN_SEPARATOR = "---"  # a line of its own between the user turns of a conversation file
 
@@ -92,7 +92,7 @@ class Conversation:
                 # The first turn (a document) is compressed before the questions: a probe scores it. The
                 # last token stays out, so generate has one to feed.
                 context = input_ids[0, :-1].tolist()
-                prefill_context(model, self.cache, context, probe_ids(tokenizer, context, self.context_probe))
+                prefill_context(model, self.cache, context, make_probe(tokenizer, context, self.context_probe))
             output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
                                     do_sample=False, pad_token_id=pad_id, **{self.keyword: self.cache},
                                     **(GENERATE_OPTIONS if self.plan is not None else {}))

@@ -1,30 +1,39 @@
-"""Compressing a context before its question is known: probes that score it, run after it, never kept.
+"""Compressing a context before its question is known: probes that score it, read after it, never kept.
 
 A frequency (SnapKV-style) head picks its heavy hitters by the attention they get from the prompt's
 last queries. When the context is compressed before the question (a cached document, a system
 prompt), those queries are the end of the context, not the question. A probe is text the model
-reads right after the context in the same prefill forward; its queries replace the observation
-window (`LayerStore.prefill`), each context key scoring its largest attention probability over
-them and the query group; its own keys and values are never stored, and the cache counts the
-context only, so a later question's positions continue from the context's end. KVzip's idea
-(arXiv 2505.23416): the best question-independent probe makes the model repeat the context, so
-every token the context could be asked about is attended by its copy.
+reads after the context, over the context's full keys and values, before the context is
+compressed: each context key scores its largest attention probability over the probe's queries
+and the query group, and those scores replace the observation window's (`LayerStore.prefill`). The
+probe's own keys and values are never stored, and the cache counts the context only, so a later
+question's positions continue from the context's end. KVzip's idea (arXiv 2505.23416): the best
+question-independent probe makes the model repeat the context, so every token the context could
+be asked about is attended by its copy.
 
 Probes: `window` (none: the context's last queries, as a prompt with its question), `generic` (a
-short fixed question about the text) and `reconstruct` (a request to repeat the context and the
-context again: about one more prefill of the context, and positions for twice its length).
+short fixed question about the text) and `reconstruct` (a request to repeat the context, then the
+context again, read in parts of at most `PART_TOKENS` tokens, each after the request and attending
+to the whole context, as KVzip's chunked scoring does: about one more prefill, and positions for
+the context and one part). A context the model has no positions left after is refused.
 """
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass
 
+import torch
 from kvc.policies.errors import KvcError
 from kvc.runtime.apply import cache_keyword
+from kvc.runtime.kernels import pool_scores
+from kvc.runtime.shared_prefill import SharedLayer, SharedPrefill
 
 PROBES = ("window", "generic", "reconstruct")
 GENERIC_PROBE = "\n\nQuestion: What does the text above say?\nAnswer:"
 RECONSTRUCT_PROMPT = "\n\nRepeat the previous context exactly.\n"
+PART_TOKENS = 2048  # the longest part of the context one reconstruction forward repeats (KVzip's chunk)
+SHORTEST_PART = 64  # fewer positions left after the context than the request and this: refused
+QUERY_BLOCK = 256  # probe queries per block of `probe_attention`
 
 
 def check_probe(probe: str, option: str = "--context-probe") -> str:
@@ -34,33 +43,174 @@ def check_probe(probe: str, option: str = "--context-probe") -> str:
     return probe
 
 
-def probe_ids(tokenizer, context_ids: list[int], probe: str) -> list[int]:
-    """The token ids of a probe after `context_ids` (empty for `window`)."""
+@dataclass(frozen=True)
+class Probe:
+    """Token ids read after a context: `request`, followed in each forward by one part of `body`."""
+
+    request: list[int]
+    body: list[int]
+
+    def parts(self, room: int) -> list[list[int]]:
+        """The probe's forwards when `room` positions follow the context: the request alone, or
+        the request before each part of the body, as long as the room and `PART_TOKENS` allow."""
+        if not self.body:
+            return [self.request]
+        size = min(PART_TOKENS, room - len(self.request))
+        return [self.request + self.body[first:first + size] for first in range(0, len(self.body), size)]
+
+    def shortest_room(self) -> int:
+        """The fewest positions after the context this probe can be read in."""
+        return len(self.request) + min(SHORTEST_PART, len(self.body))
+
+
+def make_probe(tokenizer, context_ids: list[int], probe: str) -> Probe | None:
+    """The probe `probe` after `context_ids` (None for `window`)."""
     check_probe(probe)
     if probe == "window":
-        return []
+        return None
     if probe == "generic":
-        return tokenizer(GENERIC_PROBE, add_special_tokens=False).input_ids
+        return Probe(tokenizer(GENERIC_PROBE, add_special_tokens=False).input_ids, [])
     special = set(tokenizer.all_special_ids)
-    body = [token for token in context_ids if token not in special]
-    return tokenizer(RECONSTRUCT_PROMPT, add_special_tokens=False).input_ids + body
+    return Probe(tokenizer(RECONSTRUCT_PROMPT, add_special_tokens=False).input_ids,
+                 [token for token in context_ids if token not in special])
 
 
-def prefill_context(model, cache, context_ids: list[int], probe_tokens: list[int], **forward) -> None:
+def prefill_context(model, cache, context_ids: list[int], probe: Probe | None, **forward) -> None:
     """Prefill `cache` (a `CompressedCache` or a `SharedPrefill`) with the context, scored by the probe.
 
-    One forward of context + probe; the cache keeps only the context's keep-sets and counts only
-    its tokens. The model must run kvc attention (`kvc.apply`). Its positions must hold both: a
-    reconstruction probe needs about twice the context's.
+    The model must run kvc attention (`kvc.apply`). Caches that do not score by probes
+    (`probe_scoring=False`), or no probe, get the context's plain prefill; the others keep what
+    the probe's queries attend to most. Every cache counts only the context's tokens.
     """
-    limit = getattr(model.config, "max_position_embeddings", None)
-    total = len(context_ids) + len(probe_tokens)
-    if limit and total > limit:
-        raise KvcError(f"the context ({len(context_ids)} tokens) and its probe ({len(probe_tokens)} tokens) need "
-                       f"{total} positions, more than the model's {limit}; use a shorter probe")
-    inputs = torch.tensor([context_ids + probe_tokens], device=model.device)
-    cache.probe_length = len(probe_tokens)
-    try:
-        model(input_ids=inputs, **{cache_keyword(model): cache}, logits_to_keep=1, **forward)
-    finally:
-        cache.probe_length = 0
+    members = cache.caches if isinstance(cache, SharedPrefill) else [cache]
+    keyword = {cache_keyword(model): cache}
+    inputs = torch.tensor([context_ids], device=model.device)
+    if probe is None or not any(member.probe_scoring for member in members):
+        model(input_ids=inputs, **keyword, logits_to_keep=1, **forward)
+        return
+    room = (getattr(model.config, "max_position_embeddings", None) or 2 ** 62) - len(context_ids)
+    if room < probe.shortest_room():
+        raise KvcError(f"the context ({len(context_ids)} tokens) leaves {room} of the model's positions, fewer "
+                       f"than its probe needs ({probe.shortest_room()}); use a shorter context or --context-probe window")
+    scorer = ContextScorer(members)
+    model(input_ids=inputs, **{cache_keyword(model): scorer}, logits_to_keep=1, **forward)
+    scorer.reading_probe = True
+    for part in probe.parts(room):
+        model(input_ids=torch.tensor([part], device=model.device), **{cache_keyword(model): scorer},
+              logits_to_keep=1, **forward)
+    scorer.store()
+
+
+def probe_attention(query, keys, values, start, scale):
+    """A probe's attention over the context and itself, and the context's scores, from one softmax.
+
+    query (batch, q_heads, n, head_dim) the probe's; keys, values (batch, kv_heads, context + n,
+    head_dim), the probe's last; start (batch,) the context's first non-padding position. Each
+    probe query sees the context from `start` and the probe causally. Returns the attention output
+    (batch, n, q_heads, head_dim) in the query's dtype, as an attention function returns it, and
+    each context key's largest probability over the probe's queries and the query group
+    (batch, kv_heads, context) float32, unpooled.
+    """
+    batch, q_heads, length, head_dim = query.shape
+    kv_heads, total = keys.shape[1], keys.shape[2]
+    context = total - length
+    grouped = query.float().reshape(batch, kv_heads, q_heads // kv_heads, length, head_dim) * scale
+    keys_t, values = keys.float().transpose(-1, -2), values.float()
+    positions = torch.arange(total, device=keys.device)
+    padding = int(start.max())  # the context's left padding, hidden from every query
+    outputs, best = [], torch.zeros(batch, kv_heads, context, device=keys.device)
+    for first in range(0, length, QUERY_BLOCK):
+        rows = torch.arange(first, min(first + QUERY_BLOCK, length), device=keys.device)
+        block = grouped[:, :, :, rows].flatten(2, 3)  # (batch, kv_heads, group * rows, dim)
+        logits = (block @ keys_t).unflatten(2, (-1, len(rows)))  # (batch, kv_heads, group, rows, total)
+        logits[..., context:].masked_fill_(positions[None, :length] > rows[:, None], float("-inf"))  # causal
+        if padding:
+            logits[..., :padding].masked_fill_((positions[:padding] < start[:, None])[:, None, None, None],
+                                               float("-inf"))
+        probs = torch.softmax(logits, -1)
+        outputs.append((probs @ values[:, :, None]).flatten(1, 2))  # (batch, q_heads, rows, dim)
+        best = torch.maximum(best, probs[..., :context].amax((2, 3)))
+    output = torch.cat(outputs, 2).transpose(1, 2).to(query.dtype)
+    return output, best
+
+
+class ScoringLayer(SharedLayer):
+    """One layer of a `ContextScorer`: holds the context's keys and values, then scores them by the probe."""
+
+    def __init__(self, members):
+        super().__init__(members)
+        self.keys = self.values = self.best = self.scale = None
+        self.reading_probe = False
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.reading_probe:
+            self.keys, self.values = key_states, value_states
+            return super().update(key_states, value_states)
+        return torch.cat([self.keys, key_states], 2), torch.cat([self.values, value_states], 2)
+
+    def compress(self, query, keys, values, scale) -> None:
+        """After the context's attention: members that do not score by probes compress it."""
+        self.scale = scale
+        for member in self.members:
+            if not member.cache.probe_scoring:
+                member.compress(query, keys, values, scale)
+
+    def read_probe(self, query, keys, values, scale) -> torch.Tensor:
+        """A probe forward's attention (its output, as an attention function returns it); its scores
+        of the context's keys join the largest so far."""
+        output, scores = probe_attention(query, keys, values, self.members[0].cache.observed.start, scale)
+        self.best = scores if self.best is None else torch.maximum(self.best, scores)
+        return output
+
+    def store(self) -> None:
+        """Each probe-scored member keeps the context's keep-sets by the probe's scores."""
+        for member in self.members:
+            if member.cache.probe_scoring:
+                observed = member.cache.observed
+                scores = pool_scores(self.best, observed.start, member.store.plan.pool_kernel)
+                member.store.prefill(self.keys, self.values, observed.classes, observed.start, None, self.scale,
+                                     scores=scores)
+        self.keys = self.values = self.best = None
+
+    def get_seq_length(self):
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def get_mask_sizes(self, query_length, *args, **kwargs) -> tuple[int, int]:
+        length = query_length.shape[-1] if isinstance(query_length, torch.Tensor) else query_length
+        return self.get_seq_length() + length, 0
+
+
+class ContextScorer(SharedPrefill):
+    """The cache of a context's prefill and of the probe forwards after it.
+
+    The context's forward goes to every member as a shared prefill does, except that members
+    scoring by probes wait; the probe's forwards attend to the context's full keys and values and
+    reach no member (their tokens are neither stored nor counted); `store()` then fills the waiting
+    members by the probe's scores."""
+
+    def __init__(self, caches):
+        super().__init__(caches)
+        self.layers = [ScoringLayer(layer.members) for layer in self.layers]
+        self._reading_probe = False
+
+    @property
+    def reading_probe(self) -> bool:
+        return self._reading_probe
+
+    @reading_probe.setter
+    def reading_probe(self, value: bool) -> None:
+        self._reading_probe = value
+        for layer in self.layers:
+            layer.reading_probe = value
+
+    def observe(self, input_ids, attention_mask) -> None:
+        if not self.reading_probe:
+            super().observe(input_ids, attention_mask)
+
+    def finish(self) -> None:
+        if not self.reading_probe:
+            super().finish()
+
+    def store(self) -> None:
+        for layer in self.layers:
+            layer.store()

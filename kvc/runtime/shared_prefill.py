@@ -66,15 +66,6 @@ class SharedPrefill(Cache):
         super().__init__(layers=layers)
         self.caches = caches
 
-    @property
-    def probe_length(self) -> int:
-        return self.caches[0].probe_length
-
-    @probe_length.setter
-    def probe_length(self, length: int) -> None:
-        for cache in self.caches:
-            cache.probe_length = length
-
     def observe(self, input_ids, attention_mask) -> None:
         for cache in self.caches:
             cache.observe(input_ids, attention_mask)

@@ -143,16 +143,13 @@ class LayerStore:
                            -1).to(torch.int32)
 
     # ------------------------------------------------------------ prefill
-    def prefill(self, keys, values, classes, start, query_window=None, scale=None, probe_keys=None) -> None:
+    def prefill(self, keys, values, classes, start, query_window=None, scale=None, scores=None) -> None:
         """Store each head's keep-set of a prompt.
 
         keys, values (batch, kv_heads, length, head_dim); classes (batch, length) uint8 token-class
         bits; start (batch,) first non-padding position; query_window (batch, q_heads, window,
-        head_dim) the last prompt queries, needed when the layer has frequency heads. With
-        probe_keys (batch, kv_heads, window, head_dim), the window is a probe run right after the
-        prompt instead (`kvc.runtime.probe`): its queries attend to the prompt's keys (and, causally,
-        to its own, which are never stored), and a key scores its largest probability over them and
-        the GQA group, not their sum.
+        head_dim) the last prompt queries, which score the frequency heads' keys, unless `scores`
+        (batch, kv_heads, length) float32, pooled, gives those scores (a probe's: `kvc.runtime.probe`).
         """
         batch, _, length, head_dim = keys.shape
         self.plan.check_length(length)
@@ -161,15 +158,12 @@ class LayerStore:
         if self.prefilled:
             raise KvcError("this cache already holds a sequence; call reset() before a new prompt")
         layout = self.layout
-        scores = None
-        if layout.has_frequency:
+        if not layout.has_frequency:
+            scores = None
+        elif scores is None:
             assert query_window is not None, "frequency heads need the observation-window queries"
             scale = head_dim ** -0.5 if scale is None else scale
-            if probe_keys is None:
-                scores = self.kernels.observation_scores(query_window, keys, start, scale, self.plan.pool_kernel)
-            else:  # KVzip's score: a key's largest probability over the probe's queries (torch on every device)
-                scores = kernels.observation_scores_reference(query_window, torch.cat([keys, probe_keys], 2), start,
-                                                              scale, self.plan.pool_kernel, "max")[..., :length]
+            scores = self.kernels.observation_scores(query_window, keys, start, scale, self.plan.pool_kernel)
         index, counts = slot_sources(layout, keep_groups(layout, classes, start, scores))
         for side, vectors in enumerate((keys, values)):
             for source, buffer in zip(self._as_rows(vectors), self._buffers(self._side(side))):

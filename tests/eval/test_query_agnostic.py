@@ -15,7 +15,7 @@ from kvc.policies.errors import KvcError
 from kvc.policies.synthetic import synthetic_policy
 from kvc.runtime.apply import apply
 from kvc.runtime.cache import CompressedCache
-from kvc.runtime.probe import prefill_context, probe_ids
+from kvc.runtime.probe import prefill_context, make_probe
 from kvc.runtime.shared_prefill import SharedPrefill
 
 LENGTH = 360
@@ -86,7 +86,7 @@ def test_a_probe_scores_kvc_only_and_the_baselines_answer_as_without_it(smollm, 
     for probe in ("window", "reconstruct"):
         with torch.no_grad(), apply(smollm, plans[2]):
             cache = CompressedCache(plans[2], smollm.model)
-            prefill_context(smollm.model, cache, text.context_ids, probe_ids(smollm.tokenizer, text.context_ids, probe))
+            prefill_context(smollm.model, cache, text.context_ids, make_probe(smollm.tokenizer, text.context_ids, probe))
             kept.append([positions for layer in range(30) for positions in cache.kept_positions(layer)])
             assert cache.length == len(text.context_ids)
     assert any(not torch.equal(a, b) for a, b in zip(*kept))
@@ -132,10 +132,11 @@ def test_fidelity_needs_the_full_cache_and_setting_names_are_checked(smollm):
         question_settings("agnostic")
 
 
-def test_lengths_the_reconstruction_probe_cannot_read_twice_are_refused():
-    settings = Settings(tasks=["passkey"], methods=["kvc", "snapkv"], budgets=[0.25], lengths=[1024, 5000],
+def test_lengths_the_reconstruction_probe_cannot_reread_are_refused():
+    settings = Settings(tasks=["passkey"], methods=["kvc", "snapkv"], budgets=[0.25], lengths=[1024, 8150],
                         depths=[0.5])
-    with pytest.raises(KvcError, match="reads a context of 5000 tokens twice, more than the model's 8192"):
+    check_lengths(replace(settings, lengths=[1024, 7680]), 8192)  # parts of 448 tokens still fit after 7,680
+    with pytest.raises(KvcError, match="rereads a context of 8150 tokens in parts after it, at least 64 tokens each"):
         check_lengths(settings, 8192)
     check_lengths(settings, 8192, asks=False)  # perplexity alone: no question, no probe
     for other in (replace(settings, context_probe="generic"), replace(settings, setting=[QUERY_AWARE]),

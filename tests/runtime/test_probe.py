@@ -12,60 +12,75 @@ import kvc
 from kvc.policies.errors import KvcError
 from kvc.runtime.apply import cache_keyword
 from kvc.runtime.handmade import handmade_plan
-from kvc.runtime.probe import PROBES, check_probe, prefill_context, probe_ids
+from kvc.runtime.kernels import observation_scores_reference
+from kvc.runtime import probe as probe_module
+from kvc.runtime.probe import PROBES, check_probe, make_probe, prefill_context
 from kvc.runtime.shared_prefill import SharedPrefill
-from kvc.runtime.store import LayerStore
 from tests.runtime.test_step import tiny_llama
 
 CONTEXT = ("The lighthouse keeper counted ships, storms and gulls. Her brother, a baker in the town, sent bread "
            "every Tuesday; the code of the gate was 4417. Nobody else climbed the stairs, except the cat.")
 
 
-def reference_keep(query, keys, probe_keys, heavy, window, pool):
-    """Per KV head, the positions a frequency+local head keeps: the last `window`, and the `heavy` best
-    others by the probe queries' softmax (over context and, causally, probe keys), its largest value
-    over the group and the probe, max-pooled (ties: the earlier position)."""
-    length, probe = keys.shape[2], probe_keys.shape[2]
-    kv_heads = keys.shape[1]
-    every = torch.cat([keys, probe_keys], 2)[0]  # (kv_heads, length + probe, dim)
-    grouped = query[0].reshape(kv_heads, -1, probe, query.shape[-1])
-    logits = torch.einsum("hgpd,hnd->hgpn", grouped, every) * query.shape[-1] ** -0.5
-    visible = torch.arange(length + probe)[None, :] <= length + torch.arange(probe)[:, None]
-    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1).amax((1, 2))[:, :length]
-    pooled = F.max_pool1d(probs[:, None], pool, stride=1, padding=pool // 2)[:, 0]
-    kept = []
-    for head in range(kv_heads):
-        recent = list(range(length - window, length))
-        best = [int(i) for i in torch.sort(pooled[head, :length - window], descending=True, stable=True).indices[:heavy]]
-        kept.append(sorted(recent + best))
-    return kept
+def reference_keep(model, context, parts, heavy, window, pool):
+    """Per layer and KV head, the positions a frequency+local head keeps when `parts` are read after
+    the context, each alone after it, with eager attention: the last `window`, and the `heavy` best
+    others by the largest probability any part's query of the group gives them, max-pooled (ties:
+    the earlier position)."""
+    keyword, length = cache_keyword(model), len(context)
+    kv_heads, best = model.config.num_key_value_heads, None
+    for part in parts:
+        cache = DynamicCache(config=model.config)
+        model(input_ids=torch.tensor([context]), **{keyword: cache})
+        attentions = model(input_ids=torch.tensor([part]), **{keyword: cache}, output_attentions=True).attentions
+        probs = torch.stack(attentions)[:, 0, :, :, :length]  # (layers, q_heads, part, length)
+        probs = probs.reshape(probs.shape[0], kv_heads, -1, len(part), length).amax((2, 3))
+        best = probs if best is None else torch.maximum(best, probs)
+    pooled = F.max_pool1d(best, pool, stride=1, padding=pool // 2)
+    recent = list(range(length - window, length))
+    return [[sorted(recent + torch.sort(pooled[layer, head, :length - window], descending=True,
+                                        stable=True).indices[:heavy].tolist()) for head in range(kv_heads)]
+            for layer in range(pooled.shape[0])]
 
 
-def test_probe_queries_pick_the_heavy_hitters_as_the_reference_does(smollm):
-    loaded = tiny_llama(smollm.tokenizer)
-    plan = handmade_plan(loaded.model.config, smollm.tokenizer, "frequency+local", 64, heavy=5, window=4)
-    generator = torch.Generator().manual_seed(7)
-    length, probe = 40, 6
-    keys, values = (torch.randn(1, 2, length, 16, generator=generator) for _ in range(2))
-    probe_keys = torch.randn(1, 2, probe, 16, generator=generator)
-    query = torch.randn(1, 4, probe, 16, generator=generator) * 3
-    classes, start = torch.zeros(1, length, dtype=torch.uint8), torch.zeros(1, dtype=torch.int64)
-    probed = LayerStore(plan, 0, kernels="reference")
-    probed.prefill(keys, values, classes, start, query, 16 ** -0.5, probe_keys=probe_keys)
-    expected = reference_keep(query, keys, probe_keys, 5, 4, plan.pool_kernel)
-    assert [positions.tolist() for positions in probed.kept_positions()] == expected
-    other = torch.randn(1, 4, probe, 16, generator=generator) * 3  # the choice depends on the probe's queries
-    assert reference_keep(other, keys, probe_keys, 5, 4, plan.pool_kernel) != expected
+def test_the_reconstruction_probe_read_in_parts_picks_the_heavy_hitters_as_eager_attention_says(smollm, monkeypatch):
+    monkeypatch.setattr(probe_module, "PART_TOKENS", 16)  # the context's copy in four parts
+    tokenizer = smollm.tokenizer
+    loaded = tiny_llama(tokenizer)
+    model = loaded.model
+    for layer in model.model.layers:  # peaked attention: which tokens a query picks depends on what it reads
+        layer.self_attn.q_proj.weight.data *= 12
+        layer.self_attn.k_proj.weight.data *= 12
+    plan = handmade_plan(model.config, tokenizer, "frequency+local", 160, heavy=5, window=4)
+    context = tokenizer(CONTEXT).input_ids
+    probe = make_probe(tokenizer, context, "reconstruct")
+    parts = probe.parts(256 - len(context))
+    assert len(parts) == 3 and all(part[:len(probe.request)] == probe.request for part in parts)
+    assert sum(len(part) - len(probe.request) for part in parts) == len(probe.body) == len(context)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        expected = reference_keep(model, context, parts, 5, 4, plan.pool_kernel)
+        model.set_attn_implementation("sdpa")
+        with kvc.apply(loaded, plan) as applied:
+            cache = applied.cache()
+            prefill_context(model, cache, context, probe)
+    kept = [[positions.tolist() for positions in cache.kept_positions(layer)] for layer in range(2)]
+    assert kept == expected
+    with torch.no_grad():  # the choice is the probe's: other parts keep other tokens
+        model.set_attn_implementation("eager")
+        assert reference_keep(model, context, [probe.request + probe.body[-16:]], 5, 4, plan.pool_kernel) != expected
+        model.set_attn_implementation("sdpa")
 
 
-def test_the_probe_is_never_stored_and_the_question_continues_from_the_context(smollm):
+def test_the_probe_is_never_stored_and_the_question_continues_from_the_context(smollm, monkeypatch):
+    monkeypatch.setattr(probe_module, "PART_TOKENS", 20)
     tokenizer = smollm.tokenizer
     loaded = tiny_llama(tokenizer)
     model = loaded.model
     context = tokenizer(CONTEXT).input_ids
     question = torch.tensor([tokenizer(" What is the code of the gate?", add_special_tokens=False).input_ids])
-    probe = probe_ids(tokenizer, context, "reconstruct")
-    assert len(probe) > len(context)
+    probe = make_probe(tokenizer, context, "reconstruct")
+    assert len(probe.parts(256 - len(context))) == 3
     reference = DynamicCache(config=model.config)
     with torch.no_grad():
         model(input_ids=torch.tensor([context]), **{cache_keyword(model): reference})
@@ -87,7 +102,7 @@ def test_a_shared_prefill_with_a_probe_leaves_a_window_scored_member_as_its_own_
     model = loaded.model
     plan = handmade_plan(model.config, tokenizer, "frequency+local", 160, heavy=8, window=4)
     context = tokenizer(CONTEXT).input_ids
-    probe = probe_ids(tokenizer, context, "generic")
+    probe = make_probe(tokenizer, context, "generic")
     with kvc.apply(loaded, plan) as applied, torch.no_grad():
         alone = applied.cache()
         model(input_ids=torch.tensor([context]), **{applied.cache_keyword: alone})
@@ -104,7 +119,38 @@ def test_a_shared_prefill_with_a_probe_leaves_a_window_scored_member_as_its_own_
 
 
 def test_probe_names_are_checked(smollm):
-    assert probe_ids(smollm.tokenizer, [1, 2, 3], "window") == []
+    assert make_probe(smollm.tokenizer, [1, 2, 3], "window") is None
     assert set(PROBES) == {"window", "generic", "reconstruct"}
     with pytest.raises(KvcError, match="--context-probe: unknown probe 'recon'"):
         check_probe("recon")
+
+
+def test_a_context_that_leaves_no_room_for_its_probe_is_refused_before_any_work(smollm):
+    tokenizer = smollm.tokenizer
+    loaded = tiny_llama(tokenizer)
+    plan = handmade_plan(loaded.model.config, tokenizer, "frequency+local", 256, heavy=5, window=4)
+    context = (tokenizer(CONTEXT * 8).input_ids * 2)[:240]
+    with kvc.apply(loaded, plan) as applied, torch.no_grad():
+        cache = applied.cache()
+        with pytest.raises(KvcError, match="the context \\(240 tokens\\) leaves 16 of the model's positions"):
+            prefill_context(loaded.model, cache, context, make_probe(tokenizer, context, "reconstruct"))
+        assert not cache.layers[0].store.prefilled and cache.length == 0
+        prefill_context(loaded.model, cache, context, make_probe(tokenizer, context, "generic"))  # 14 tokens fit
+        assert cache.length == 240
+
+
+@pytest.mark.parametrize("context, length, start", [(40, 7, 0), (300, 260, 5), (1, 1, 0)])
+def test_probe_attention_is_sdpa_and_the_largest_probability_of_each_context_key(context, length, start):
+    """One softmax gives both: the output SDPA gives the probe (context from `start`, itself causally)
+    and each context key's largest probability (the reference scorer with reduce='max', unpooled)."""
+    generator = torch.Generator().manual_seed(context + length)
+    query = torch.randn(1, 6, length, 16, generator=generator) * 2
+    keys, values = (torch.randn(1, 2, context + length, 16, generator=generator) for _ in range(2))
+    output, scores = probe_module.probe_attention(query, keys, values, torch.tensor([start]), 0.25)
+    visible = torch.ones(length, context + length, dtype=torch.bool).tril(context)
+    visible[:, :start] = False
+    expected = F.scaled_dot_product_attention(query, keys.repeat_interleave(3, 1), values.repeat_interleave(3, 1),
+                                              attn_mask=visible, scale=0.25)
+    torch.testing.assert_close(output, expected.transpose(1, 2), atol=1e-5, rtol=1e-5)
+    reference = observation_scores_reference(query, keys, torch.tensor([start]), 0.25, 1, "max")[..., :context]
+    torch.testing.assert_close(scores, reference, atol=1e-6, rtol=1e-5)

@@ -10,6 +10,7 @@ from kvc.runtime.kernels.prefill_scoring import (
     observation_scores,
     observation_scores_reference,
     observation_scores_triton,
+    pool_scores,
 )
 from kvc.runtime.kernels.slot_attention import (
     slot_attention,
@@ -26,6 +27,7 @@ __all__ = [
     "observation_scores",
     "observation_scores_reference",
     "observation_scores_triton",
+    "pool_scores",
     "slot_attention",
     "slot_attention_reference",
     "slot_attention_triton",

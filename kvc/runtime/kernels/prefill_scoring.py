@@ -149,7 +149,7 @@ def _check_scoring_inputs(query_window, keys, key_start, pool_kernel):
     return num_q_heads // kv_heads
 
 
-def _pool_and_mask_padding(scores, key_start, pool_kernel):
+def pool_scores(scores, key_start, pool_kernel):
     """Max-pool (batch, kv_heads, seq_len) scores along seq_len, then zero the left padding again."""
     # max_pool1d(kernel, stride 1, same padding) as the maximum of shifted copies: the same numbers, and
     # unlike max_pool1d it keeps the prompt length symbolic when the prefill is exported.
@@ -184,7 +184,7 @@ def observation_scores_reference(query_window, keys, key_start, scale=None, pool
         # Window queries inside the padding see no key: their all -inf rows give NaN, replaced by 0.
         probs = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
         total = total + probs.sum(dim=(2, 3)) if reduce == "sum" else torch.maximum(total, probs.amax(dim=(2, 3)))
-    return _pool_and_mask_padding(total, key_start, pool_kernel)
+    return pool_scores(total, key_start, pool_kernel)
 
 
 def observation_scores_triton(query_window, keys, key_start, scale=None, pool_kernel=7):
@@ -217,7 +217,7 @@ def observation_scores_triton(query_window, keys, key_start, scale=None, pool_ke
         GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION=dot_precision(keys.dtype),
     )
-    return _pool_and_mask_padding(scores, key_start, pool_kernel)
+    return pool_scores(scores, key_start, pool_kernel)
 
 
 def observation_scores(query_window, keys, key_start, scale=None, pool_kernel=7):
