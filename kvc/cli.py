@@ -113,7 +113,7 @@ def generate_command(
     temperature: float = typer.Option(0.0, "--temperature", help="With --onnx: sample at this temperature (0: greedy)."),
     top_p: float = typer.Option(1.0, "--top-p", help="With --onnx: sample from the smallest set of tokens holding this much probability."),
     seed: int = typer.Option(0, "--seed", help="With --onnx: the sampler's seed."),
-    context_probe: str = typer.Option("window", "--context-probe", help="With --plan in a conversation whose first turn is a document the later turns ask about: what picks the tokens of the plan's SnapKV-style heads in it: window (the turn's last 32 queries), generic (a short fixed question) or reconstruct (the model reads the turn again after a request to repeat it: about twice its prefill; best on the query-agnostic evaluation)."),
+    context_probe: str = typer.Option("window", "--context-probe", help="With --plan in a conversation whose first turn is a document the later turns ask about: what picks the tokens of the plan's SnapKV-style heads in it: window (the turn's last 32 queries), generic (a short fixed question) or reconstruct (the model reads the turn again after a request to repeat it: 2.6-4.7 times its prefill on a CPU; best on the query-agnostic evaluation)."),
 ):
     """Continue a prompt greedily through a plan's compressed cache (or the full cache) and show the bytes."""
     from kvc.models import load
@@ -317,7 +317,7 @@ def eval_command(
     cache_dtype: str = typer.Option("bf16", "--cache-dtype", help="Dtype of every method's cache (bf16, fp16 or fp32; kvc's low-bit rows aside): budgets are shares of a full cache in it. The model computes in fp32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     backend: str = typer.Option("torch", "--backend", help="torch (kvc's runtime) or onnxruntime: each plan exported once (kept in the kvc cache) and its graphs run by onnxruntime; passkey and niah only."),
-    context_probe: str | None = typer.Option(None, "--context-probe", help="Query-agnostic, what picks the tokens of kvc's SnapKV-style heads: reconstruct (the default with --backend torch: the model reads the context again after a request to repeat it, about twice the prefill), generic (a short fixed question) or window (the context's last 32 queries; the only one the onnxruntime backend runs, and its default). Baselines keep their published scoring."),
+    context_probe: str | None = typer.Option(None, "--context-probe", help="Query-agnostic, what picks the tokens of kvc's SnapKV-style heads: reconstruct (the default with --backend torch: the model reads the context again after a request to repeat it, 2.6-4.7 times the prefill on a CPU), generic (a short fixed question) or window (the context's last 32 queries; the only one the onnxruntime backend runs, and its default). Baselines keep their published scoring."),
 ):
     """Evaluate kvc and the baselines at equal cache bytes on retrieval, RULER-style tasks, generation fidelity and perplexity, with the question asked before or after compression.
 

@@ -14,7 +14,7 @@ be asked about is attended by its copy.
 Probes: `window` (none: the context's last queries, as a prompt with its question), `generic` (a
 short fixed question about the text) and `reconstruct` (a request to repeat the context, then the
 context again, read in parts of at most `PART_TOKENS` tokens, each after the request and attending
-to the whole context, as KVzip's chunked scoring does: about one more prefill, and positions for
+to the whole context, as KVzip's chunked scoring does: one more pass over the context's tokens, and positions for
 the context and one part). A context the model has no positions left after is refused.
 """
 
