@@ -101,7 +101,8 @@ def check_lengths(settings: Settings, model_limit: int, asks: bool = True) -> No
     from kvc.runtime.probe import SHORTEST_PART  # the runtime (torch, kernels) only when lengths are checked
 
     probed = asks and "query-agnostic" in settings.setting and any(method.startswith("kvc") for method in settings.methods)
-    if model_limit and probed and settings.context_probe == "reconstruct" and max(settings.lengths) + SHORTEST_PART > model_limit:
-        raise KvcError(f"--lengths: the reconstruction probe rereads a context of {max(settings.lengths)} tokens in parts "
-                       f"after it, at least {SHORTEST_PART} tokens each, past the model's {model_limit} positions; "
+    longest = max(settings.lengths)
+    if model_limit and probed and settings.context_probe == "reconstruct" and longest + SHORTEST_PART > model_limit:
+        raise KvcError(f"--lengths: the reconstruction probe rereads a context of {longest} tokens in parts after "
+                       f"it, at least {SHORTEST_PART} tokens each, past the model's {model_limit} positions; "
                        f"use --context-probe window or generic")

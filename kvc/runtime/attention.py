@@ -5,7 +5,8 @@ model's forward, which hands it down to every attention call). Prefill runs the 
 attention (with its mask), then stores each head's keep-set; any later chunk (one token or many)
 runs the store's `extend` over the compressed slots, never over a full K/V. A probe read after a
 context (`kvc.runtime.probe`) is attended by its scoring layer, which scores the context's keys from
-the same softmax. Without a compressed cache it is plain SDPA, so an applied model still works as before. Masks for 'kvc' are SDPA masks.
+the same softmax. Without a compressed cache it is plain SDPA, so an applied model still works as
+before. Masks for 'kvc' are SDPA masks.
 """
 
 from __future__ import annotations

@@ -91,7 +91,8 @@ def prefill_context(model, cache, context_ids: list[int], probe: Probe | None, *
     room = (getattr(model.config, "max_position_embeddings", None) or 2 ** 62) - len(context_ids)
     if room < probe.shortest_room():
         raise KvcError(f"the context ({len(context_ids)} tokens) leaves {room} of the model's positions, fewer "
-                       f"than its probe needs ({probe.shortest_room()}); use a shorter context or --context-probe window")
+                       f"than its probe needs ({probe.shortest_room()}); use a shorter context or "
+                       "--context-probe window")
     scorer = ContextScorer(members)
     model(input_ids=inputs, **{cache_keyword(model): scorer}, logits_to_keep=1, **forward)
     scorer.reading_probe = True
