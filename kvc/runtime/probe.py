@@ -83,10 +83,10 @@ def prefill_context(model, cache, context_ids: list[int], probe: Probe | None, *
     the probe's queries attend to most. Every cache counts only the context's tokens.
     """
     members = cache.caches if isinstance(cache, SharedPrefill) else [cache]
-    keyword = {cache_keyword(model): cache}
+    keyword = cache_keyword(model)
     inputs = torch.tensor([context_ids], device=model.device)
     if probe is None or not any(member.probe_scoring for member in members):
-        model(input_ids=inputs, **keyword, logits_to_keep=1, **forward)
+        model(input_ids=inputs, **{keyword: cache}, logits_to_keep=1, **forward)
         return
     room = (getattr(model.config, "max_position_embeddings", None) or 2 ** 62) - len(context_ids)
     if room < probe.shortest_room():
@@ -94,11 +94,10 @@ def prefill_context(model, cache, context_ids: list[int], probe: Probe | None, *
                        f"than its probe needs ({probe.shortest_room()}); use a shorter context or "
                        "--context-probe window")
     scorer = ContextScorer(members)
-    model(input_ids=inputs, **{cache_keyword(model): scorer}, logits_to_keep=1, **forward)
+    model(input_ids=inputs, **{keyword: scorer}, logits_to_keep=1, **forward)
     scorer.reading_probe = True
     for part in probe.parts(room):
-        model(input_ids=torch.tensor([part], device=model.device), **{cache_keyword(model): scorer},
-              logits_to_keep=1, **forward)
+        model(input_ids=torch.tensor([part], device=model.device), **{keyword: scorer}, logits_to_keep=1, **forward)
     scorer.store()
 
 
@@ -122,7 +121,7 @@ def probe_attention(query, keys, values, start, scale):
     outputs, best = [], torch.zeros(batch, kv_heads, context, device=keys.device)
     for first in range(0, length, QUERY_BLOCK):
         rows = torch.arange(first, min(first + QUERY_BLOCK, length), device=keys.device)
-        block = grouped[:, :, :, rows].flatten(2, 3)  # (batch, kv_heads, group * rows, dim)
+        block = grouped[:, :, :, first:first + QUERY_BLOCK].flatten(2, 3)  # (batch, kv_heads, group * rows, dim)
         logits = (block @ keys_t).unflatten(2, (-1, len(rows)))  # (batch, kv_heads, group, rows, total)
         logits[..., context:].masked_fill_(positions[None, :length] > rows[:, None], float("-inf"))  # causal
         if padding:
