@@ -178,9 +178,7 @@ def main():
                "lengths": {}}
     for length in (int(text) for text in args.lengths.split(",")):
         max_len = length + args.new_tokens + 8
-        plans = {name: compile_policy(policy, options["target"], max_len=max_len,
-                                      **{k: v for k, v in options.items() if k != "target"})
-                 for name, options in PLANS.items()}
+        plans = {name: compile_policy(policy, max_len=max_len, **options) for name, options in PLANS.items()}
         torch.set_num_threads(args.prefill_threads)
         began = time.perf_counter()
         first, record = record_prefill(loaded, plans["kvc 25%"], prompt_ids(loaded.tokenizer, length))

@@ -20,7 +20,7 @@ from kvc.models import LoadedModel
 from kvc.plan import Plan
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import CompressedCache
-from kvc.runtime.probe import prefill_context, make_probe
+from kvc.runtime.probe import make_probe, prefill_context
 from kvc.runtime.shared_prefill import SharedPrefill
 
 QUERY_AWARE, QUERY_AGNOSTIC = SETTINGS

@@ -95,13 +95,13 @@ def parse_settings(tasks: str, methods: str, budgets: str, lengths: str, depths:
 def check_lengths(settings: Settings, model_limit: int, asks: bool = True) -> None:
     """Refuse prompt lengths the model has no positions for, before building any prompt (asks: some
     task has a question, so the query-agnostic setting may run kvc's probe after the context)."""
-    if model_limit and max(settings.lengths) >= model_limit:
-        raise KvcError(f"--lengths: {max(settings.lengths)} tokens leave no room for an answer within the "
+    longest = max(settings.lengths)
+    if model_limit and longest >= model_limit:
+        raise KvcError(f"--lengths: {longest} tokens leave no room for an answer within the "
                        f"model's limit of {model_limit} positions")
     from kvc.runtime.probe import SHORTEST_PART  # the runtime (torch, kernels) only when lengths are checked
 
     probed = asks and "query-agnostic" in settings.setting and any(method.startswith("kvc") for method in settings.methods)
-    longest = max(settings.lengths)
     if model_limit and probed and settings.context_probe == "reconstruct" and longest + SHORTEST_PART > model_limit:
         raise KvcError(f"--lengths: the reconstruction probe rereads a context of {longest} tokens in parts after "
                        f"it, at least {SHORTEST_PART} tokens each, past the model's {model_limit} positions; "

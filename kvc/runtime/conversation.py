@@ -23,7 +23,7 @@ from kvc.policies.errors import KvcError
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import GENERATE_OPTIONS
 from kvc.runtime.generate import dense_cache_bytes
-from kvc.runtime.probe import check_probe, prefill_context, make_probe
+from kvc.runtime.probe import check_probe, make_probe, prefill_context
 
 TURN_SEPARATOR = "---"  # a line of its own between the user turns of a conversation file
 

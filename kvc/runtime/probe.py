@@ -14,8 +14,8 @@ be asked about is attended by its copy.
 Probes: `window` (none: the context's last queries, as a prompt with its question), `generic` (a
 short fixed question about the text) and `reconstruct` (a request to repeat the context, then the
 context again, read in parts of at most `PART_TOKENS` tokens, each after the request and attending
-to the whole context, as KVzip's chunked scoring does: one more pass over the context's tokens, and positions for
-the context and one part). A context the model has no positions left after is refused.
+to the whole context, as KVzip's chunked scoring does: one more pass over the context's tokens,
+and positions for the context and one part). A context the model has no positions left after is refused.
 """
 
 from __future__ import annotations
@@ -137,10 +137,14 @@ def probe_attention(query, keys, values, start, scale):
 class ScoringLayer(SharedLayer):
     """One layer of a `ContextScorer`: holds the context's keys and values, then scores them by the probe."""
 
-    def __init__(self, members):
+    def __init__(self, members, scorer: ContextScorer):
         super().__init__(members)
+        self.scorer = scorer
         self.keys = self.values = self.best = self.scale = None
-        self.reading_probe = False
+
+    @property
+    def reading_probe(self) -> bool:
+        return self.scorer.reading_probe
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.reading_probe:
@@ -190,18 +194,8 @@ class ContextScorer(SharedPrefill):
 
     def __init__(self, caches):
         super().__init__(caches)
-        self.layers = [ScoringLayer(layer.members) for layer in self.layers]
-        self._reading_probe = False
-
-    @property
-    def reading_probe(self) -> bool:
-        return self._reading_probe
-
-    @reading_probe.setter
-    def reading_probe(self, value: bool) -> None:
-        self._reading_probe = value
-        for layer in self.layers:
-            layer.reading_probe = value
+        self.layers = [ScoringLayer(layer.members, self) for layer in self.layers]
+        self.reading_probe = False  # set once the context's forward is done
 
     def observe(self, input_ids, attention_mask) -> None:
         if not self.reading_probe:
