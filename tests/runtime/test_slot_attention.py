@@ -24,7 +24,11 @@ CASES = [
     (2, 3, 2, 96, [19, 0, 6], 8, torch.float32),
     (1, 2, 5, 96, [30, 3], 4, torch.float32),
     (2, 1, 1, 96, [12, 12], 2, torch.float32),
-    # more query rows per head than WHOLE_LAYER_ROWS: the reference goes head by head
+    # heads read in runs of one capacity: all three, two then one, empty heads between others
+    (2, 3, 1, 64, [19, 19, 19], 8, torch.float32),
+    (1, 3, 2, 64, [20, 20, 7], 4, torch.float32),
+    (2, 2, 1, 48, [0, 0, 5, 5], 0, torch.bfloat16),
+    # more query rows per head than RUN_ROWS: the reference goes head by head
     (1, 3, 12, 64, [40, 0, 9], 8, torch.float32),
     (2, 2, 17, 48, [3, 25], 0, torch.bfloat16),
 ]
@@ -120,3 +124,9 @@ def test_dispatch_and_refusals(generator):
         slot_attention_reference(query, keys, values, positions, [(0, 5), (5, 0), (5, 1), (6, 99)], 0.125)
     with pytest.raises(ValueError, match="chunk"):
         slot_attention_reference(query[:, :, 0], keys, values, positions, segments, 0.125)
+
+
+def test_head_runs_join_adjacent_heads_of_one_capacity():
+    assert slot_module.head_runs([(0, 5), (5, 5), (10, 3), (13, 3), (16, 5)]) == [(0, 2), (2, 2), (4, 1)]
+    assert slot_module.head_runs([(0, 4), (8, 4)]) == [(0, 1), (1, 1)]  # a gap between them
+    assert slot_module.head_runs([(0, 0), (0, 0), (0, 6)]) == [(0, 2), (2, 1)]

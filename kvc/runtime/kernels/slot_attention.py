@@ -41,13 +41,6 @@ def use_triton(tensor):
     return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def read_rows(rows, first: int, last: int, bits: int) -> torch.Tensor:
-    """Slots [first, last) of a K or V buffer as (batch, slots, head_dim) float32."""
-    if bits:
-        return decode_turned(Rows(rows.codes[:, first:last], rows.params[:, first:last]), bits)
-    return rows[:, first:last].float()
-
-
 def _check(query, keys, values, positions, segments, bits):
     if query.dim() != 4:
         raise ValueError(f"query must be (batch, q_heads, chunk, head_dim), got {tuple(query.shape)}")
@@ -81,72 +74,80 @@ def _probability_weights(lse, extra_lse):
 
 def slot_attention_reference(query, keys, values, positions, segments, scale, bits=0, extra_lse=None,
                              return_probs=False, table=None):
-    """Plain-PyTorch slot attention, REFERENCE_BLOCK rows dequantised at a time.
+    """Plain-PyTorch slot attention, REFERENCE_BLOCK rows of each head dequantised at a time.
 
-    A few query rows per head (decode) read the whole layer buffer in one pass, each head's query
-    rows masked to its own segment: three times the (small) products, a tenth of the operations of
-    a loop over heads. Longer chunks go head by head, each over its own segment only.
+    A few query rows per head (decode) read the heads in runs: consecutive heads of one capacity
+    (most layers' heads are one run) are one batched product over their segments, so each head
+    reads only its own slots with no Python loop over heads. Longer chunks go head by head, which
+    bounds their (rows, slots) scores to one head's.
     """
     group = _check(query, keys, values, positions, segments, bits)
     batch, q_heads, chunk, head_dim = query.shape
     output = torch.zeros(batch, q_heads, chunk, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.full((batch, q_heads, chunk), float("-inf"), dtype=torch.float32, device=query.device)
     probs = torch.zeros(positions.shape, dtype=torch.float32, device=query.device) if return_probs else None
-    kv_heads = len(segments)
-    passes = [(0, kv_heads)] if group * chunk <= WHOLE_LAYER_ROWS else [(head, head + 1) for head in range(kv_heads)]
-    for first_head, last_head in passes:
-        spans = [(offset, offset + capacity) for offset, capacity in segments[first_head:last_head] if capacity]
-        if not spans:
+    runs = head_runs(segments) if group * chunk <= RUN_ROWS else [(head, 1) for head in range(len(segments))]
+    for first_head, count in runs:
+        offset, capacity = segments[first_head]
+        if not capacity:
             continue
-        lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
-        heads = slice(first_head * group, last_head * group)
-        members = segment_members(segments, lo, hi, query.device)[first_head:last_head]
-        parts = _attend_span(query[:, heads], keys, values, positions, lo, hi, members, scale, bits,
-                             None if extra_lse is None else extra_lse[:, heads], return_probs)
+        heads = slice(first_head * group, (first_head + count) * group)
+        parts = _attend_run(query[:, heads], keys, values, positions, offset, count, capacity, scale, bits,
+                            None if extra_lse is None else extra_lse[:, heads], return_probs)
         output[:, heads], lse[:, heads] = parts[0], parts[1]
         if return_probs:
-            probs[:, lo:hi] += parts[2]
+            probs[:, offset:offset + count * capacity] += parts[2]
     return (output, lse, probs) if return_probs else (output, lse)
 
 
-WHOLE_LAYER_ROWS = 32  # query rows per head up to which one pass reads the whole layer
+RUN_ROWS = 32  # query rows per head up to which heads are read in runs rather than one by one
 
 
-def segment_members(segments, lo: int, hi: int, device) -> torch.Tensor:
-    """(kv_heads, hi - lo) bool: which slots of [lo, hi) are each head's. Cached per layout in eager mode."""
-    key = (tuple(segments), lo, hi, str(device))
-    if key in _MEMBERS:
-        return _MEMBERS[key]
-    table = torch.tensor(segments, dtype=torch.int64, device=device).reshape(len(segments), 2)
-    slot = torch.arange(lo, hi, device=device)
-    members = (slot[None, :] >= table[:, :1]) & (slot[None, :] < table[:, :1] + table[:, 1:])
-    if not torch.compiler.is_compiling():
-        _MEMBERS[key] = members
-    return members
+def head_runs(segments) -> list[tuple[int, int]]:
+    """(first head, heads) of each run of consecutive heads with one capacity and adjacent segments."""
+    runs = []
+    for head, (offset, capacity) in enumerate(segments):
+        if runs:
+            first, count = runs[-1]
+            run_offset, run_capacity = segments[first]
+            if capacity == run_capacity and offset == run_offset + count * run_capacity:
+                runs[-1] = (first, count + 1)
+                continue
+        runs.append((head, 1))
+    return runs
 
 
-_MEMBERS: dict = {}
+def read_rows(rows, first: int, last: int, bits: int) -> torch.Tensor:
+    """Slots [first, last) of K or V rows (..., slots, head_dim) as (..., last - first, head_dim) float32."""
+    if bits:
+        codes, params = rows
+        return decode_turned(Rows(codes[..., first:last, :], params[..., first:last, :, :]), bits)
+    return rows[..., first:last, :].float()
 
 
-def _attend_span(query, keys, values, positions, lo, hi, members, scale, bits, extra_lse, return_probs):
-    """The query heads of some KV heads (members: their slots of [lo, hi)) over the slots [lo, hi)."""
+def _split_heads(rows, offset: int, heads: int, capacity: int):
+    """The slots of `heads` adjacent segments of one capacity from `offset`, as (batch, heads, capacity, ...)."""
+    if isinstance(rows, Rows):
+        return Rows(*(_split_heads(part, offset, heads, capacity) for part in rows))
+    return rows[:, offset:offset + heads * capacity].unflatten(1, (heads, capacity))
+
+
+def _attend_run(query, keys, values, positions, offset, heads, capacity, scale, bits, extra_lse, return_probs):
+    """The query heads of a run of KV heads, each over its own segment: (output, lse[, probs of the run's slots])."""
     batch, q_heads, chunk, head_dim = query.shape
-    kv_heads, slots = members.shape
-    rows = q_heads * chunk  # head-major: one matrix product per block serves every head
-    blocks = [(first, min(first + REFERENCE_BLOCK, hi)) for first in range(lo, hi, REFERENCE_BLOCK)]
-    flat = query.float().reshape(batch, rows, head_dim)
-    scores = torch.cat([flat @ read_rows(keys, a, b, bits).transpose(1, 2) for a, b in blocks], -1)
-    scores = scores.reshape(batch, kv_heads, rows // kv_heads, slots) * scale
-    readable = members & (positions[:, None, lo:hi] >= 0)
-    scores = scores.masked_fill(~readable[:, :, None], float("-inf"))
-    weights, lse = softmax_with_lse(scores)
-    flat_weights = weights.reshape(batch, rows, slots)
-    output = sum(flat_weights[..., a - lo:b - lo] @ read_rows(values, a, b, bits) for a, b in blocks)
+    rows = q_heads // heads * chunk  # a KV head's query rows, head-major: one product serves its group
+    keys, values = (_split_heads(buffer, offset, heads, capacity) for buffer in (keys, values))
+    blocks = [(first, min(first + REFERENCE_BLOCK, capacity)) for first in range(0, capacity, REFERENCE_BLOCK)]
+    flat = query.float().reshape(batch, heads, rows, head_dim)
+    scores = torch.cat([flat @ read_rows(keys, a, b, bits).transpose(-1, -2) for a, b in blocks], -1) * scale
+    filled = _split_heads(positions, offset, heads, capacity) >= 0  # (batch, heads, capacity)
+    weights, lse = softmax_with_lse(scores.masked_fill(~filled[:, :, None], float("-inf")))
+    output = sum(weights[..., a:b] @ read_rows(values, a, b, bits) for a, b in blocks)
     output, lse = output.reshape(batch, q_heads, chunk, head_dim), lse.reshape(batch, q_heads, chunk)
     if not return_probs:
         return output, lse
-    share = _probability_weights(lse, extra_lse).reshape(batch, kv_heads, rows // kv_heads, 1)
-    return output, lse, (weights * share).sum((1, 2))  # a slot's weight is 0 in every other head
+    share = _probability_weights(lse, extra_lse).reshape(batch, heads, rows, 1)
+    return output, lse, (weights * share).sum(2).flatten(1)
 
 
 @triton.jit
