@@ -24,7 +24,7 @@ CASES = [
     (2, 3, 2, 96, [19, 0, 6], 8, torch.float32),
     (1, 2, 5, 96, [30, 3], 4, torch.float32),
     (2, 1, 1, 96, [12, 12], 2, torch.float32),
-    # heads read in runs of one capacity: all three, two then one, empty heads between others
+    # heads read in runs of one capacity: all three, two then one, empty heads before a run
     (2, 3, 1, 64, [19, 19, 19], 8, torch.float32),
     (1, 3, 2, 64, [20, 20, 7], 4, torch.float32),
     (2, 2, 1, 48, [0, 0, 5, 5], 0, torch.bfloat16),
