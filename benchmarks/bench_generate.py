@@ -36,7 +36,8 @@ from kvc.runtime.generate import dense_cache_bytes
 from kvc.runtime.step import Step
 
 RESULTS = Path(__file__).parent / "results"
-PLANS = {"kvc 25%": {"target": 0.25}, "kvc 10%": {"target": 0.1}, "kvc 25% bf16 rows": {"target": 0.25, "kv_bits": 0}}
+PLANS = {"kvc 25%": {"target": 0.25}, "kvc 10%": {"target": 0.1}, "kvc 25% bf16 rows": {"target": 0.25, "kv_bits": 0},
+         "kvc 25% 4-bit rows": {"target": 0.25, "kv_bits": 4}}
 
 
 def parse_args():

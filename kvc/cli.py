@@ -305,7 +305,7 @@ def eval_command(
     plan: Optional[Path] = typer.Option(None, "--plan", help="A compiled plan to evaluate as the kvc method instead of compiling one."),
     tasks: str = typer.Option("passkey,niah,ppl", "--tasks", help="Comma-separated: passkey, niah, multikey, multivalue, vartrack, fwe (RULER-style: several needles, all values of a key, chained variables, frequent words), fidelity (128 greedy tokens on open-ended prompts against the full cache's; needs full), ppl, recovery (attention mass the cache holds, on held-out text)."),
     setting: str = typer.Option("both", "--setting", help="Where a question is asked: query-aware (compressed with the context), query-agnostic (appended after the context was compressed, as for a cached document) or both."),
-    methods: str = typer.Option("kvc,kvc-plain,kvc-knapsack,kvc-fastgen,full,streamingllm,h2o,snapkv,pyramidkv,adakv", "--methods", help="Comma-separated methods."),
+    methods: str = typer.Option("kvc,kvc-plain,kvc-knapsack,kvc-fastgen,full,streamingllm,h2o,snapkv,pyramidkv,adakv", "--methods", help="Comma-separated methods: also kvc-4bit (the retrieval plan with 4-bit rows); the README lists each."),
     budgets: str = typer.Option("0.25", "--budgets", help="Comma-separated shares of the full cache's bytes, in (0, 1]."),
     lengths: str = typer.Option("1024", "--lengths", help="Comma-separated prompt lengths in tokens."),
     depths: str = typer.Option("0,0.5,1", "--depths", help="Comma-separated needle depths in [0, 1]."),

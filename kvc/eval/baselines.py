@@ -6,7 +6,8 @@ runtime's: StreamingLLM, H2O and the full cache are hand-made plans, SnapKV and 
 compiler's `uniform` and `pyramid` schedules, Ada-KV a per-head split of SnapKV budgets, all
 storing keys and values in the cache dtype; and kvc its own strategies with the compiler's
 default low-bit rows: `kvc` the retrieval strategy (the default), `kvc-knapsack` and
-`kvc-fastgen`, and `kvc-plain`, the retrieval plan in the cache dtype.
+`kvc-fastgen`, `kvc-plain`, the retrieval plan in the cache dtype, and `kvc-4bit`, the retrieval plan
+with 4-bit rows (more tokens in the same bytes).
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ def adakv_plan(loaded, policy, max_len, fraction, dtype) -> Plan:
 METHODS: dict[str, Baseline] = {
     "kvc": Baseline(compiled("retrieval"), True, f"kvc: profiled retrieval heads whole, SnapKV elsewhere, {DEFAULT_KV_BITS}-bit rows"),
     "kvc-plain": Baseline(compiled("retrieval", kv_bits=0), True, "kvc's retrieval plan with rows in the cache dtype"),
+    "kvc-4bit": Baseline(compiled("retrieval", kv_bits=4), True, "kvc's retrieval plan with 4-bit rows"),
     "kvc-knapsack": Baseline(compiled("knapsack"), True, "kvc knapsack over profiled recovery curves"),
     "kvc-fastgen": Baseline(compiled("fastgen"), True, "FastGen 2310.01801, threshold fitted to the budget"),
     "full": Baseline(full_plan, False, "full cache"),

@@ -101,5 +101,20 @@ def test_the_rows_export_without_reinterpretation_or_shifts(generator, bits):
     program = torch.export.export(RoundTrip(bits), (torch.randn(2, 3, 64, generator=generator),))
     ops = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert not {op for op in ops if "shift" in op or "bitwise" in op or op.endswith("view.dtype")}, ops
-    if bits < 8:  # codes are packed and unpacked by integer arithmetic
-        assert {"aten.mul.Tensor", "aten.remainder.Tensor"} <= ops or "aten.remainder.Scalar" in ops, ops
+    if bits < 8:  # codes are packed by integer arithmetic, unpacked by float floors and fractions
+        assert {"aten.mul.Tensor", "aten.floor_.default", "aten.frac_.default"} <= ops, ops
+        assert not {op for op in ops if "remainder" in op or "floor_divide" in op or "div.Tensor_mode" in op}, ops
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_reading_rows_allocates_one_float_buffer(generator, bits):
+    """The codes become floats once and are scaled in place; below 8 bits the packed bytes become
+    floats first (a buffer of 8 / bits times fewer floats), then unpacked in place: no further buffer
+    of the rows' size."""
+    rows = encode(torch.randn(4, 512, 64, generator=generator), bits)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        decoded = decode_turned(rows, bits)
+    allocated = sum(event.self_cpu_memory_usage for event in profile.events() if event.self_cpu_memory_usage > 0)
+    floats = decoded.numel() * decoded.element_size()
+    unpacking = 0 if bits == 8 else rows.codes.numel() * 4
+    assert floats + unpacking <= allocated < 1.1 * (floats + unpacking)
