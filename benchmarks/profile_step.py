@@ -7,8 +7,9 @@ that do it; "model and Python" is everything else in the step (the model's own l
 transformers' code, the hooks).
 With --compile the step runs under torch.compile(fullgraph=True) and the torch profiler splits it
 by operator instead: the matrix products the compiled graph hands to aten (the model's linear
-layers with the rows' rotations, and slot attention's batched products), the generated fused
-kernels (dequantising, softmax, admission, norms and the rest), and the guard and call overhead.
+layers with the rows' rotations, and slot attention's batched products, which a decode step no
+longer has: it reads the rows inside fused sums), the generated fused kernels (slot attention with
+its dequantising, softmax, admission, norms and the rest), and the guard and call overhead.
 """
 
 import argparse

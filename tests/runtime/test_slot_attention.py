@@ -1,9 +1,11 @@
 """Slot attention: the reference against obviously-correct attention over the decoded filled slots
 (floats and 2/4/8-bit rows read in place, ragged segments with holes, empty heads, chunks of
-several queries, blocks smaller than a segment), and the Triton kernels (interpreted) against the
-reference, probabilities under a merged softmax included."""
+several queries, blocks smaller than a segment), traced by torch.compile (a few query rows read the
+rows inside sums of products), and the Triton kernels (interpreted) against the reference,
+probabilities under a merged softmax included."""
 
 import importlib
+import operator
 
 import pytest
 import torch
@@ -130,3 +132,53 @@ def test_head_runs_join_adjacent_heads_of_one_capacity():
     assert slot_module.head_runs([(0, 5), (5, 5), (10, 3), (13, 3), (16, 5)]) == [(0, 2), (2, 2), (4, 1)]
     assert slot_module.head_runs([(0, 4), (8, 4)]) == [(0, 1), (1, 1)]  # a gap between them
     assert slot_module.head_runs([(0, 0), (0, 0), (0, 6)]) == [(0, 2), (2, 1)]
+
+
+def _matmuls(graphs):
+    return [node for graph in graphs for node in graph.graph.nodes
+            if node.op == "call_function" and node.target in (operator.matmul, torch.matmul, torch.bmm)]
+
+
+# (case, read inside sums): decode-sized chunks of 8-bit and float rows; 4- and 2-bit rows, and a
+# chunk of 36 query rows per head, keep the matrix products
+COMPILED_CASES = [(CASES[3], True), (CASES[9], True), (CASES[11], True), (CASES[4], False), (CASES[5], False),
+                  (CASES[12], False)]
+
+
+@pytest.mark.parametrize("case,fused", COMPILED_CASES, ids=case_id)
+def test_traced_reference_reads_rows_inside_sums(generator, case, fused):
+    """Under torch.compile a few query rows per head of float or 8-bit rows take sums of products
+    (which the compiler fuses with the rows' dequantisation) instead of matrix products over a
+    dequantised copy; more rows, and 4- or 2-bit rows, keep the products. Either way the traced
+    program equals dense attention."""
+    batch, group, chunk, head_dim, capacities, bits, dtype = case
+    query, keys, values, positions, segments = make_cache(generator, *case)
+    extra = torch.randn(batch, query.shape[1], chunk, generator=generator)
+    scale = head_dim ** -0.5
+    graphs = []
+
+    def capture(graph, inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    traced = torch.compile(slot_attention_reference, backend=capture, fullgraph=True)
+    output, lse, probs = traced(query, keys, values, positions, segments, scale, bits, extra, True)
+    expected = dense_per_head(query, keys, values, positions, segments, scale, bits, extra)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for got, want in zip((output, lse, probs), expected):
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+    assert graphs and (not _matmuls(graphs)) == fused
+
+
+def test_inductor_compiled_low_bit_reference_equals_dense_attention(generator):
+    """The sums compiled by inductor (8-bit codes scaled inside them) give dense attention's numbers."""
+    case = CASES[3]
+    query, keys, values, positions, segments = make_cache(generator, *case)
+    scale = case[3] ** -0.5
+    torch._dynamo.reset()
+    compiled = torch.compile(slot_attention_reference, fullgraph=True)
+    output, lse = compiled(query, keys, values, positions, segments, scale, case[5])
+    expected = dense_per_head(query, keys, values, positions, segments, scale, case[5], None)
+    torch.testing.assert_close(output, expected[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lse, expected[1], atol=1e-4, rtol=1e-4)
