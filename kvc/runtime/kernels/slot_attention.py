@@ -144,6 +144,7 @@ def _compiling() -> bool:
 
 
 def _blocks(capacity: int) -> list[tuple[int, int]]:
+    """(first, last) slots of each block the eager reference reads at a time."""
     return [(first, min(first + REFERENCE_BLOCK, capacity)) for first in range(0, capacity, REFERENCE_BLOCK)]
 
 
