@@ -58,18 +58,23 @@ def weakest_heavy(layout: LayerLayout, positions: torch.Tensor, scores: torch.Te
     """Per (sequence, head) the heavy slot to fill next: an empty one, else the lowest accumulated score.
 
     Returns (slot (batch, heads) absolute, its score with -inf for an empty slot). Heads without
-    heavy slots get their own first slot and score +inf; they never use it.
+    heavy slots get their own first slot and score +inf; they never use it. Each head reads its own
+    heavy region (a view of the layer's buffers), so nothing of the regions' size is built per token.
     """
-    quota, base = layout.column("heavy_quota"), layout.column("heavy_base")
-    rank = torch.arange(layout.max_heavy, device=positions.device)
-    inside = rank[None, :] < quota[:, None]  # (heads, max_heavy)
-    offset = layout.column("offset")[:, None]
-    slots = torch.where(inside, base[:, None] + rank[None, :], offset)
-    score_slots = torch.where(inside, slots - offset + layout.column("score_offset")[:, None], 0)
-    held = torch.where(positions[:, slots] >= 0, scores[:, score_slots], float("-inf"))
-    held = torch.where(inside[None], held, float("inf"))  # (batch, heads, max_heavy)
-    lowest, choice = held.min(-1)  # (batch, heads)
-    return slots.gather(1, choice.T).T, lowest
+    batch = positions.shape[0]
+    slots, lowest = [], []
+    for head in layout.heads:
+        quota, base = head["heavy_quota"], head["heavy_base"]
+        if not quota:
+            slots.append(torch.full((batch,), head["offset"], device=positions.device))
+            lowest.append(torch.full((batch,), float("inf"), device=scores.device))
+            continue
+        first = base - head["offset"] + head["score_offset"]
+        held = scores[:, first:first + quota].masked_fill(positions[:, base:base + quota] < 0, float("-inf"))
+        low, choice = held.min(-1)
+        slots.append(choice + base)
+        lowest.append(low)
+    return torch.stack(slots, 1), torch.stack(lowest, 1)
 
 
 def admit(layout: LayerLayout, counts: torch.Tensor, positions: torch.Tensor, scores: torch.Tensor | None,

@@ -89,28 +89,36 @@ def encode(x: torch.Tensor, bits: int, matrix: torch.Tensor | None = None) -> Ro
     return encode_turned(turn(x, matrix), bits)
 
 
-def decode_turned(rows: Rows, bits: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Low-bit rows -> (..., head_dim) turned vectors in `dtype` (what attention reads)."""
+def decode_turned(rows: Rows, bits: int, dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None
+                  ) -> torch.Tensor:
+    """Low-bit rows -> (..., head_dim) turned vectors in `dtype` (what attention reads).
+
+    out: a float32 buffer of the result's shape to decode into instead of a fresh one (eager
+    readers reuse one per block; the codes then go straight into it, with no float copy of them)."""
     _check(bits)
     codes, params = rows
-    values = codes.to(torch.float32)
     if bits < 8:
-        values = _unpack(values, bits).reshape(*codes.shape[:-1], codes.shape[-1] * (8 // bits))
+        packed = codes.to(torch.float32) if out is None else codes
+        unpacked = None if out is None else out.view(*codes.shape, 8 // bits)
+        values = _unpack(packed, bits, unpacked).reshape(*codes.shape[:-1], codes.shape[-1] * (8 // bits))
+    else:
+        values = codes.to(torch.float32) if out is None else out.copy_(codes)
     groups = params.shape[-2]
     grouped = values.reshape(*values.shape[:-1], groups, values.shape[-1] // groups)
     params = params.float()
-    # In place on the fresh float codes: one float buffer per call rather than three.
+    # In place on the float codes: one float buffer per call rather than three.
     return grouped.mul_(params[..., 0:1]).add_(params[..., 1:2]).reshape(values.shape).to(dtype)
 
 
-def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., bytes) packed codes as floats -> (..., bytes, 8 // bits) codes as floats, low bits first.
+def _unpack(packed: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(..., bytes) packed codes -> (..., bytes, 8 // bits) codes as floats, low bits first (into `out` if given).
 
     Float multiplies by powers of two, floors and fractions, all exact below 256, in one buffer:
     `byte // place % 2**bits` is here the fraction of `floor(byte / place) / 2**bits`, times 2**bits.
     On a CPU integer division and remainder are not vectorised: they ran 2-3 times slower, eagerly
     and compiled, and a float remainder 20 times slower compiled."""
-    codes = packed[..., None] * (1 / _place_values(bits, packed.device, torch.float32))
+    factors = 1 / _place_values(bits, packed.device, torch.float32)
+    codes = packed[..., None] * factors if out is None else out.copy_(packed[..., None]).mul_(factors)
     return codes.floor_().mul_(1 / 2 ** bits).frac_().mul_(2 ** bits)
 
 

@@ -118,3 +118,18 @@ def test_reading_rows_allocates_one_float_buffer(generator, bits):
     floats = decoded.numel() * decoded.element_size()
     unpacking = 0 if bits == 8 else rows.codes.numel() * 4
     assert floats + unpacking <= allocated < 1.1 * (floats + unpacking)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_reading_rows_into_a_buffer_allocates_nothing_of_their_size(generator, bits):
+    """Given a buffer, the codes go straight into it (unpacked there below 8 bits): the same numbers,
+    and no allocation as large as a tenth of the rows' floats."""
+    rows = encode(torch.randn(4, 512, 64, generator=generator), bits)
+    expected = decode_turned(rows, bits)
+    buffer = torch.full_like(expected, float("nan"))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        decoded = decode_turned(rows, bits, out=buffer)
+    largest = max((event.self_cpu_memory_usage for event in profile.events()), default=0)
+    assert decoded.data_ptr() == buffer.data_ptr()
+    assert largest < expected.numel() * 4 / 10, largest
+    torch.testing.assert_close(decoded, expected, atol=0, rtol=0)

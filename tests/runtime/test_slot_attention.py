@@ -115,6 +115,43 @@ def test_triton_matches_reference(generator, case, num_splits):
         torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
 
 
+# long segments read in several blocks, where a float copy of the rows would dwarf the scores
+LONG_CASES = [(1, 3, 1, 64, [600, 600, 600], 8, torch.float32), (1, 3, 2, 64, [640, 600, 500], 4, torch.float32),
+              (2, 3, 1, 64, [600, 600, 600], 0, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("case", LONG_CASES, ids=case_id)
+def test_eager_reads_reuse_one_buffer_and_keep_gradients(generator, case, monkeypatch):
+    """Without autograd (how the runtime decodes) every block of rows is read into one reused buffer:
+    dense attention's numbers, and all allocations together less than one float copy of the keys.
+    With autograd the blocks are fresh (a product keeps its operand for the backward pass), and the
+    query's gradient is dense attention's."""
+    monkeypatch.setattr(slot_module, "REFERENCE_BLOCK", 128)
+    batch, group, chunk, head_dim, capacities, bits, dtype = case
+    query, keys, values, positions, segments = make_cache(generator, *case)
+    scale = head_dim ** -0.5
+    expected = dense_per_head(query, keys, values, positions, segments, scale, bits, None)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    slot_module._workspace.__dict__.clear()
+    with torch.no_grad():
+        slot_attention_reference(query, keys, values, positions, segments, scale, bits)  # sizes the buffer
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+            output, lse = slot_attention_reference(query, keys, values, positions, segments, scale, bits)
+    allocated = sum(event.self_cpu_memory_usage for event in profile.events() if event.self_cpu_memory_usage > 0)
+    float_keys = positions.numel() * head_dim * 4
+    assert allocated < float_keys, (allocated, float_keys)
+    torch.testing.assert_close(output, expected[0], atol=tolerance, rtol=tolerance)
+    torch.testing.assert_close(lse, expected[1], atol=tolerance, rtol=tolerance)
+
+    leaf = query.float().requires_grad_()
+    output, _ = slot_attention_reference(leaf, keys, values, positions, segments, scale, bits)
+    (gradient,) = torch.autograd.grad(output.square().sum(), leaf)
+    dense_leaf = query.float().requires_grad_()
+    dense_output = dense_per_head(dense_leaf, keys, values, positions, segments, scale, bits, None)[0]
+    (dense_gradient,) = torch.autograd.grad(dense_output.square().sum(), dense_leaf)
+    torch.testing.assert_close(gradient, dense_gradient, atol=tolerance * 10, rtol=tolerance * 10)
+
+
 def test_dispatch_and_refusals(generator):
     query, keys, values, positions, segments = make_cache(generator, *CASES[0])
     assert use_triton(query)  # the tests run Triton through its interpreter

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 import torch
 import triton
@@ -59,7 +60,7 @@ def _check(query, keys, values, positions, segments, bits):
 def softmax_with_lse(scores: torch.Tensor):
     """Softmax over the last dimension and its log-sum-exp; a row of -inf gives zero weights and -inf."""
     top = scores.amax(-1, keepdim=True).nan_to_num(0.0, neginf=0.0)
-    exps = torch.exp(scores - top)
+    exps = (scores - top).exp_()  # in place on the fresh difference: one buffer fewer
     total = exps.sum(-1, keepdim=True)  # >= 1 unless the whole row is -inf
     return exps / total.clamp(min=1.0), (top + total.log()).squeeze(-1)
 
@@ -118,11 +119,39 @@ def head_runs(segments) -> list[tuple[int, int]]:
 
 
 def read_rows(rows, first: int, last: int, bits: int) -> torch.Tensor:
-    """Slots [first, last) of K or V rows (..., slots, head_dim) as (..., last - first, head_dim) float32."""
+    """Slots [first, last) of K or V rows (..., slots, head_dim) as (..., last - first, head_dim) float32.
+
+    Eagerly, rows that are not float32 already are read into one reused buffer (`_scratch`), so the
+    block lives only until the next read."""
     if bits:
         codes, params = rows
-        return decode_turned(Rows(codes[..., first:last, :], params[..., first:last, :, :]), bits)
-    return rows[..., first:last, :].float()
+        block = Rows(codes[..., first:last, :], params[..., first:last, :, :])
+        shape = (*block.codes.shape[:-1], block.codes.shape[-1] * (8 // bits))
+        return decode_turned(block, bits, out=_scratch(shape, codes.device))
+    block = rows[..., first:last, :]
+    if block.dtype == torch.float32:
+        return block
+    buffer = _scratch(block.shape, block.device)
+    return block.float() if buffer is None else buffer.copy_(block)
+
+
+_workspace = threading.local()
+
+
+def _scratch(shape, device) -> torch.Tensor | None:
+    """A float32 buffer of `shape` that every eager block read reuses (one per thread and device).
+
+    A decode step would otherwise allocate a float copy of every block of rows it reads, four times
+    the bytes of 8-bit rows. None while traced (a compiled or exported graph plans its own buffers)
+    or while autograd records (a product keeps its operand for the backward pass)."""
+    if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        return None
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    size = math.prod(shape)
+    buffer = buffers.get(device)
+    if buffer is None or buffer.numel() < size:
+        buffer = buffers[device] = torch.empty(size, dtype=torch.float32, device=device)
+    return buffer[:size].view(shape)
 
 
 def _split_heads(rows, offset: int, heads: int, capacity: int):
@@ -171,17 +200,19 @@ def _attend_run(query, keys, values, positions, offset, heads, capacity, scale, 
     batch, q_heads, chunk, head_dim = query.shape
     rows = q_heads // heads * chunk  # a KV head's query rows, head-major: one product serves its group
     keys, values = (_split_heads(buffer, offset, heads, capacity) for buffer in (keys, values))
-    flat = query.float().reshape(batch, heads, rows, head_dim)
+    flat = query.float().reshape(batch, heads, rows, head_dim) * scale  # the few query rows scaled, not the scores
     fused = rows <= FUSED_ROWS and bits in FUSED_BITS and _compiling()
-    scores = _products(flat, keys, capacity, bits, fused) * scale
-    filled = _split_heads(positions, offset, heads, capacity) >= 0  # (batch, heads, capacity)
-    weights, lse = softmax_with_lse(scores.masked_fill(~filled[:, :, None], float("-inf")))
+    scores = _products(flat, keys, capacity, bits, fused)
+    empty = _split_heads(positions, offset, heads, capacity) < 0  # (batch, heads, capacity)
+    weights, lse = softmax_with_lse(scores.masked_fill_(empty[:, :, None], float("-inf")))  # fresh scores
     output = _weighted(weights, values, capacity, bits, fused)
     output, lse = output.reshape(batch, q_heads, chunk, head_dim), lse.reshape(batch, q_heads, chunk)
     if not return_probs:
         return output, lse
     share = _probability_weights(lse, extra_lse).reshape(batch, heads, rows, 1)
-    return output, lse, (weights * share).sum(2).flatten(1)
+    # summed over the rows: fused into one loop when compiled; eagerly a product, with no weighted copy
+    summed = (weights * share).sum(2) if fused else (share.transpose(-1, -2) @ weights).squeeze(2)
+    return output, lse, summed.flatten(1)
 
 
 @triton.jit
