@@ -94,13 +94,15 @@ def decode_turned(rows: Rows, bits: int, dtype: torch.dtype = torch.float32, out
     """Low-bit rows -> (..., head_dim) turned vectors in `dtype` (what attention reads).
 
     out: a float32 buffer of the result's shape to decode into instead of a fresh one (eager
-    readers reuse one per block; the codes then go straight into it, with no float copy of them)."""
+    readers reuse one per block): the codes go straight into it, with no float copy of them."""
     _check(bits)
     codes, params = rows
     if bits < 8:
-        packed = codes.to(torch.float32) if out is None else codes
-        unpacked = None if out is None else out.view(*codes.shape, 8 // bits)
-        values = _unpack(packed, bits, unpacked).reshape(*codes.shape[:-1], codes.shape[-1] * (8 // bits))
+        if out is None:
+            values = _unpack(codes.to(torch.float32), bits)
+        else:
+            values = _unpack(codes, bits, out.view(*codes.shape, 8 // bits))
+        values = values.reshape(*codes.shape[:-1], codes.shape[-1] * (8 // bits))
     else:
         values = codes.to(torch.float32) if out is None else out.copy_(codes)
     groups = params.shape[-2]
@@ -111,14 +113,22 @@ def decode_turned(rows: Rows, bits: int, dtype: torch.dtype = torch.float32, out
 
 
 def _unpack(packed: torch.Tensor, bits: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """(..., bytes) packed codes -> (..., bytes, 8 // bits) codes as floats, low bits first (into `out` if given).
+    """(..., bytes) packed codes -> (..., bytes, 8 // bits) codes as floats, low bits first.
 
     Float multiplies by powers of two, floors and fractions, all exact below 256, in one buffer:
     `byte // place % 2**bits` is here the fraction of `floor(byte / place) / 2**bits`, times 2**bits.
     On a CPU integer division and remainder are not vectorised: they ran 2-3 times slower, eagerly
-    and compiled, and a float remainder 20 times slower compiled."""
+    and compiled, and a float remainder 20 times slower compiled. Without `out`, `packed` holds the
+    bytes as floats; with it, the bytes themselves go into its first place (whose value is 1) and
+    the other places are multiplied from there (3 x 2,048 rows of 4-bit codes: 100-180 us against
+    290-345 us for floats made first, one thread)."""
     factors = 1 / _place_values(bits, packed.device, torch.float32)
-    codes = packed[..., None] * factors if out is None else out.copy_(packed[..., None]).mul_(factors)
+    if out is None:
+        codes = packed[..., None] * factors
+    else:
+        out[..., 0].copy_(packed)
+        torch.mul(out[..., :1], factors[1:], out=out[..., 1:])
+        codes = out
     return codes.floor_().mul_(1 / 2 ** bits).frac_().mul_(2 ** bits)
 
 

@@ -123,7 +123,8 @@ LONG_CASES = [(1, 3, 1, 64, [600, 600, 600], 8, torch.float32), (1, 3, 2, 64, [6
 @pytest.mark.parametrize("case", LONG_CASES, ids=case_id)
 def test_eager_reads_reuse_one_buffer_and_keep_gradients(generator, case, monkeypatch):
     """Without autograd (how the runtime decodes) every block of rows is read into one reused buffer:
-    dense attention's numbers, and all allocations together less than one float copy of the keys.
+    dense attention's numbers, and all allocations together less than one float copy of the keys,
+    where fresh blocks would take a float copy of the keys and one of the values.
     With autograd the blocks are fresh (a product keeps its operand for the backward pass), and the
     query's gradient is dense attention's."""
     monkeypatch.setattr(slot_module, "REFERENCE_BLOCK", 128)

@@ -200,11 +200,11 @@ def _attend_run(query, keys, values, positions, offset, heads, capacity, scale, 
     batch, q_heads, chunk, head_dim = query.shape
     rows = q_heads // heads * chunk  # a KV head's query rows, head-major: one product serves its group
     keys, values = (_split_heads(buffer, offset, heads, capacity) for buffer in (keys, values))
-    flat = query.float().reshape(batch, heads, rows, head_dim) * scale  # the few query rows scaled, not the scores
+    flat = query.float().reshape(batch, heads, rows, head_dim)
     fused = rows <= FUSED_ROWS and bits in FUSED_BITS and _compiling()
-    scores = _products(flat, keys, capacity, bits, fused)
+    scores = _products(flat, keys, capacity, bits, fused).mul_(scale)  # in place on fresh scores: no copy
     empty = _split_heads(positions, offset, heads, capacity) < 0  # (batch, heads, capacity)
-    weights, lse = softmax_with_lse(scores.masked_fill_(empty[:, :, None], float("-inf")))  # fresh scores
+    weights, lse = softmax_with_lse(scores.masked_fill_(empty[:, :, None], float("-inf")))
     output = _weighted(weights, values, capacity, bits, fused)
     output, lse = output.reshape(batch, q_heads, chunk, head_dim), lse.reshape(batch, q_heads, chunk)
     if not return_probs:
