@@ -33,7 +33,7 @@ from kvc.report import human_bytes
 from kvc.runtime.apply import cache_keyword
 from kvc.runtime.cache import CompressedLayer
 from kvc.runtime.generate import dense_cache_bytes
-from kvc.runtime.step import Step
+from kvc.runtime.step import COMPILE_OPTIONS, Step
 
 RESULTS = Path(__file__).parent / "results"
 PLANS = {"kvc 25%": {"target": 0.25}, "kvc 10%": {"target": 0.1}, "kvc 25% bf16 rows": {"target": 0.25, "kv_bits": 0},
@@ -117,7 +117,8 @@ class HfCase:
         self.model, self.record, self.kind, self.max_len = loaded.model, record, kind, max_len
         self.keyword = cache_keyword(loaded.model)
         self.length = record[0][0].shape[2]
-        self.forward = torch.compile(self._forward, fullgraph=True) if compile else self._forward
+        # the options kvc's compiled step uses (in-place cache writes), so StaticCache gets them too
+        self.forward = torch.compile(self._forward, fullgraph=True, options=COMPILE_OPTIONS) if compile else self._forward
         self.restore()
         self.nbytes = dense_cache_bytes(self.cache)
 

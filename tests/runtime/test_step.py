@@ -2,7 +2,10 @@
 fails the test) decodes the same tokens as the eager step, on a tiny random Llama whose plan has
 every kind of head and 8-bit rows; and the eager step continues a prompt as `generate` does."""
 
+import re
+
 import torch
+from torch._inductor.utils import run_and_get_code
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import kvc
@@ -22,14 +25,22 @@ def tiny_llama(tokenizer):
     return LoadedModel(model, tokenizer, None, fingerprint(model.config, tokenizer))
 
 
-def decode(loaded, plan, input_ids, steps, compile):
+def decode(loaded, plan, input_ids, steps, compile, generated=None):
+    """Greedy tokens of `steps` steps after the prompt; with `generated` (a dict), the compiled step's
+    source code and the sizes of the cache's buffers go into it."""
     with kvc.apply(loaded, plan) as applied:
         cache = applied.cache()
         with torch.no_grad():
             token = loaded.model(input_ids, **{applied.cache_keyword: cache}).logits[:, -1:].argmax(-1)
         step, tokens = Step(loaded.model, cache, compile=compile), [int(token)]
-        for _ in range(steps):
-            token = step(token)[:, -1:].argmax(-1)
+        for index in range(steps):
+            if index == 0 and generated is not None:
+                logits, generated["code"] = run_and_get_code(step, token)
+                generated["buffer_sizes"] = {tensor.numel() for layer in cache.layers
+                                             for tensor in layer.store.held_tensors() if tensor.numel() > 64}
+            else:
+                logits = step(token)
+            token = logits[:, -1:].argmax(-1)
             tokens.append(int(token))
         assert cache.get_seq_length() == input_ids.shape[1] + steps
     return tokens
@@ -42,8 +53,14 @@ def test_the_compiled_step_has_no_graph_break_and_decodes_as_eager(smollm):
                                  return_tensors="pt").input_ids
     torch._dynamo.reset()
     eager = decode(loaded, plan, input_ids, 6, compile=False)
-    compiled = decode(loaded, plan, input_ids, 6, compile=True)  # fullgraph=True raises on any graph break
+    generated = {}
+    compiled = decode(loaded, plan, input_ids, 6, compile=True, generated=generated)  # fullgraph=True raises on any graph break
     assert compiled == eager
+    # The step writes its new rows into the cache's buffers in place: no generated loop runs over a
+    # whole buffer (a step that copied each layer's rows out and back, as inductor's locality
+    # reordering made it do, has one per buffer and direction).
+    loops = {int(size) for size in re.findall(r"x0<static_cast<int64_t>\((\d+)L\)", "".join(generated["code"]))}
+    assert loops and not loops & generated["buffer_sizes"], sorted(loops & generated["buffer_sizes"])
 
 
 def test_the_eager_step_continues_as_generate(smollm):
