@@ -268,8 +268,8 @@ class LayerStore:
         """Add the chunk's attention to the accumulated score of every frequency-head slot."""
         # The frequency heads' score regions follow one another in head order: one add over all of them
         # (a compiled step then reads the sums as one buffer rather than a select per head).
-        segments = self.layout.segments
-        self.scores += torch.cat([probs[:, segments[head][0]:sum(segments[head])] for head in self.layout.frequency_heads], 1)
+        spans = [self.layout.segments[head] for head in self.layout.frequency_heads]  # (offset, capacity)
+        self.scores += torch.cat([probs[:, offset:offset + capacity] for offset, capacity in spans], 1)
 
     def _admit(self, index, chunk_rows, classes, own_scores) -> None:
         """Write token `index` of the chunk into every head by its kind."""
