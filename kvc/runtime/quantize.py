@@ -65,7 +65,8 @@ def _check(bits: int) -> None:
 
 def _place_values(bits: int, device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """(8 // bits,) place value of each code inside its byte, low bits first."""
-    return (2 ** torch.arange(0, 8, bits, device=device, dtype=torch.int32)).to(dtype)
+    # A constant, not `2 ** arange`: inductor cannot generate an integer power and called aten for it in every layer.
+    return torch.tensor([1 << shift for shift in range(0, 8, bits)], device=device, dtype=dtype)
 
 
 def encode_turned(turned: torch.Tensor, bits: int) -> Rows:
