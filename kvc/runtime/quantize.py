@@ -65,7 +65,8 @@ def _check(bits: int) -> None:
 
 def _place_values(bits: int, device, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """(8 // bits,) place value of each code inside its byte, low bits first."""
-    # A constant, not `2 ** arange`: inductor cannot generate an integer power and called aten for it in every layer.
+    # A constant, not `2 ** arange`: inductor cannot generate an integer power, and called aten for
+    # one in every layer of a compiled step.
     return torch.tensor([1 << shift for shift in range(0, 8, bits)], device=device, dtype=dtype)
 
 
