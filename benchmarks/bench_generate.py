@@ -8,6 +8,9 @@ process CPU seconds (one thread by default: steadier on a shared machine). Ratio
 are taken per round. Also: the peak transient allocation and total allocations of one decode step
 (torch profiler) against the cache's bytes, and with --compile the same step under
 `torch.compile(fullgraph=True)` (kvc and StaticCache; compiling takes minutes per plan on a CPU).
+The "model alone" rows decode with a cache holding only the prompt's first FLOOR_TOKENS tokens (a
+DynamicCache; compiled, a StaticCache that short): the step's cost without any cache to read, the
+floor no cache can go under, so DynamicCache's time over it bounds every cache's ratio.
 """
 
 import argparse
@@ -36,6 +39,8 @@ from kvc.runtime.generate import dense_cache_bytes
 from kvc.runtime.step import COMPILE_OPTIONS, Step
 
 RESULTS = Path(__file__).parent / "results"
+FLOOR_TOKENS = 8
+FLOOR = "model alone"
 PLANS = {"kvc 25%": {"target": 0.25}, "kvc 10%": {"target": 0.1}, "kvc 25% bf16 rows": {"target": 0.25, "kv_bits": 0},
          "kvc 25% 4-bit rows": {"target": 0.25, "kv_bits": 4}}
 
@@ -113,7 +118,10 @@ class KvcCase:
 class HfCase:
     """DynamicCache or StaticCache holding the recorded prompt K/V; restore() rebuilds it."""
 
-    def __init__(self, loaded, record, kind, max_len, compile=False):
+    def __init__(self, loaded, record, kind, max_len, compile=False, tokens=None):
+        """tokens: keep only the record's first `tokens` positions (the floor: the model with almost no cache)."""
+        if tokens is not None:
+            record = [(keys[:, :, :tokens], values[:, :, :tokens]) for keys, values, *_ in record]
         self.model, self.record, self.kind, self.max_len = loaded.model, record, kind, max_len
         self.keyword = cache_keyword(loaded.model)
         self.length = record[0][0].shape[2]
@@ -187,10 +195,13 @@ def main():
         prefill_seconds = time.perf_counter() - began
         torch.set_num_threads(args.threads)
         cases = {"DynamicCache": HfCase(loaded, record, "dynamic", max_len),
-                 "StaticCache": HfCase(loaded, record, "static", max_len)}
+                 "StaticCache": HfCase(loaded, record, "static", max_len),
+                 FLOOR: HfCase(loaded, record, "dynamic", max_len, tokens=FLOOR_TOKENS)}
         cases.update({name: KvcCase(loaded, plan, record) for name, plan in plans.items()})
         if length in compiled_at:
             cases["StaticCache compiled"] = HfCase(loaded, record, "static", max_len, compile=True)
+            cases[f"{FLOOR} compiled"] = HfCase(loaded, record, "static", FLOOR_TOKENS + args.new_tokens + 8,
+                                                compile=True, tokens=FLOOR_TOKENS)
             for name in compiled_plans:
                 cases[f"{name} compiled"] = KvcCase(loaded, plans[name], record, compile=True)
         warmup = {}
@@ -216,7 +227,9 @@ def main():
                           "tokens_per_second": statistics.median(r["tokens_per_second"] for r in per_round),
                           "cpu_ratio_per_round": [round(r["cpu_ratio_to_dynamic"], 3) for r in per_round],
                           "wall_ratio_per_round": [round(r["wall_ratio_to_dynamic"], 3) for r in per_round],
-                          "same_tokens_as_dynamic": all(r["same_tokens"] for r in per_round)}
+                          # the floor decodes after another prompt: its tokens are not comparable
+                          "same_tokens_as_dynamic": None if name.startswith(FLOOR)
+                          else all(r["same_tokens"] for r in per_round)}
         for case in cases.values():
             if isinstance(case, KvcCase):
                 case.close()
@@ -229,7 +242,7 @@ def main():
             ratios = " ".join(f"{r:.2f}" for r in row["cpu_ratio_per_round"])
             print(f"{name:<31}{human_bytes(row['cache_bytes']):>11}{row['tokens_per_cpu_second']:>10.1f}{ratios:>28}"
                   f"{human_bytes(row['peak_step_allocation']):>11}{human_bytes(row['step_allocations']):>10}  "
-                  f"{'yes' if row['same_tokens_as_dynamic'] else 'no'}")
+                  f"{ {True: 'yes', False: 'no', None: '-'}[row['same_tokens_as_dynamic']]}")
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))  # after every length: a long run keeps what it measured
     print(f"wrote {args.json}")
