@@ -61,6 +61,11 @@ def parse_args():
     return parser.parse_args()
 
 
+def decode_length(prompt: int, new_tokens: int) -> int:
+    """The longest sequence a case serves: the prompt, the timed tokens and a few to spare (the warm-up)."""
+    return prompt + new_tokens + 8
+
+
 def prompt_ids(tokenizer, tokens: int) -> torch.Tensor:
     ids = tokenizer(essays_text()[: tokens * 8], add_special_tokens=False, return_tensors="pt").input_ids
     assert ids.shape[1] >= tokens, "the essays are shorter than the prompt asked for"
@@ -89,6 +94,8 @@ def record_prefill(loaded, plan, ids):
 
 class KvcCase:
     """A plan's compressed cache, prefilled from the record; restore() puts the prefilled state back."""
+
+    comparable = True  # decodes after the same prompt as DynamicCache
 
     def __init__(self, loaded, plan, record, compile=False):
         self.applied = kvc.apply(loaded, plan)
@@ -123,6 +130,7 @@ class HfCase:
         if tokens is not None:
             record = [(keys[:, :, :tokens], values[:, :, :tokens]) for keys, values, *_ in record]
         self.model, self.record, self.kind, self.max_len = loaded.model, record, kind, max_len
+        self.comparable = tokens is None  # the floor decodes after another prompt: its tokens are not comparable
         self.keyword = cache_keyword(loaded.model)
         self.length = record[0][0].shape[2]
         # the options kvc's compiled step uses (in-place cache writes), so StaticCache gets them too
@@ -187,7 +195,7 @@ def main():
                                "python": platform.python_version(), "machine": platform.machine()},
                "lengths": {}}
     for length in (int(text) for text in args.lengths.split(",")):
-        max_len = length + args.new_tokens + 8
+        max_len = decode_length(length, args.new_tokens)
         plans = {name: compile_policy(policy, max_len=max_len, **options) for name, options in PLANS.items()}
         torch.set_num_threads(args.prefill_threads)
         began = time.perf_counter()
@@ -200,7 +208,7 @@ def main():
         cases.update({name: KvcCase(loaded, plan, record) for name, plan in plans.items()})
         if length in compiled_at:
             cases["StaticCache compiled"] = HfCase(loaded, record, "static", max_len, compile=True)
-            cases[f"{FLOOR} compiled"] = HfCase(loaded, record, "static", FLOOR_TOKENS + args.new_tokens + 8,
+            cases[f"{FLOOR} compiled"] = HfCase(loaded, record, "static", decode_length(FLOOR_TOKENS, args.new_tokens),
                                                 compile=True, tokens=FLOOR_TOKENS)
             for name in compiled_plans:
                 cases[f"{name} compiled"] = KvcCase(loaded, plans[name], record, compile=True)
@@ -227,9 +235,8 @@ def main():
                           "tokens_per_second": statistics.median(r["tokens_per_second"] for r in per_round),
                           "cpu_ratio_per_round": [round(r["cpu_ratio_to_dynamic"], 3) for r in per_round],
                           "wall_ratio_per_round": [round(r["wall_ratio_to_dynamic"], 3) for r in per_round],
-                          # the floor decodes after another prompt: its tokens are not comparable
-                          "same_tokens_as_dynamic": None if name.startswith(FLOOR)
-                          else all(r["same_tokens"] for r in per_round)}
+                          "same_tokens_as_dynamic": all(r["same_tokens"] for r in per_round)
+                          if case.comparable else None}
         for case in cases.values():
             if isinstance(case, KvcCase):
                 case.close()
