@@ -113,6 +113,7 @@ def generate_command(
     temperature: float = typer.Option(0.0, "--temperature", help="With --onnx: sample at this temperature (0: greedy)."),
     top_p: float = typer.Option(1.0, "--top-p", help="With --onnx: sample from the smallest set of tokens holding this much probability."),
     seed: int = typer.Option(0, "--seed", help="With --onnx: the sampler's seed."),
+    compile_step: bool = typer.Option(False, "--compile", help="With --plan: decode with the plan's step compiled by torch.compile (the same tokens; the first step compiles, about 3 minutes for the embedded model on a 2-core CPU, then each step runs 1.5-3 times as fast as eagerly). One prompt; conversations run eagerly."),
     context_probe: str = typer.Option("window", "--context-probe", help="With --plan in a conversation whose first turn is a document the later turns ask about: what picks the tokens of the plan's SnapKV-style heads in it: window (the turn's last 32 queries), generic (a short fixed question) or reconstruct (the model reads the turn again after a request to repeat it: 2.6-4.7 times its prefill on a CPU; best on the query-agnostic evaluation)."),
 ):
     """Continue a prompt greedily through a plan's compressed cache (or the full cache) and show the bytes."""
@@ -126,6 +127,8 @@ def generate_command(
         raise KvcError("--interactive is a chat: add --chat")
     if check_probe(context_probe) != "window" and (onnx is not None or plan is None):
         raise KvcError("--context-probe picks what a plan's cache keeps in the torch runtime: give --plan, not --onnx")
+    if compile_step and onnx is not None:
+        raise KvcError("--compile compiles the torch runtime's step; the onnxruntime graphs run as exported")
     text = None if interactive and prompt is None and prompt_file is None else read_prompt(prompt, prompt_file)
     if onnx is not None:
         generate_onnx(onnx, model, plan, text, interactive, max_new_tokens, chat, device, temperature, top_p, seed)
@@ -133,6 +136,9 @@ def generate_command(
     if temperature or top_p != 1.0:
         raise KvcError("--temperature and --top-p sample through --onnx; the torch runtime decodes greedily")
     turns = split_turns(text) if chat and text is not None else []
+    if compile_step and (plan is None or interactive or len(turns) > 1):
+        raise KvcError("--compile decodes one prompt through a plan's step: give --plan and one prompt "
+                       "(conversations run eagerly)")
     if context_probe != "window" and not (interactive or len(turns) > 1):
         raise KvcError("--context-probe scores a first turn compressed before later ones: give a conversation "
                        "(--chat with turns separated by ---, or --interactive)")
@@ -141,7 +147,7 @@ def generate_command(
     if interactive or len(turns) > 1:
         converse(loaded, compiled, turns, interactive, max_new_tokens, context_probe)
         return
-    result = generate(loaded, text, compiled, max_new_tokens, chat)
+    result = generate(loaded, text, compiled, max_new_tokens, chat, compile=compile_step)
     console.print(result.texts[0], markup=False, highlight=False)
     console.print(result.summary(), style="dim", highlight=False, soft_wrap=True)
 

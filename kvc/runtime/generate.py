@@ -1,7 +1,8 @@
 """Prompts to text through a model, with a plan's compressed cache or the full one.
 
 Used by `kvc generate`, the demo and the evaluation: tokenises (optionally through the chat
-template), left-pads a batch, decodes greedily with `model.generate`, and reports the cache
+template), left-pads a batch, decodes greedily with `model.generate` (or, with `compile=True`, a
+plan's step under `torch.compile`, the same tokens faster once compiled), and reports the cache
 bytes against a full cache of the same tokens, and the decode speed.
 """
 
@@ -22,6 +23,7 @@ from kvc.report import human_bytes
 from kvc.runtime.applied import applied_fingerprint
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import GENERATE_OPTIONS, CompressedCache
+from kvc.runtime.step import Step, greedy
 
 
 @dataclass
@@ -37,17 +39,20 @@ class Generation:
     plan_compression: float | None = None  # the plan's bytes against a full cache at its max_len
     max_len: int = 0
     token_ids: list[list[int]] | None = None  # per prompt, the generated tokens
+    compile_seconds: float | None = None  # with a compiled step: its first call, left out of decode_seconds
 
     @property
     def decode_tokens_per_second(self) -> float:
-        """Decode steps per second after the first token (per sequence of the batch)."""
-        steps = self.new_tokens - 1
+        """Decode steps per second after the first token (after the compiling step too; per sequence of the batch)."""
+        steps = self.new_tokens - 1 - (self.compile_seconds is not None)
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else 0.0
 
     def summary(self) -> str:
         """One line: the cache bytes used against a full cache of the same tokens, and the speed."""
         tokens = self.cached_tokens
         speed = f"decode {self.decode_tokens_per_second:.1f} tokens/s"
+        if self.compile_seconds is not None:
+            speed += f" (compiled; the first step took {self.compile_seconds:.0f} s)"
         if self.plan_compression is None:
             return f"kv cache: {human_bytes(self.cache_bytes)} (full cache) for {tokens} tokens; {speed}"
         return (f"kv cache: {human_bytes(self.cache_bytes)} compressed (static plan, {self.plan_compression:.1%} of a "
@@ -120,8 +125,12 @@ def generate(
     max_new_tokens: int = 64,
     chat: bool = False,
     kernels: str = "auto",
+    compile: bool = False,
 ) -> Generation:
-    """Greedy continuation of each prompt; with a plan, through its compressed cache."""
+    """Greedy continuation of each prompt; with a plan, through its compressed cache.
+
+    compile: decode with the plan's step under `torch.compile(fullgraph=True)` (`kvc.runtime.step`):
+    the same tokens; the first step compiles (minutes on a CPU), the others run faster than eagerly."""
     model, tokenizer = loaded.model, loaded.tokenizer
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
@@ -130,6 +139,8 @@ def generate(
         raise KvcError("generate: every prompt must be a non-empty string")
     if max_new_tokens < 1:
         raise KvcError(f"generate: max_new_tokens is {max_new_tokens}; give at least 1")
+    if compile and plan is None:
+        raise KvcError("generate: compile runs a plan's compressed step; give a plan")
     sequences = encode_prompts(tokenizer, prompts, chat)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     input_ids, attention_mask = left_pad(sequences, pad_id, model.device)
@@ -138,6 +149,7 @@ def generate(
                "pad_token_id": pad_id, "logits_processor": LogitsProcessorList([clock])}
     began = time.perf_counter()
     keyword = cache_keyword(model)
+    compile_seconds = None
     with torch.no_grad():
         if plan is None:
             cache = DynamicCache(config=model.config)
@@ -146,7 +158,11 @@ def generate(
             plan.check_length(input_ids.shape[1] + max_new_tokens)
             with nullcontext() if applied_fingerprint(model) else apply(loaded, plan):  # keep a caller's apply
                 cache = CompressedCache(plan, model, kernels)
-                output = model.generate(input_ids, **{keyword: cache}, **options, **GENERATE_OPTIONS)
+                if compile:
+                    output, compile_seconds = _compiled_greedy(model, cache, input_ids, attention_mask,
+                                                               max_new_tokens, pad_id, clock)
+                else:
+                    output = model.generate(input_ids, **{keyword: cache}, **options, **GENERATE_OPTIONS)
     ended = time.perf_counter()
     continuations = output[:, input_ids.shape[1]:]
     cached_tokens = output.shape[1] - 1  # the last token is never fed back
@@ -163,8 +179,28 @@ def generate(
         cache_bytes=cache_bytes,
         full_cache_bytes=full_bytes,
         prefill_seconds=clock.times[0] - began,
-        decode_seconds=ended - clock.times[0],
+        decode_seconds=ended - clock.times[0] - (compile_seconds or 0.0),
         plan_compression=None if plan is None else plan.compression,
         max_len=0 if plan is None else plan.target.max_len,
         token_ids=continuations.tolist(),
+        compile_seconds=compile_seconds,
     )
+
+
+def stop_ids(model) -> list[int]:
+    """The token ids that end a sequence in the model's generation config."""
+    stops = model.generation_config.eos_token_id
+    return [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+
+
+def _compiled_greedy(model, cache, input_ids, attention_mask, max_new_tokens, pad_id, clock):
+    """The prompt through the cache, then greedy steps compiled: (prompt and new tokens, the first step's seconds).
+
+    Positions as transformers gives them: each sequence counts from its first non-padding token."""
+    positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+    logits = model(input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1,
+                   **{cache_keyword(model): cache}).logits
+    clock(None, logits)
+    new, first_step = greedy(Step(model, cache, compile=True), logits[:, -1:].argmax(-1), max_new_tokens,
+                             stop_ids(model), pad_id)
+    return torch.cat([input_ids, new], 1), first_step

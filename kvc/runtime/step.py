@@ -4,10 +4,13 @@
 its own, with fixed shapes and nothing decided on the host inside it. `Step(model, cache)` runs the
 forward for a chunk of new tokens with explicit positions; the cache's host-side token count is
 advanced outside the compiled region. `Step(..., compile=True)` compiles it with
-`torch.compile(fullgraph=True)`: a graph break is an error, not a slow path.
+`torch.compile(fullgraph=True)`: a graph break is an error, not a slow path. `greedy` decodes with a
+step as transformers' greedy search does (`kvc generate --compile`).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -48,3 +51,22 @@ class Step:
         if self.compiled:  # the compiled forward leaves the host count to us
             self.cache.advance(chunk)
         return logits
+
+
+def greedy(step: Step, first: torch.Tensor, new_tokens: int, stop_ids=(), pad_id: int = 0
+           ) -> tuple[torch.Tensor, float | None]:
+    """Up to `new_tokens` greedy tokens (batch, n) from `first` (batch, 1), the prefill's next tokens,
+    as transformers' greedy search gives them: a sequence that produced a stop token is padded after
+    it, and decoding ends once every sequence has. Also returns the seconds of the first step (where
+    a compiled step compiles; None when no step ran)."""
+    stops = torch.tensor(list(stop_ids), dtype=first.dtype, device=first.device)
+    token, tokens, first_step = first, [first], None
+    running = ~torch.isin(first, stops)
+    while len(tokens) < new_tokens and bool(running.any()):
+        began = time.perf_counter()
+        token = torch.where(running, step(token)[:, -1:].argmax(-1), pad_id)
+        running &= ~torch.isin(token, stops)
+        tokens.append(token)
+        if len(tokens) == 2:
+            first_step = time.perf_counter() - began
+    return torch.cat(tokens, 1), first_step

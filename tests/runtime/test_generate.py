@@ -1,6 +1,7 @@
 """Generation end to end: a hand-built plan of small special/punct/frequency/local heads stays coherent
-at a fifth of the full cache, and `kvc generate` prints text and bytes, with or without a plan, and
-turns bad plans and prompts into one-line errors with exit code 2."""
+at a fifth of the full cache, and `kvc generate` prints text and bytes, with or without a plan (and
+with `--compile`, the eager run's text), and turns bad plans, prompts and options into one-line
+errors with exit code 2."""
 
 import math
 
@@ -111,3 +112,32 @@ def test_unreadable_prompt_file(cli, tmp_path):
     binary.write_bytes(b"\xff\xfe\x00bad")
     code, _, err = cli("generate", "--prompt-file", str(binary))
     assert code == 2 and "cannot read the prompt file" in err
+
+
+def test_cli_generate_compiled_decodes_the_eager_tokens(capsys, tiny_model_dir, tmp_path):
+    """`kvc generate --plan P --compile` on a model folder (a tiny random Llama, loaded as a user's
+    would be): the eager run's text, and the line says the step was compiled."""
+    from kvc.models import load
+
+    tiny = load(str(tiny_model_dir), dtype="float32", device="cpu")
+    plan = handmade_plan(tiny.model.config, tiny.tokenizer, "special+punct+frequency+local", 64,
+                         class_slots=4, heavy=4, window=4).save(tmp_path / "tiny.plan")
+    command = ("generate", str(tiny_model_dir), "--plan", str(plan), "--prompt", "A short prompt, with commas.",
+               "--max-new-tokens", "6")
+    code, eager, _ = run(capsys, *command)
+    torch._dynamo.reset()
+    compiled_code, compiled, _ = run(capsys, *command, "--compile")
+    assert code == compiled_code == 0
+    assert compiled.split("kv cache:")[0] == eager.split("kv cache:")[0] and eager.split("kv cache:")[0].strip()
+    assert "compressed (static plan" in compiled and "(compiled; the first step took" in compiled
+    assert "compiled" not in eager
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (("--prompt", "hello", "--compile"), "--compile decodes one prompt through a plan's step: give --plan"),
+    (("--prompt", "a\n---\nb", "--chat", "--compile", "--plan", "p.plan"), "conversations run eagerly"),
+    (("--prompt", "hello", "--compile", "--onnx", "folder"), "the onnxruntime graphs run as exported"),
+])
+def test_cli_compile_errors(cli, arguments, message):
+    code, _, err = cli("generate", *arguments)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -13,6 +13,7 @@ from kvc.runtime.generate import generate
     (["fine", ""], {}, "non-empty string"),
     (["fine", None], {}, "non-empty string"),
     ("fine", {"max_new_tokens": 0}, "max_new_tokens is 0"),
+    ("fine", {"compile": True}, "compile runs a plan's compressed step; give a plan"),
 ])
 def test_bad_arguments_raise_kvc_error(smollm, prompts, kwargs, message):
     with pytest.raises(KvcError, match=message):

@@ -1,6 +1,7 @@
 """The decode step as one static program: `Step` under `torch.compile(fullgraph=True)` (a graph break
 fails the test) decodes the same tokens as the eager step, on a tiny random Llama whose plan has
-every kind of head and 8-bit rows; and the eager step continues a prompt as `generate` does."""
+every kind of head and 8-bit rows; the eager step continues a prompt as `generate` does, and so does
+`generate(..., compile=True)` on a padded batch with a stop token; the greedy loop's stops and pads."""
 
 import re
 
@@ -11,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import kvc
 from kvc.models import LoadedModel, fingerprint
 from kvc.runtime.handmade import handmade_plan
-from kvc.runtime.step import Step
+from kvc.runtime.step import Step, greedy
 
 KINDS = [["special+punct+frequency+local", "full"], ["local", "frequency"]]
 
@@ -95,3 +96,46 @@ def test_generate_never_lets_transformers_compile_the_compressed_step(smollm):
     result = generate(loaded, "A short prompt, with commas.", plan, max_new_tokens=5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing was compiled
     assert result.new_tokens == 5
+
+
+def test_compiled_generate_gives_generates_tokens(smollm):
+    """`generate(..., compile=True)` decodes a left-padded batch with the compiled step: the tokens
+    `model.generate` gives, a sequence that ends (here at a stop token chosen from the eager run)
+    padded after it as transformers pads it."""
+    from kvc.runtime.generate import generate
+
+    loaded = tiny_llama(smollm.tokenizer)
+    plan = handmade_plan(loaded.model.config, smollm.tokenizer, KINDS, 64, class_slots=4, heavy=4, window=4,
+                         kv_bits=8, batch=2)
+    prompts = ["A short prompt, with commas.", "A longer prompt: it has more words, and it pads the other one."]
+    tokens = generate(loaded, prompts, plan, max_new_tokens=8).token_ids
+    stop = tokens[0][3]
+    assert stop not in tokens[0][:3]
+    loaded.model.generation_config.eos_token_id = stop
+    eager = generate(loaded, prompts, plan, max_new_tokens=8)
+    torch._dynamo.reset()
+    compiled = generate(loaded, prompts, plan, max_new_tokens=8, compile=True)
+    pad = smollm.tokenizer.pad_token_id
+    assert eager.token_ids[0][:4] == tokens[0][:4] and eager.token_ids[0][4:] == [pad] * 4 != eager.token_ids[1][4:]
+    assert compiled.token_ids == eager.token_ids
+    assert compiled.compile_seconds > 0 and eager.compile_seconds is None
+    assert "(compiled; the first step took" in compiled.summary()
+
+
+def test_greedy_pads_stopped_sequences_and_ends_when_all_have_stopped():
+    """The loop alone, over a scripted step that answers each sequence's next token from a table:
+    a sequence that produced a stop token gets the pad id after it, decoding ends once both have
+    stopped, and a single new token runs no step."""
+    script = torch.tensor([[5, 7, 9, 9, 9], [6, 8, 9, 4, 3]])  # the token each sequence produces at each step
+    calls = []
+
+    def step(tokens):
+        calls.append(tokens.clone())
+        return torch.nn.functional.one_hot(script[:, len(calls)], 10)[:, None].float()
+
+    tokens, first_step = greedy(step, script[:, :1], 10, stop_ids=[7, 3], pad_id=0)
+    assert tokens.tolist() == [[5, 7, 0, 0, 0], [6, 8, 9, 4, 3]] and first_step > 0
+    assert [call[:, 0].tolist() for call in calls] == [[5, 6], [7, 8], [0, 9], [0, 4]]  # the pads are fed back
+    calls.clear()
+    tokens, first_step = greedy(step, script[:, :1], 1, stop_ids=[7])
+    assert tokens.tolist() == [[5], [6]] and first_step is None and not calls
