@@ -6,6 +6,8 @@ is decoded, so nothing is prefilled twice. A compressed cache keeps of earlier t
 plan allows, which is the point: a long conversation in the memory of a short one. When the first
 turn is a document the later turns ask about, a probe (`context_probe`, `kvc.runtime.probe`) can
 pick what the plan's SnapKV-style heads keep of it, since its own last queries are not the questions.
+With `compile=True` each reply is decoded by the plan's compiled step (`kvc.runtime.step`), compiled
+during the first reply and reused by every later one; the turn's chunk still goes through eagerly.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import GENERATE_OPTIONS
-from kvc.runtime.generate import dense_cache_bytes
+from kvc.runtime.generate import dense_cache_bytes, stop_ids
 from kvc.runtime.probe import check_probe, make_probe, prefill_context
+from kvc.runtime.step import Step, greedy
 
 TURN_SEPARATOR = "---"  # a line of its own between the user turns of a conversation file
 
@@ -59,7 +62,9 @@ class Conversation:
     """Greedy chat with `loaded` through one cache: a plan's compressed cache, or the full cache."""
 
     def __init__(self, loaded: LoadedModel, plan: Plan | None = None, kernels: str = "auto",
-                 context_probe: str = "window"):
+                 context_probe: str = "window", compile: bool = False):
+        if compile and plan is None:
+            raise KvcError("a compiled conversation runs a plan's compressed step; give a plan")
         self.loaded = loaded
         self.context_probe = check_probe(context_probe)  # what scores the first turn (`kvc.runtime.probe`)
         tokenizer = loaded.tokenizer
@@ -69,6 +74,7 @@ class Conversation:
         self.applied = apply(loaded, plan) if plan is not None else None
         self.cache = self.applied.cache(kernels) if plan is not None else DynamicCache(config=loaded.model.config)
         self.plan = plan
+        self.step = Step(loaded.model, self.cache, compile=True) if compile else None
         self.messages: list[dict] = []
         self.history_ids: list[int] = []  # every token of the conversation (the last reply token is not fed yet)
         self.history_text = ""
@@ -93,16 +99,27 @@ class Conversation:
                 # last token stays out, so generate has one to feed.
                 context = input_ids[0, :-1].tolist()
                 prefill_context(model, self.cache, context, make_probe(tokenizer, context, self.context_probe))
-            output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                                    do_sample=False, pad_token_id=pad_id, **{self.keyword: self.cache},
-                                    **(GENERATE_OPTIONS if self.plan is not None else {}))
+            if self.step is None:
+                output = model.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id,
+                                        **{self.keyword: self.cache}, **(GENERATE_OPTIONS if self.plan is not None else {}))
+                reply_ids = output[0, input_ids.shape[1]:].tolist()
+            else:
+                reply_ids = self._compiled_reply(input_ids, max_new_tokens, pad_id)
         seconds = time.perf_counter() - began
-        reply_ids = output[0, input_ids.shape[1]:].tolist()
         reply = tokenizer.decode(reply_ids, skip_special_tokens=True)
         self.messages = [*messages, {"role": "assistant", "content": reply}]
         self.history_ids = input_ids[0].tolist() + reply_ids
         self.history_text = target[:common] + tokenizer.decode(added + reply_ids, skip_special_tokens=False)
         return Turn(text, reply, len(added), len(reply_ids), len(self.history_ids) - 1, self.nbytes(), seconds)
+
+    def _compiled_reply(self, input_ids, max_new_tokens: int, pad_id: int) -> list[int]:
+        """What the cache does not hold yet goes in as one chunk, then the compiled step decodes the reply."""
+        model = self.loaded.model
+        chunk = input_ids[:, self.cache.get_seq_length():]
+        logits = model(chunk, logits_to_keep=1, **{self.keyword: self.cache}).logits
+        tokens, _ = greedy(self.step, logits[:, -1:].argmax(-1), max_new_tokens, stop_ids(model), pad_id)
+        return tokens[0].tolist()
 
     def nbytes(self) -> int:
         if self.plan is not None:

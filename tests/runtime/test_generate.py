@@ -134,8 +134,8 @@ def test_cli_generate_compiled_decodes_the_eager_tokens(capsys, tiny_model_dir, 
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (("--prompt", "hello", "--compile"), "--compile decodes one prompt through a plan's step: give --plan"),
-    (("--prompt", "a\n---\nb", "--chat", "--compile", "--plan", "p.plan"), "conversations run eagerly"),
+    (("--prompt", "hello", "--compile"), "--compile decodes through a plan's compressed step: give --plan"),
+    (("--prompt", "a\n---\nb", "--chat", "--compile"), "give --plan"),
     (("--prompt", "hello", "--compile", "--onnx", "folder"), "the onnxruntime graphs run as exported"),
 ])
 def test_cli_compile_errors(cli, arguments, message):

@@ -139,3 +139,22 @@ def test_greedy_pads_stopped_sequences_and_ends_when_all_have_stopped():
     calls.clear()
     tokens, first_step = greedy(step, script[:, :1], 1, stop_ids=[7])
     assert tokens.tolist() == [[5], [6]] and first_step is None and not calls
+
+
+def test_a_compiled_conversation_replies_as_the_eager_one(smollm):
+    """`Conversation(..., compile=True)`: each turn's chunk goes in eagerly, the replies come from the
+    compiled step (compiled once, in the first reply), and they are the eager conversation's."""
+    from kvc.runtime.conversation import Conversation
+
+    loaded = tiny_llama(smollm.tokenizer)
+    plan = handmade_plan(loaded.model.config, smollm.tokenizer, KINDS, 128, class_slots=4, heavy=4, window=4, kv_bits=8)
+    turns = ["Name one colour, please.", "And another one, with commas, colons: anything."]
+    replies, graphs = {}, torch._dynamo.utils.counters["stats"]
+    for compile in (False, True):
+        torch._dynamo.reset()
+        before = graphs["unique_graphs"]
+        with Conversation(loaded, plan, compile=compile) as conversation:
+            replies[compile] = [(turn.reply, turn.new_tokens, turn.cached_tokens)
+                                for turn in (conversation.say(text, 5) for text in turns)]
+    assert replies[True] == replies[False] and all(reply for reply, *_ in replies[False])
+    assert graphs["unique_graphs"] == before + 1  # compiled once: the second reply reused the first one's graph
