@@ -24,9 +24,9 @@ from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import GENERATE_OPTIONS
-from kvc.runtime.generate import dense_cache_bytes, stop_ids
+from kvc.runtime.generate import dense_cache_bytes
 from kvc.runtime.probe import check_probe, make_probe, prefill_context
-from kvc.runtime.step import Step, greedy
+from kvc.runtime.step import Step, greedy, stop_ids
 
 TURN_SEPARATOR = "---"  # a line of its own between the user turns of a conversation file
 

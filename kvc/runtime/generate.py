@@ -23,7 +23,7 @@ from kvc.report import human_bytes
 from kvc.runtime.applied import applied_fingerprint
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import GENERATE_OPTIONS, CompressedCache
-from kvc.runtime.step import Step, greedy
+from kvc.runtime.step import Step, greedy, stop_ids
 
 
 @dataclass
@@ -185,12 +185,6 @@ def generate(
         token_ids=continuations.tolist(),
         compile_seconds=compile_seconds,
     )
-
-
-def stop_ids(model) -> list[int]:
-    """The token ids that end a sequence in the model's generation config."""
-    stops = model.generation_config.eos_token_id
-    return [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
 
 
 def _compiled_greedy(model, cache, input_ids, attention_mask, max_new_tokens, pad_id, clock):

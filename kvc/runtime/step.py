@@ -53,13 +53,19 @@ class Step:
         return logits
 
 
-def greedy(step: Step, first: torch.Tensor, new_tokens: int, stop_ids=(), pad_id: int = 0
+def stop_ids(model) -> list[int]:
+    """The token ids that end a sequence in the model's generation config (what `greedy` stops at)."""
+    stops = model.generation_config.eos_token_id
+    return [] if stops is None else [stops] if isinstance(stops, int) else list(stops)
+
+
+def greedy(step: Step, first: torch.Tensor, new_tokens: int, stop_tokens=(), pad_id: int = 0
            ) -> tuple[torch.Tensor, float | None]:
     """Up to `new_tokens` greedy tokens (batch, n) from `first` (batch, 1), the prefill's next tokens,
     as transformers' greedy search gives them: a sequence that produced a stop token is padded after
     it, and decoding ends once every sequence has. Also returns the seconds of the first step (where
     a compiled step compiles; None when no step ran)."""
-    stops = torch.tensor(list(stop_ids), dtype=first.dtype, device=first.device)
+    stops = torch.tensor(list(stop_tokens), dtype=first.dtype, device=first.device)
     token, tokens, first_step = first, [first], None
     running = ~torch.isin(first, stops)
     while len(tokens) < new_tokens and bool(running.any()):

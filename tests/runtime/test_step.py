@@ -133,11 +133,11 @@ def test_greedy_pads_stopped_sequences_and_ends_when_all_have_stopped():
         calls.append(tokens.clone())
         return torch.nn.functional.one_hot(script[:, len(calls)], 10)[:, None].float()
 
-    tokens, first_step = greedy(step, script[:, :1], 10, stop_ids=[7, 3], pad_id=0)
+    tokens, first_step = greedy(step, script[:, :1], 10, stop_tokens=[7, 3], pad_id=0)
     assert tokens.tolist() == [[5, 7, 0, 0, 0], [6, 8, 9, 4, 3]] and first_step > 0
     assert [call[:, 0].tolist() for call in calls] == [[5, 6], [7, 8], [0, 9], [0, 4]]  # the pads are fed back
     calls.clear()
-    tokens, first_step = greedy(step, script[:, :1], 1, stop_ids=[7])
+    tokens, first_step = greedy(step, script[:, :1], 1, stop_tokens=[7])
     assert tokens.tolist() == [[5], [6]] and first_step is None and not calls
 
 
