@@ -285,7 +285,7 @@ def profile_command(
     check_files({"--out": out}, {"model": model, "prompt file": prompts})
     prompt_set = load_prompts(prompts)
     loaded = profiler.load_model(model, device=device, dtype=dtype)
-    steps = len(prompt_set.prompts) * architecture(loaded.model.config).num_layers
+    steps = profiler.progress_steps(len(prompt_set.prompts), architecture(loaded.model.config).num_layers)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("profiling", total=steps)
         try:

@@ -22,7 +22,9 @@ from kvc.interrupts import Interrupted, signals_interrupt
 from kvc.policies.errors import KvcError
 from kvc.policies.schema import Policy, load_policy, save_policy
 from kvc.profiler import load_prompts, profile_model
+from kvc.profiler.context_probe import CONTEXT_PROBE_SCHEME
 from kvc.profiler.measures import RETRIEVAL_SCHEME
+from kvc.profiler.profile import progress_steps
 from kvc.report import human_bytes
 from kvc.runtime.generate import generate
 
@@ -44,14 +46,16 @@ def cached_policy(loaded, console: Console) -> Policy:
     path = cached_policy_path(loaded)
     if path.is_file():
         policy = load_policy(path)
-        if policy.profile.retrieval_scheme == RETRIEVAL_SCHEME:  # else profiled by an older kvc: profile again
+        current = (policy.profile.retrieval_scheme, policy.profile.context_probe_scheme) == (RETRIEVAL_SCHEME,
+                                                                                              CONTEXT_PROBE_SCHEME)
+        if current:  # else profiled by an older kvc: profile again
             console.print(f"reusing the policy profiled earlier: {path}")
             return policy
     layers = loaded.model.config.num_hidden_layers
     columns = (TextColumn("profiling {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
                TimeElapsedColumn())
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("", total=len(prompts.prompts) * layers)
+        task = progress.add_task("", total=progress_steps(len(prompts.prompts), layers))
         policy = profile_model(loaded, prompts, progress=lambda name: progress.update(task, advance=1, description=name))
     save_policy(policy, path)
     console.print(f"profiled {len(prompts.prompts)} prompts in {policy.profile.seconds:.0f} s; policy saved to {path}")

@@ -19,6 +19,7 @@ import torch
 
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import KIND_BITS
+from kvc.policies.probes import POOL_KERNEL
 from kvc.policies.tokens import PUNCT_BIT, SPECIAL_BIT
 from kvc.policies.schema import atomic_write_bytes
 
@@ -120,7 +121,7 @@ class Plan:
     expected_recovery: torch.Tensor  # (layers, kv_heads) float32, from the policy's curves
     strategy: str = ""
     observation_window: int = 32
-    pool_kernel: int = 7
+    pool_kernel: int = POOL_KERNEL
     kv_bits: int = 0  # 0: keys and values in the target dtype; else low-bit rows (QUANT_BITS)
     notes: dict = field(default_factory=dict)
 

@@ -12,6 +12,16 @@ from kvc.plan import Plan
 from kvc.policies.kinds import KIND_BITS
 
 
+def _budgets(retrieval: dict) -> str:
+    """How the SnapKV heads' slots were shared (plans compiled before the probe curves say nothing)."""
+    if retrieval.get("budgets") == "probe":
+        low, high = retrieval["slots"]
+        return f", {low}-{high} slots each by the policy's probe curves"
+    if retrieval.get("budgets") == "equal":
+        return ", equal budgets (the policy has no probe curves: profile again for budgets that follow them)"
+    return ""
+
+
 def kind_names(plan: Plan) -> list[list[str]]:
     """(layers, kv_heads) kind names decoded from the plan's bitmasks."""
     return [["+".join(kind for kind, bit in KIND_BITS.items() if code & bit) for code in row]
@@ -89,7 +99,7 @@ def summary_lines(report: dict) -> list[str]:
         heads = ", ".join(f"L{layer}.{head}" for layer, head in retrieval["heads"]) or "none"
         lines.append(f"retrieval: {len(retrieval['heads'])} KV heads with retrieval score >= {retrieval['threshold']} "
                      f"keep every token ({heads}); the others are SnapKV, {retrieval['window']} recent tokens "
-                     "+ heavy hitters")
+                     "+ heavy hitters" + _budgets(retrieval))
     if "pyramid" in notes:
         lines.append(f"pyramid: PyramidKV schedule, β = {notes['pyramid']['beta']}, "
                      f"{notes['pyramid']['alpha']} recent tokens kept per head")

@@ -7,9 +7,13 @@ score does say it (attention on the copied token at copy events of the profiling
 as DuoAttention does with heads it learns by training, the KV heads scoring at least
 RETRIEVAL_THRESHOLD keep their whole length, the highest scores first and at most
 RETRIEVAL_SHARE of the budget; every other head is SnapKV's (the 32 most recent tokens, heavy
-hitters by observation-window scores) with an equal share of what is left. Budgets following the
-scores (HeadKV's rule) and 3-key pooling for the other heads were tried: better perplexity, fewer
-needles and passkeys on samples kept apart from the tuning ones (README, results).
+hitters by observation-window scores) with a share of what is left. The shares follow how many
+keys each head holds on to under the reconstruction probe (the policy's probe curves), read at
+the one score threshold at which those heads together fill their slots: KVzip's selection of the
+best keys of all heads at once, made static (`probe_shares`). A policy without probe curves gives
+equal shares. Budgets following the retrieval scores (HeadKV's rule) and 3-key pooling for the
+other heads were tried: better perplexity, fewer needles and passkeys on samples kept apart from
+the tuning ones (README, results).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from kvc.compiler.schedules import (
 )
 from kvc.compiler.strategies import Allocation, kv_heads
 from kvc.policies.errors import KvcError
-from kvc.policies.schema import Policy
+from kvc.policies.schema import HeadProfile, Policy
 
 RETRIEVAL_THRESHOLD = 0.02
 RETRIEVAL_SHARE = 0.5
@@ -49,6 +53,27 @@ def retrieval_heads(scores: np.ndarray, full_cost: int, budget: int, threshold: 
     return eligible[:int(RETRIEVAL_SHARE * budget) // full_cost]
 
 
+def probe_shares(heads: list[HeadProfile], slots: int, max_len: int) -> np.ndarray | None:
+    """Each head's share of `slots`: the share of its keys scoring at least the one threshold at
+    which the heads' shares of `max_len` add up to `slots`, read off the profiled probe curves
+    (linear in log score between points); None when a head has no probe curve."""
+    curves = [head.probe_curve for head in heads]
+    if not curves or any(curve is None for curve in curves):
+        return None
+    logs = np.log(np.array([curve.points for curve in curves]))
+    shares = np.array([curve.recovery for curve in curves])
+
+    def at(log_score: float) -> np.ndarray:
+        return np.array([np.interp(log_score, x, y) for x, y in zip(logs, shares)])
+
+    low, high = logs.min(), logs.max()  # the sum of shares falls as the threshold rises
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if at(middle).sum() * max_len > slots else (low, middle)
+    chosen = at(high)
+    return chosen if chosen.sum() > 0 else at(low)
+
+
 def plan_retrieval(policy: Policy, deployment: Deployment, budget: int,
                    threshold: float = RETRIEVAL_THRESHOLD) -> Allocation:
     heads = kv_heads(policy)
@@ -61,8 +86,13 @@ def plan_retrieval(policy: Policy, deployment: Deployment, budget: int,
         chosen.pop()  # the other heads need a slot each
     whole = set(chosen)
     others = [i for i in range(len(heads)) if i not in whole]
-    slots = allocate_slots(np.ones(len(others)), (budget - len(chosen) * deployment.cost(full)) // unit,
-                           deployment.max_len)
+    total = (budget - len(chosen) * deployment.cost(full)) // unit
+    shares = probe_shares([heads[i] for i in others], total, deployment.max_len)
+    if shares is None:
+        slots = allocate_slots(np.ones(len(others)), total, deployment.max_len)
+    else:  # a recent window each (as the budget allows), the slots beyond it by the shares
+        window = max(0, min(SNAPKV_WINDOW, total // len(others) - 1, deployment.max_len - 1))
+        slots = window + allocate_slots(shares, total - window * len(others), deployment.max_len - window)
     plans = [full] * len(heads)
     for index, count in zip(others, slots):
         plans[index] = snapkv_head(int(count), SNAPKV_WINDOW)
@@ -70,5 +100,7 @@ def plan_retrieval(policy: Policy, deployment: Deployment, budget: int,
                 for profile, plan in zip(heads, plans)]
     per_layer = deployment.num_kv_heads
     notes = {"retrieval": {"threshold": threshold, "window": SNAPKV_WINDOW,
-                           "heads": [[i // per_layer, i % per_layer] for i in sorted(chosen)]}}
+                           "heads": [[i // per_layer, i % per_layer] for i in sorted(chosen)],
+                           "budgets": "equal" if shares is None else "probe",
+                           "slots": [int(slots.min()), int(slots.max())] if len(others) else []}}
     return Allocation(plans, recovery, notes)

@@ -55,6 +55,7 @@ class ProfileInfo:
     seconds: float = 0.0
     retrieval_scheme: str = ""
     copy_events: int = 0
+    context_probe_scheme: str = ""
 
 
 @dataclass
@@ -97,6 +98,9 @@ class HeadProfile:
     special_fraction: float = 0.0
     retrieval: float | None = None  # the highest of its query heads' retrieval scores
     query_heads: list[QueryHeadProfile] = field(default_factory=list)
+    # Under the reconstruction probe, the share of a context's keys (`recovery`) scoring at least each
+    # score (`points`): how many keys the head holds on to (`kvc.profiler.context_probe`). None: not measured.
+    probe_curve: Curve | None = None
 
 
 @dataclass
@@ -218,6 +222,7 @@ def _parse_head(data, where: str, group: int) -> HeadProfile:
     if not all(isinstance(c, str) for c in listed) or sorted(listed) != sorted(components):
         raise KvcError(f"{where}.components: {shown(listed)} does not match kind {kind!r} (expected {list(components)})")
     query_heads = [_parse_query_head(q, f"{where}.query_heads[{i}]") for i, q in enumerate(reader.sequence("query_heads", default=[]))]
+    probe_curve = reader.optional("probe_curve")
     if query_heads and len(query_heads) != group:
         raise KvcError(f"{where}.query_heads: expected {group} query heads per KV head, got {len(query_heads)}")
     return HeadProfile(
@@ -233,6 +238,7 @@ def _parse_head(data, where: str, group: int) -> HeadProfile:
         special_fraction=reader.number("special_fraction", default=0.0, low=0.0, high=1.0),
         retrieval=reader.optional_number("retrieval", low=0.0, high=1.0),
         query_heads=query_heads,
+        probe_curve=None if probe_curve is None else _parse_curve(probe_curve, f"{where}.probe_curve"),
     )
 
 
@@ -292,6 +298,7 @@ def _parse_profile(reader: FieldReader) -> ProfileInfo:
         seconds=reader.number("seconds", default=0.0, low=0.0),
         retrieval_scheme=reader.string("retrieval_scheme", default=""),
         copy_events=reader.integer("copy_events", default=0),
+        context_probe_scheme=reader.string("context_probe_scheme", default=""),
     )
 
 

@@ -4,13 +4,15 @@ Means are over all probes of all prompts, rounded to 6 decimals. Each FastGen ta
 curve is made non-decreasing with a running maximum (exactly so in theory: every entry keeps a
 superset of the previous one's keys; this only removes rounding noise), and the choice at the
 threshold is read from the stored table, so anyone re-choosing from the artifact agrees.
-Retrieval scores are means over copy events (None when the prompts had none).
+Retrieval scores are means over copy events (None when the prompts had none). A probe curve's
+`recovery` holds key shares: those scoring at least each point under the context probe.
 """
 
 from __future__ import annotations
 
 from kvc.policies.kinds import FASTGEN_POLICIES, kind_components
 from kvc.policies.schema import Curve, HeadProfile, LayerProfile, QueryHeadProfile
+from kvc.profiler.context_probe import SCORE_POINTS
 from kvc.profiler.measures import (
     CURVE_KINDS,
     CURVE_POINTS,
@@ -29,7 +31,8 @@ def fastgen_choice(table: dict[str, float], threshold: float) -> str:
     return next((policy for policy in FASTGEN_POLICIES if table[policy] >= threshold), "full")
 
 
-def layer_profile(index: int, stats: LayerStatistics, threshold: float) -> LayerProfile:
+def layer_profile(index: int, stats: LayerStatistics, threshold: float, probe_shares=None) -> LayerProfile:
+    """The layer's profile; `probe_shares` (kv_heads, points), when measured, the context probe's curves."""
     probes = stats.probes
     kv_heads, heads = stats.kv_fastgen.shape[0], stats.query_fastgen.shape[0]
     group = heads // kv_heads
@@ -37,13 +40,14 @@ def layer_profile(index: int, stats: LayerStatistics, threshold: float) -> Layer
     return LayerProfile(
         index=index,
         funnel=_mean(funnel[FUNNEL_LEVELS.index(FUNNEL_LEVEL)]),
-        heads=[_head(stats, kv_head, group, threshold) for kv_head in range(kv_heads)],
+        heads=[_head(stats, kv_head, group, threshold, None if probe_shares is None else probe_shares[kv_head])
+               for kv_head in range(kv_heads)],
         # A funnel curve's `recovery` holds key fractions: the share of keys carrying each mass level (`points`).
         funnel_curve=Curve(points=list(FUNNEL_LEVELS), recovery=_running_max([_mean(x) for x in funnel])),
     )
 
 
-def _head(stats: LayerStatistics, kv_head: int, group: int, threshold: float) -> HeadProfile:
+def _head(stats: LayerStatistics, kv_head: int, group: int, threshold: float, probe_shares=None) -> HeadProfile:
     probes = stats.probes
     fastgen = _fastgen_table(stats.kv_fastgen[kv_head] / probes)
     kind = fastgen_choice(fastgen, threshold)
@@ -66,6 +70,8 @@ def _head(stats: LayerStatistics, kv_head: int, group: int, threshold: float) ->
         punct_fraction=_mean(stats.punct_fraction / probes),
         special_fraction=_mean(stats.special_fraction / probes),
         retrieval=None if not stats.copy_events else max(_retrieval(stats, head) for head in members),
+        probe_curve=None if probe_shares is None else Curve(points=list(SCORE_POINTS),
+                                                            recovery=[_mean(x) for x in probe_shares]),
         query_heads=[_query_head(stats, head, threshold) for head in members],
     )
 

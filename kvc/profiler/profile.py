@@ -22,7 +22,9 @@ from kvc.policies.kinds import FASTGEN_POLICIES
 from kvc.policies.schema import ModelInfo, Policy, ProfileInfo, TokenSets
 from kvc.policies.tokens import punctuation_token_ids, special_token_ids
 from kvc.profiler.assemble import layer_profile
+from kvc.policies.probes import RECONSTRUCT_PROMPT
 from kvc.profiler.capture import capturing
+from kvc.profiler.context_probe import CONTEXT_PROBE_SCHEME, PROBE_TOKENS, ProbeObserver, probe_sequence
 from kvc.profiler.measures import (
     DEFAULT_RATIOS,
     PROBE_SCHEME,
@@ -121,8 +123,9 @@ def profile_model(
 ) -> Policy:
     """Profile `loaded` on `prompts` and return the policy (FastGen choices at `threshold`).
 
-    progress(prompt_name) is called after each layer of each prompt; warn(message) for
-    truncated prompts; `attention` may be the exact reference (kvc.profiler.reference)."""
+    progress(prompt_name) is called after each layer of each prompt, in the statistics pass and
+    in the context probe's (`progress_steps` in all); warn(message) for truncated prompts;
+    `attention` may be the exact reference (kvc.profiler.reference)."""
     started = time.perf_counter()
     threshold = check_threshold(threshold)
     prompt_set = load_prompts(prompts) if isinstance(prompts, str) else prompts
@@ -141,6 +144,7 @@ def profile_model(
                     f"{loaded.source.name}: {observer.layers_seen} of {arch.num_layers} layers ran their attention "
                     "through transformers' AttentionInterface; the profiler needs all of them"
                 )
+    probe_curves = context_probe_curves(loaded, tokenized, tokens.special, progress)
     return Policy(
         kvc_version=__version__,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -157,10 +161,33 @@ def profile_model(
             dtype=str(model.dtype).removeprefix("torch."), device=model_devices(model),
             seconds=round(time.perf_counter() - started, 2),
             retrieval_scheme=RETRIEVAL_SCHEME, copy_events=observer.totals[0].copy_events,
+            context_probe_scheme=CONTEXT_PROBE_SCHEME,
         ),
         tokens=tokens,
-        layers=[layer_profile(i, stats, threshold) for i, stats in enumerate(observer.totals)],
+        layers=[layer_profile(i, stats, threshold, curves) for i, (stats, curves) in enumerate(zip(observer.totals, probe_curves))],
     )
+
+
+def progress_steps(prompt_count: int, num_layers: int) -> int:
+    """How often `profile_model` calls `progress`: each layer of each prompt, in both passes."""
+    return 2 * prompt_count * num_layers
+
+
+def context_probe_curves(loaded: LoadedModel, prompts: list[TokenizedPrompt], special: list[int],
+                         progress=None) -> list[torch.Tensor]:
+    """Per layer (kv_heads, points): each KV head's share of the prompts' keys at each score point
+    of the reconstruction probe read after them (`kvc.profiler.context_probe`)."""
+    model, arch = loaded.model, architecture(loaded.model.config)
+    request = loaded.tokenizer(RECONSTRUCT_PROMPT, add_special_tokens=False).input_ids
+    limit = arch.max_position_embeddings or PROBE_TOKENS * 2 + len(request)
+    observer = ProbeObserver(arch.num_layers, progress)
+    device = model.get_input_embeddings().weight.device
+    with capturing(model, observer), torch.inference_mode():
+        for prompt in prompts:
+            sequence, context = probe_sequence(prompt.token_ids.tolist(), request, set(special), limit)
+            observer.start(context, f"{prompt.name} (context probe)")
+            model.base_model(input_ids=torch.tensor([sequence], device=device), use_cache=False)
+    return observer.curves()
 
 
 def _token_limit(model_limit: int, max_tokens: int | None) -> int | None:

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 
 import torch
 from kvc.policies.errors import KvcError
+from kvc.policies.probes import RECONSTRUCT_PROMPT
 from kvc.runtime.apply import cache_keyword
 from kvc.runtime.kernels import pool_scores
 from kvc.runtime.shared_prefill import SharedLayer, SharedPrefill
 
 PROBES = ("window", "generic", "reconstruct")
 GENERIC_PROBE = "\n\nQuestion: What does the text above say?\nAnswer:"
-RECONSTRUCT_PROMPT = "\n\nRepeat the previous context exactly.\n"
 PART_TOKENS = 2048  # the longest part of the context one reconstruction forward repeats (KVzip's chunk)
 SHORTEST_PART = 64  # fewer positions left after the context than the request and this: refused
 QUERY_BLOCK = 256  # probe queries per block of `probe_attention`

@@ -8,7 +8,7 @@ import torch
 
 from kvc.compiler import STRATEGIES, compile_policy
 from kvc.compiler.compile import deployment_for
-from kvc.compiler.retrieval import RETRIEVAL_SHARE, RETRIEVAL_THRESHOLD
+from kvc.compiler.retrieval import RETRIEVAL_SHARE, RETRIEVAL_THRESHOLD, probe_shares
 from kvc.compiler.schedules import (
     PYRAMID_ALPHA,
     PYRAMID_BETA,
@@ -19,6 +19,8 @@ from kvc.compiler.strategies import fastgen_choice, fastgen_table, kv_heads
 from kvc.plan import DTYPE_BYTES, POSITION_BYTES
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import FASTGEN_POLICIES, KIND_BITS, kind_code
+from kvc.policies.schema import Curve
+from kvc.policies.synthetic import synthetic_policy
 
 
 def compile_plain(*args, **kwargs):
@@ -190,3 +192,46 @@ def test_a_higher_retrieval_threshold_keeps_fewer_heads_whole(wide_policy):
 def test_retrieval_threshold_errors(wide_policy, strategy, threshold, message):
     with pytest.raises(KvcError, match=message):
         compile_plain(wide_policy, 0.25, max_len=8192, strategy=strategy, retrieval_threshold=threshold)
+
+
+def with_probe_curves(policy, keys_kept):
+    """A copy of the policy whose heads hold, under the probe, `keys_kept[i]` of their keys at every
+    score up to 0.01 and none above it: head i's curve steps down from keys_kept[i] to 0."""
+    probed = copy.deepcopy(policy)
+    for head, kept in zip(kv_heads(probed), keys_kept):
+        head.probe_curve = Curve(points=[0.001, 0.01, 0.1], recovery=[1.0, float(kept), 0.0])
+    return probed
+
+
+def test_probe_shares_read_every_curve_at_one_threshold():
+    heads = with_probe_curves(synthetic_policy(1, 4, 2, 16, seed=3), [0.8, 0.2]).layers[0].heads
+    # 500 of 1,000 slots: at the threshold both curves give shares adding up to a half.
+    shares = probe_shares(heads, 500, 1000)
+    assert shares.sum() == pytest.approx(0.5, abs=1e-6)
+    assert shares[0] > shares[1] and shares[1] > 0
+    # Between the points 0.01 and 0.1 both curves fall linearly in log score by the same factor,
+    # so the shares keep the curves' 4:1 ratio there.
+    assert shares[0] / shares[1] == pytest.approx(4.0, rel=1e-6)
+    # More slots than the lowest threshold gives: the curves there (all keys); fewer than the
+    # highest: the last shares that are not all zero.
+    assert probe_shares(heads, 5000, 1000).tolist() == [1.0, 1.0]
+    assert probe_shares(heads, 0, 1000).sum() > 0
+    heads[1].probe_curve = None
+    assert probe_shares(heads, 500, 1000) is None
+
+
+def test_retrieval_sizes_the_other_heads_by_their_probe_curves(wide_policy):
+    keys_kept = np.random.default_rng(5).uniform(0.05, 0.9, len(kv_heads(wide_policy)))
+    probed = with_probe_curves(wide_policy, keys_kept)
+    plan = compile_plain(probed, 0.25, max_len=8192, strategy="retrieval")
+    equal = compile_plain(wide_policy, 0.25, max_len=8192, strategy="retrieval")
+    assert plan.notes["retrieval"]["budgets"] == "probe" and equal.notes["retrieval"]["budgets"] == "equal"
+    assert plan.notes["retrieval"]["heads"] == equal.notes["retrieval"]["heads"]  # the same heads kept whole
+    others = ~plan.has("full").numpy()
+    slots = plan.capacity.numpy()[others]
+    kept = keys_kept.reshape(plan.capacity.shape)[others]
+    # Every head's curve has the same shape, so the slots follow the keys each keeps (to rounding).
+    assert np.corrcoef(slots, kept)[0, 1] > 0.99
+    assert abs(int(slots.sum()) - int(equal.capacity.numpy()[others].sum())) <= len(slots)  # the same slots, shared otherwise
+    assert plan.cache_bytes <= plan.target.budget_bytes
+    assert plan.notes["retrieval"]["slots"] == [int(slots.min()), int(slots.max())]

@@ -1,6 +1,7 @@
 """`kvc eval` as the user runs it, on a tiny model folder: records saved as the run goes, an interrupted
 run resumed by the same command, and the demo's cached policy used when --policy is not given."""
 
+import io
 import json
 import signal
 
@@ -65,3 +66,25 @@ def test_without_a_policy_the_demo_policy_is_used_and_named(tiny_model_dir, tmp_
     assert recorded.startswith("cache/policies/") and (tmp_path / recorded).is_file()
     code, out, _ = run(capsys, *command[:-2])  # without --json the records go to the cache, until complete
     assert code == 0 and list((tmp_path / "cache" / "eval").iterdir()) == []
+
+
+def test_a_cached_policy_without_probe_curves_is_profiled_again(tiny_model_dir, tmp_path, monkeypatch):
+    """A policy an older kvc cached (no context probe) would compile equal budgets: the demo profiles again."""
+    from rich.console import Console
+
+    from kvc.demo import cached_policy, cached_policy_path
+    from kvc.models import load
+    from kvc.policies.schema import load_policy
+    from kvc.profiler import load_prompts, profile_model
+
+    monkeypatch.setenv("KVC_CACHE", str(tmp_path / "cache"))
+    loaded = load(str(tiny_model_dir), device="cpu")
+    older = profile_model(loaded, load_prompts("builtin"), max_tokens=64)
+    older.profile.context_probe_scheme = ""
+    for layer in older.layers:
+        for head in layer.heads:
+            head.probe_curve = None
+    path = older.save(cached_policy_path(loaded))
+    policy = cached_policy(loaded, Console(file=io.StringIO()))
+    assert policy.profile.context_probe_scheme and all(head.probe_curve for layer in policy.layers for head in layer.heads)
+    assert load_policy(path).to_dict() == policy.to_dict()  # and the cache holds the new one

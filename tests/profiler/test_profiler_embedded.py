@@ -8,6 +8,8 @@ from kvc.policies.kinds import FASTGEN_POLICIES
 from kvc.policies.schema import load_policy
 from kvc.profiler import profile_model, summarise
 from kvc.profiler.capture import capturing
+from kvc.policies.probes import RECONSTRUCT_PROMPT
+from kvc.profiler.context_probe import SCORE_POINTS
 from kvc.profiler.measures import CURVE_POINTS, WINDOW_POINTS, Ratios
 from kvc.profiler.profile import StatisticsObserver, TokenizedPrompt, summary_lines
 from kvc.profiler.prompts import Prompt, PromptSet
@@ -158,3 +160,19 @@ def test_summary(story_policy):
     assert summary.full_bytes == 90 * summary.length * 2 * 64 * 4
     lines = summary_lines(summary)
     assert "KV heads per FastGen choice" in lines[0] and "saved" in lines[2]
+
+
+def test_the_embedded_policy_has_a_probe_curve_for_every_head(story_policy, tmp_path):
+    assert repr(RECONSTRUCT_PROMPT) in story_policy.profile.context_probe_scheme
+    for layer in story_policy.layers:
+        for head in layer.heads:
+            curve = head.probe_curve
+            assert curve.points == list(SCORE_POINTS)
+            assert curve.recovery == sorted(curve.recovery, reverse=True)  # fewer keys reach a higher score
+            assert curve.recovery[0] == 1.0 and 0.0 <= curve.recovery[-1] < 1.0
+    # Heads differ in how many keys they hold on to: what the compiler's budgets follow.
+    middle = SCORE_POINTS.index(0.01)
+    shares = [head.probe_curve.recovery[middle] for layer in story_policy.layers for head in layer.heads]
+    assert max(shares) - min(shares) > 0.3
+    again = load_policy(story_policy.save(tmp_path / "policy.yaml"))
+    assert again.layers[3].heads[1].probe_curve == story_policy.layers[3].heads[1].probe_curve

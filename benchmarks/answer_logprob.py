@@ -1,0 +1,105 @@
+"""How likely each plan makes the right answer: a continuous score for tuning on few samples.
+
+Exact-match answers of a 135M model flip on small changes (one sample's multikey answer at 1K
+changes with two more slots per head), so a handful of samples cannot rank two plans. This script
+scores plans by the teacher-forced log-probability of the right multikey answer after the context
+was compressed alone and the question appended (`--setting query-agnostic`, the reconstruction
+probe), every plan after one shared prefill, the full cache (bf16 rows) beside them. `correct`
+says whether every answer token was the greedy choice. Prints a table and writes JSON.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/answer_logprob.py --samples 0-4,20-34 \\
+        --plans default=a.plan,probe=b.plan [--setting query-aware] [--out results.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from kvc.eval import ruler
+from kvc.eval.questions import Prompt
+from kvc.models import load
+from kvc.plan import Plan
+from kvc.policies.schema import atomic_write_text
+from kvc.runtime.apply import apply, cache_keyword
+from kvc.runtime.cache import CompressedCache
+from kvc.runtime.handmade import handmade_plan
+from kvc.runtime.probe import make_probe, prefill_context
+from kvc.runtime.shared_prefill import SharedPrefill
+
+ROOT = Path(__file__).resolve().parent.parent
+LENGTH = 1024
+
+
+def sample_numbers(text: str) -> list[int]:
+    """'0-4,20-22' -> [0, 1, 2, 3, 4, 20, 21, 22]."""
+    numbers = []
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        numbers.extend(range(int(first), int(last or first) + 1))
+    return numbers
+
+
+def answer_logprobs(loaded, plans: dict[str, Plan], seed: int, aware: bool) -> dict[str, dict]:
+    """Each plan's log-probability of the right answer to multikey sample `seed`."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    sample = ruler.GENERATORS["multikey"](tokenizer, LENGTH, seed=seed)
+    prompt = Prompt.encode(tokenizer, sample.context, sample.question)
+    answer = tokenizer(" " + sample.answers[0], add_special_tokens=False).input_ids
+    keyword, scores = cache_keyword(model), {}
+    with torch.no_grad(), apply(loaded, next(iter(plans.values()))):
+        caches = [CompressedCache(plan, model, "auto", not aware and name != "full") for name, plan in plans.items()]
+        if aware:
+            inputs = torch.tensor([prompt.context_ids + prompt.question_ids])
+            first = model(input_ids=inputs, **{keyword: SharedPrefill(caches)}, logits_to_keep=1).logits[0, -1]
+        else:
+            prefill_context(model, SharedPrefill(caches), prompt.context_ids,
+                            make_probe(tokenizer, prompt.context_ids, "reconstruct"))
+        for name, cache in zip(plans, caches):
+            logits = first if aware else model(input_ids=torch.tensor([prompt.question_ids]), **{keyword: cache},
+                                               logits_to_keep=1).logits[0, -1]
+            total, correct = 0.0, True
+            for index, token in enumerate(answer):
+                logprobs = torch.log_softmax(logits.float(), -1)
+                total += float(logprobs[token])
+                correct &= int(logprobs.argmax()) == token
+                if index + 1 < len(answer):
+                    logits = model(input_ids=torch.tensor([[token]]), **{keyword: cache}, logits_to_keep=1).logits[0, -1]
+            scores[name] = {"logprob": round(total, 4), "correct": bool(correct)}
+    return scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", default="0-4,20-34", help="multikey seeds, e.g. 0-4,20-34 (5-14 are held out)")
+    parser.add_argument("--plans", required=True, help="NAME=PLAN,... compiled for the same max length")
+    parser.add_argument("--setting", default="query-agnostic", choices=("query-agnostic", "query-aware"))
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/answer_logprob.json")
+    args = parser.parse_args()
+    loaded = load(None)
+    named = dict(item.split("=", 1) for item in args.plans.split(","))
+    plans = {name: Plan.load(path) for name, path in named.items()}
+    max_len = min(plan.target.max_len for plan in plans.values())
+    plans = {"full": handmade_plan(loaded.model.config, loaded.tokenizer, "full", max_len, dtype="bfloat16"), **plans}
+    rows = []
+    for seed in sample_numbers(args.samples):
+        rows.append({"sample": seed, **answer_logprobs(loaded, plans, seed, args.setting == "query-aware")})
+        print(seed, {name: rows[-1][name]["logprob"] for name in plans}, flush=True)
+    summary = {name: {"mean_logprob": round(statistics.mean(row[name]["logprob"] for row in rows), 3),
+                      "correct": sum(row[name]["correct"] for row in rows) / len(rows)} for name in plans}
+    print(f"{'plan':>12}  mean log p(answer)  correct")
+    for name, numbers in summary.items():
+        print(f"{name:>12}  {numbers['mean_logprob']:18.3f}  {numbers['correct']:.2f}")
+    plan_files = {name: str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT)
+                  else Path(path).name for name, path in named.items()}
+    atomic_write_text(args.out, json.dumps({"setting": args.setting, "length": LENGTH, "plans": plan_files,
+                                            "summary": summary, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {args.out.relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""The reconstruction probe, as both the profiler and the runtime read it.
+
+KVzip (arXiv 2505.23416) scores a context without its question by making the model repeat it: a
+request, then the context again, whose queries attend to every token they copy. The runtime scores
+a context's keys this way when it is compressed before its question (`kvc.runtime.probe`); the
+profiler reads the same probe after its prompts to measure how many keys each head holds on to
+(`kvc.profiler.context_probe`), from which the compiler sizes the heads' budgets.
+"""
+
+RECONSTRUCT_PROMPT = "\n\nRepeat the previous context exactly.\n"
+POOL_KERNEL = 7  # a key's score is the largest within this many keys around it (SnapKV's pooling)
