@@ -12,16 +12,6 @@ from kvc.plan import Plan
 from kvc.policies.kinds import KIND_BITS
 
 
-def _budgets(retrieval: dict) -> str:
-    """How the SnapKV heads' slots were shared (plans compiled before the probe curves say nothing)."""
-    if retrieval.get("budgets") == "probe":
-        low, high = retrieval["slots"]
-        return f", {low}-{high} slots each by the policy's probe curves"
-    if retrieval.get("budgets") == "equal":
-        return ", equal budgets (the policy has no probe curves: profile again for budgets that follow them)"
-    return ""
-
-
 def kind_names(plan: Plan) -> list[list[str]]:
     """(layers, kv_heads) kind names decoded from the plan's bitmasks."""
     return [["+".join(kind for kind, bit in KIND_BITS.items() if code & bit) for code in row]
@@ -105,3 +95,13 @@ def summary_lines(report: dict) -> list[str]:
                      f"{notes['pyramid']['alpha']} recent tokens kept per head")
     lines.append("heads per kind: " + ", ".join(f"{kind} {count}" for kind, count in report["kinds"].items()))
     return lines
+
+
+def _budgets(retrieval: dict) -> str:
+    """How the SnapKV heads' slots were shared (plans compiled before the probe curves say nothing)."""
+    if retrieval.get("budgets") == "probe":
+        low, high = retrieval["slots"]
+        return f", {low}-{high} slots each by the policy's probe curves"
+    if retrieval.get("budgets") == "equal":
+        return ", equal budgets (the policy has no probe curves: profile again for budgets that follow them)"
+    return ""

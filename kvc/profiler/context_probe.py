@@ -76,12 +76,11 @@ def context_scores(query: torch.Tensor, key: torch.Tensor, context: int, scale: 
     context's end that copy it, and the query group, max-pooled. query (heads, n, d), key (kv_heads, n, d)."""
     heads, length, head_dim = query.shape
     kv_heads = key.shape[0]
-    first = context  # every query after the context scores it: the request's and the copy's
     grouped = query.float().reshape(kv_heads, heads // kv_heads, length, head_dim)
     keys_t = key.float().transpose(-1, -2)[:, None]  # (kv_heads, 1, d, n), against each query group
     positions = torch.arange(length, device=key.device)
     best = torch.zeros(kv_heads, context, device=key.device)
-    for start in range(first, length, QUERY_BLOCK):
+    for start in range(context, length, QUERY_BLOCK):  # every query after the context: the request's and the copy's
         rows = positions[start:start + QUERY_BLOCK]
         logits = grouped[:, :, start:start + QUERY_BLOCK] @ keys_t * scale  # (kv_heads, group, rows, n)
         logits.masked_fill_(positions[None, :] > rows[:, None], float("-inf"))
