@@ -19,10 +19,10 @@ from kvc import __version__
 from kvc.models import LoadedModel, architecture, load, resolve_device
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import FASTGEN_POLICIES
+from kvc.policies.probes import RECONSTRUCT_PROMPT
 from kvc.policies.schema import ModelInfo, Policy, ProfileInfo, TokenSets
 from kvc.policies.tokens import punctuation_token_ids, special_token_ids
 from kvc.profiler.assemble import layer_profile
-from kvc.policies.probes import RECONSTRUCT_PROMPT
 from kvc.profiler.capture import capturing
 from kvc.profiler.context_probe import CONTEXT_PROBE_SCHEME, PROBE_TOKENS, ProbeObserver, probe_sequence
 from kvc.profiler.measures import (
