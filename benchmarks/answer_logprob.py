@@ -7,8 +7,14 @@ was compressed alone and the question appended (`--setting query-agnostic`, the 
 probe), every plan after one shared prefill, the full cache (bf16 rows) beside them. `correct`
 says whether every answer token was the greedy choice. Prints a table and writes JSON.
 
+`--task fidelity` scores open-ended answers the same way (`kvc eval`'s fidelity prompts): the
+target is the full cache's own 128 greedy tokens, each plan's score their mean log-probability per
+token, `agreement` the share of those tokens that are also the plan's greedy choice when it is
+fed the full cache's text (teacher-forced, so one early slip does not decide the rest), and `kl`
+the mean KL divergence of the plan's next-token distribution from the full cache's along it.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/answer_logprob.py --samples 0-4,20-34 \\
-        --plans default=a.plan,probe=b.plan [--setting query-aware] [--out results.json]
+        --plans default=a.plan,probe=b.plan [--setting query-aware] [--task fidelity] [--out results.json]
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from kvc.eval import ruler
+from kvc.eval import fidelity, ruler
 from kvc.eval.questions import Prompt
 from kvc.models import load
 from kvc.plan import Plan
@@ -44,13 +50,22 @@ def sample_numbers(text: str) -> list[int]:
     return numbers
 
 
-def answer_logprobs(loaded, plans: dict[str, Plan], seed: int, aware: bool) -> dict[str, dict]:
-    """Each plan's log-probability of the right answer to multikey sample `seed`."""
-    model, tokenizer = loaded.model, loaded.tokenizer
+def task_prompt(tokenizer, task: str, seed: int) -> tuple[Prompt, list[int] | None]:
+    """The prompt of sample `seed` and its answer's tokens (None for fidelity: the full cache's own answer)."""
+    if task == "fidelity":
+        sample = fidelity.fidelity_sample(tokenizer, LENGTH, seed)
+        return Prompt.encode(tokenizer, sample.context, sample.question), None
     sample = ruler.GENERATORS["multikey"](tokenizer, LENGTH, seed=seed)
-    prompt = Prompt.encode(tokenizer, sample.context, sample.question)
     answer = tokenizer(" " + sample.answers[0], add_special_tokens=False).input_ids
-    keyword, scores = cache_keyword(model), {}
+    return Prompt.encode(tokenizer, sample.context, sample.question), answer
+
+
+def answer_logprobs(loaded, plans: dict[str, Plan], task: str, seed: int, aware: bool) -> dict[str, dict]:
+    """Each plan's log-probability of the target answer to sample `seed`; plans[0] is the full cache,
+    whose greedy answer is the target when the task has none of its own."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    prompt, answer = task_prompt(tokenizer, task, seed)
+    keyword, scores, reference = cache_keyword(model), {}, []  # reference: the full cache's log-probabilities
     with torch.no_grad(), apply(loaded, next(iter(plans.values()))):
         caches = [CompressedCache(plan, model, "auto", not aware and name != "full") for name, plan in plans.items()]
         if aware:
@@ -62,20 +77,35 @@ def answer_logprobs(loaded, plans: dict[str, Plan], seed: int, aware: bool) -> d
         for name, cache in zip(plans, caches):
             logits = first if aware else model(input_ids=torch.tensor([prompt.question_ids]), **{keyword: cache},
                                                logits_to_keep=1).logits[0, -1]
-            total, correct = 0.0, True
-            for index, token in enumerate(answer):
+            greedy = answer is None  # the full cache (first) writes the target as it goes
+            target = [] if greedy else answer
+            total, agreed, length = 0.0, 0, len(target) if target else fidelity.ANSWER_TOKENS
+            divergence = 0.0
+            for index in range(length):
                 logprobs = torch.log_softmax(logits.float(), -1)
+                if name == "full":
+                    reference.append(logprobs)
+                divergence += float((reference[index].exp() * (reference[index] - logprobs)).sum())
+                if greedy:
+                    target.append(int(logprobs.argmax()))
+                token = target[index]
                 total += float(logprobs[token])
-                correct &= int(logprobs.argmax()) == token
-                if index + 1 < len(answer):
+                agreed += int(logprobs.argmax()) == token
+                if index + 1 < length:
                     logits = model(input_ids=torch.tensor([[token]]), **{keyword: cache}, logits_to_keep=1).logits[0, -1]
-            scores[name] = {"logprob": round(total, 4), "correct": bool(correct)}
+            answer = target
+            scores[name] = {"logprob": round(total / length if task == "fidelity" else total, 4),
+                            "correct": agreed == length, "agreement": round(agreed / length, 4),
+                            "kl": round(divergence / length, 4)}
     return scores
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--samples", default="0-4,20-34", help="multikey seeds, e.g. 0-4,20-34 (5-14 are held out)")
+    parser.add_argument("--samples", default="0-4,20-34", help="sample seeds, e.g. 0-4,20-34 (5-14 are held out)")
+    parser.add_argument("--task", default="multikey", choices=("multikey", "fidelity"),
+                        help="multikey: log p of the right answer; fidelity: mean log p per token of the full "
+                             "cache's 128 greedy tokens")
     parser.add_argument("--plans", required=True, help="NAME=PLAN,... compiled for the same max length")
     parser.add_argument("--setting", default="query-agnostic", choices=("query-agnostic", "query-aware"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/answer_logprob.json")
@@ -87,16 +117,20 @@ def main() -> None:
     plans = {"full": handmade_plan(loaded.model.config, loaded.tokenizer, "full", max_len, dtype="bfloat16"), **plans}
     rows = []
     for seed in sample_numbers(args.samples):
-        rows.append({"sample": seed, **answer_logprobs(loaded, plans, seed, args.setting == "query-aware")})
-        print(seed, {name: rows[-1][name]["logprob"] for name in plans}, flush=True)
+        rows.append({"sample": seed, **answer_logprobs(loaded, plans, args.task, seed, args.setting == "query-aware")})
+        print(seed, {name: (rows[-1][name]["logprob"], rows[-1][name]["kl"]) for name in plans}, flush=True)
     summary = {name: {"mean_logprob": round(statistics.mean(row[name]["logprob"] for row in rows), 3),
-                      "correct": sum(row[name]["correct"] for row in rows) / len(rows)} for name in plans}
-    print(f"{'plan':>12}  mean log p(answer)  correct")
+                      "correct": sum(row[name]["correct"] for row in rows) / len(rows),
+                      "agreement": round(statistics.mean(row[name]["agreement"] for row in rows), 3),
+                      "kl": round(statistics.mean(row[name]["kl"] for row in rows), 4)}
+               for name in plans}
+    print(f"{'plan':>12}  mean log p(answer)  correct  agreement      kl")
     for name, numbers in summary.items():
-        print(f"{name:>12}  {numbers['mean_logprob']:18.3f}  {numbers['correct']:.2f}")
+        print(f"{name:>12}  {numbers['mean_logprob']:18.3f}  {numbers['correct']:7.2f}  {numbers['agreement']:9.3f}"
+              f"  {numbers['kl']:6.3f}")
     plan_files = {name: str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT)
                   else Path(path).name for name, path in named.items()}
-    atomic_write_text(args.out, json.dumps({"setting": args.setting, "length": LENGTH, "plans": plan_files,
+    atomic_write_text(args.out, json.dumps({"task": args.task, "setting": args.setting, "length": LENGTH, "plans": plan_files,
                                             "summary": summary, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out.relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}")
 

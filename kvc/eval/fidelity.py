@@ -3,9 +3,12 @@
 Open-ended chat prompts (an essay, then a request about it: summarise it, its main ideas, a reply
 to its author) are answered greedily for 128 tokens; each method's tokens are compared with the
 full cache's: the first position where they differ, the share of positions holding the same
-token, and the share of repeated 4-grams (a decoding loop repeats most of its 4-grams). Sample i
-reads the essays from the middle of the collection on (the needle's haystacks start at its
-beginning, perplexity passages at its end) with request i.
+token, the share of repeated 4-grams (a decoding loop repeats most of its 4-grams), and whether
+the answer loops where the full cache's does not (`new_loop`: at least LOOP_REPETITION of its
+4-grams repeated, against fewer in the full cache's; the 135M model's own greedy answers loop on
+about half of these prompts, so a loop only counts against a method where the full cache has
+none). Sample i reads the essays from the middle of the collection on (the needle's haystacks
+start at its beginning, perplexity passages at its end) with request i.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from kvc.eval.niah import essays, haystack_ids
 
 ANSWER_TOKENS = 128
 NGRAM = 4
+# An answer repeating this share of its 4-grams loops: a phrase or a list item said again and again
+# ("Super-angels compete with both angels and VCs." four times in a row is 0.37).
+LOOP_REPETITION = 0.3
 REQUESTS = (
     "Write a summary of the essay above in a few paragraphs.",
     "What are the main ideas of the text above? Explain each of them.",
@@ -68,6 +74,8 @@ def repetition_rate(tokens: list[int], n: int = NGRAM) -> float:
 
 
 def fidelity_metrics(tokens: list[int], reference: list[int]) -> dict:
+    repetition = repetition_rate(tokens)
+    new_loop = repetition >= LOOP_REPETITION > repetition_rate(reference)
     return {"first_difference": first_difference(tokens, reference),
             "identical": round(identical_share(tokens, reference), 4),
-            "repetition": round(repetition_rate(tokens), 4)}
+            "repetition": round(repetition, 4), "new_loop": float(new_loop)}

@@ -90,7 +90,7 @@ class Record:
     completion: str
     sample: int = 0
     setting: str | None = None  # query-aware or query-agnostic; None: a task without a question
-    metrics: dict | None = None  # generation fidelity: first_difference, identical, repetition
+    metrics: dict | None = None  # generation fidelity: first_difference, identical, repetition, new_loop
 
     def cell(self) -> tuple:
         return cell_key(self.task, self.method, self.budget, self.length, self.depth, self.sample, self.setting)

@@ -2,7 +2,8 @@
 
 Scores are means over depths, lengths and samples (passkey: share right; niah: share of the needle's
 facts named; the RULER-style tasks: share of the expected strings named; fidelity: share of tokens
-identical to the full cache's answer, with the first differing position and the repeated 4-grams;
+identical to the full cache's answer, with the first differing position, the repeated 4-grams and
+the share of answers that loop where the full cache's does not;
 ppl: perplexity, with its ratio to the full cache's). The plot puts each method's actual cache bytes
 against its score, one panel per task and setting.
 """
@@ -23,7 +24,7 @@ from kvc.files import atomic_write_bytes, atomic_write_text
 
 
 RULER_TASKS = ("multikey", "multivalue", "vartrack", "fwe")
-FIDELITY_COLUMNS = ("first_difference", "repetition")  # beside the share of identical tokens, the fidelity score
+FIDELITY_COLUMNS = ("first_difference", "repetition", "new_loop")  # beside the share of identical tokens, the fidelity score
 
 
 def columns(results: Results) -> list[str]:
@@ -85,7 +86,7 @@ def setting_table(results: Results, rows: list[dict], setting: str) -> Table:
 
 
 HEADERS = {"fidelity": "fidelity (same tokens)", "fidelity_first_difference": "first diff",
-           "fidelity_repetition": "4-gram rep", "ruler": "ruler mean"}
+           "fidelity_repetition": "4-gram rep", "fidelity_new_loop": "new loops", "ruler": "ruler mean"}
 
 
 def cell(score: float | None, reference: float | None, column: str) -> str:

@@ -38,8 +38,18 @@ def test_repetition_rate(tokens, rate):
 def test_metrics_of_a_loop_against_the_reference():
     reference = list(range(20))
     looping = list(range(5)) + [1, 2, 3, 4] * 3 + [0, 0, 0]
-    assert fidelity_metrics(looping, reference) == {"first_difference": 5, "identical": 0.25,
-                                                    "repetition": round(9 / 17, 4)}  # 17 4-grams, 8 distinct
+    assert fidelity_metrics(looping, reference) == {"first_difference": 5, "identical": 0.25,  # 17 4-grams, 8 distinct
+                                                    "repetition": round(9 / 17, 4), "new_loop": 1.0}
+
+
+@pytest.mark.parametrize("tokens, reference, new_loop", [
+    ([1, 2, 3, 4] * 5, list(range(20)), 1.0),  # loops where the full cache does not
+    ([1, 2, 3, 4] * 5, [5, 6, 7, 8] * 5, 0.0),  # the full cache loops as well
+    (list(range(20)), [1, 2, 3, 4] * 5, 0.0),  # only the full cache loops
+    (list(range(10)) + list(range(4)), list(range(20)), 0.0),  # one 4-gram of 11 repeated: below LOOP_REPETITION
+])
+def test_a_loop_counts_only_where_the_full_cache_has_none(tokens, reference, new_loop):
+    assert fidelity_metrics(tokens, reference)["new_loop"] == new_loop
 
 
 def test_fidelity_prompt_is_a_chat_turn_whose_request_comes_last(smollm):

@@ -9,7 +9,8 @@ import torch
 from kvc.cli import main
 from kvc.eval import report
 from kvc.eval.baselines import method_plan
-from kvc.eval.harness import Results, Sample, evaluate, given_plan, run_perplexity
+from kvc.eval.fidelity import fidelity_metrics
+from kvc.eval.harness import Record, Results, Sample, evaluate, given_plan, run_perplexity
 from kvc.eval.perplexity import perplexity_sample
 from kvc.eval.settings import Settings
 from kvc.policies.errors import KvcError
@@ -103,3 +104,18 @@ def test_recovery_task_through_the_harness(smollm):
     assert [(r.task, r.method) for r in records] == [("recovery", "full"), ("recovery", "streamingllm")]
     assert records[0].score == pytest.approx(1.0, abs=1e-5) and 0 < records[1].score < 1
     assert records[1].cache_bytes <= 0.25 * records[1].full_bytes and records[1].max_len == 124
+
+
+def test_fidelity_summary_counts_the_loops_the_full_cache_does_not_have():
+    settings = Settings(tasks=["fidelity"], methods=["full", "snapkv"], budgets=[0.25], lengths=[300],
+                        depths=[0.5], setting=["query-agnostic"])
+    full, plain, looping = list(range(20)), list(range(10)) + list(range(10, 20)), [1, 2, 3, 4] * 5
+    records = [Record("fidelity", method, budget, 300, None, 1.0, 100, 400, 320, "", sample, "query-agnostic",
+                      fidelity_metrics(tokens, full))
+               for sample in (0, 1) for method, budget, tokens in
+               (("full", 1.0, full), ("snapkv", 0.25, looping if sample else plain))]
+    results = Results(settings, records, 1.0)
+    rows = {row["method"]: row for row in report.summary(results)}
+    assert rows["snapkv"]["fidelity_new_loop"] == 0.5 and rows["full"]["fidelity_new_loop"] == 0.0
+    (table,) = report.render(results).renderables
+    assert [column.header for column in table.columns][-1] == "new loops"
