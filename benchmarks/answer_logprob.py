@@ -92,7 +92,8 @@ def answer_logprobs(loaded, plans: dict[str, Plan], task: str, seed: int, aware:
                 total += float(logprobs[token])
                 agreed += int(logprobs.argmax()) == token
                 if index + 1 < length:
-                    logits = model(input_ids=torch.tensor([[token]]), **{keyword: cache}, logits_to_keep=1).logits[0, -1]
+                    logits = model(input_ids=torch.tensor([[token]]), **{keyword: cache},
+                                   logits_to_keep=1).logits[0, -1]
             answer = target
             scores[name] = {"logprob": round(total / length if task == "fidelity" else total, 4),
                             "correct": agreed == length, "agreement": round(agreed / length, 4),
@@ -130,8 +131,8 @@ def main() -> None:
               f"  {numbers['kl']:6.3f}")
     plan_files = {name: str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT)
                   else Path(path).name for name, path in named.items()}
-    atomic_write_text(args.out, json.dumps({"task": args.task, "setting": args.setting, "length": LENGTH, "plans": plan_files,
-                                            "summary": summary, "rows": rows}, indent=1) + "\n")
+    atomic_write_text(args.out, json.dumps({"task": args.task, "setting": args.setting, "length": LENGTH,
+                                            "plans": plan_files, "summary": summary, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out.relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}")
 
 

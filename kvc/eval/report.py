@@ -24,7 +24,8 @@ from kvc.files import atomic_write_bytes, atomic_write_text
 
 
 RULER_TASKS = ("multikey", "multivalue", "vartrack", "fwe")
-FIDELITY_COLUMNS = ("first_difference", "repetition", "new_loop")  # beside the share of identical tokens, the fidelity score
+# beside the share of identical tokens, which is the fidelity score
+FIDELITY_COLUMNS = ("first_difference", "repetition", "new_loop")
 
 
 def columns(results: Results) -> list[str]:
