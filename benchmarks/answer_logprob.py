@@ -60,12 +60,38 @@ def task_prompt(tokenizer, task: str, seed: int) -> tuple[Prompt, list[int] | No
     return Prompt.encode(tokenizer, sample.context, sample.question), answer
 
 
+def follow(model, cache, keyword, logits, target: list[int] | None, reference: list[torch.Tensor] | None):
+    """Feed one cache the target's tokens from `logits` (its next-token logits) on.
+
+    target None: the cache's own greedy tokens, ANSWER_TOKENS of them. reference None: this cache's
+    log-probabilities become the reference (returned) that KL divergences are taken from.
+    Returns (tokens, total log-probability, tokens it would also pick greedily, summed KL, reference)."""
+    tokens, length = (target or []), len(target) if target else fidelity.ANSWER_TOKENS
+    reference = [] if reference is None else reference
+    own_reference = not reference
+    total, agreed, divergence = 0.0, 0, 0.0
+    for index in range(length):
+        logprobs = torch.log_softmax(logits.float(), -1)
+        if own_reference:
+            reference.append(logprobs)
+        divergence += float((reference[index].exp() * (reference[index] - logprobs)).sum())
+        if target is None:
+            tokens.append(int(logprobs.argmax()))
+        token = tokens[index]
+        total += float(logprobs[token])
+        agreed += int(logprobs.argmax()) == token
+        if index + 1 < length:
+            logits = model(input_ids=torch.tensor([[token]]), **{keyword: cache}, logits_to_keep=1).logits[0, -1]
+    return tokens, total, agreed, divergence, reference
+
+
 def answer_logprobs(loaded, plans: dict[str, Plan], task: str, seed: int, aware: bool) -> dict[str, dict]:
     """Each plan's log-probability of the target answer to sample `seed`; plans[0] is the full cache,
-    whose greedy answer is the target when the task has none of its own."""
+    whose greedy answer is the target when the task has none of its own, and whose log-probabilities
+    the KL divergences are taken from."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    prompt, answer = task_prompt(tokenizer, task, seed)
-    keyword, scores, reference = cache_keyword(model), {}, []  # reference: the full cache's log-probabilities
+    prompt, target = task_prompt(tokenizer, task, seed)
+    keyword, scores, reference = cache_keyword(model), {}, None
     with torch.no_grad(), apply(loaded, next(iter(plans.values()))):
         caches = [CompressedCache(plan, model, "auto", not aware and name != "full") for name, plan in plans.items()]
         if aware:
@@ -77,24 +103,8 @@ def answer_logprobs(loaded, plans: dict[str, Plan], task: str, seed: int, aware:
         for name, cache in zip(plans, caches):
             logits = first if aware else model(input_ids=torch.tensor([prompt.question_ids]), **{keyword: cache},
                                                logits_to_keep=1).logits[0, -1]
-            greedy = answer is None  # the full cache (first) writes the target as it goes
-            target = [] if greedy else answer
-            total, agreed, length = 0.0, 0, len(target) if target else fidelity.ANSWER_TOKENS
-            divergence = 0.0
-            for index in range(length):
-                logprobs = torch.log_softmax(logits.float(), -1)
-                if name == "full":
-                    reference.append(logprobs)
-                divergence += float((reference[index].exp() * (reference[index] - logprobs)).sum())
-                if greedy:
-                    target.append(int(logprobs.argmax()))
-                token = target[index]
-                total += float(logprobs[token])
-                agreed += int(logprobs.argmax()) == token
-                if index + 1 < length:
-                    logits = model(input_ids=torch.tensor([[token]]), **{keyword: cache},
-                                   logits_to_keep=1).logits[0, -1]
-            answer = target
+            target, total, agreed, divergence, reference = follow(model, cache, keyword, logits, target, reference)
+            length = len(target)
             scores[name] = {"logprob": round(total / length if task == "fidelity" else total, 4),
                             "correct": agreed == length, "agreement": round(agreed / length, 4),
                             "kl": round(divergence / length, 4)}
