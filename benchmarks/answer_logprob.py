@@ -2,7 +2,8 @@
 
 Exact-match answers of a 135M model flip on small changes (one sample's multikey answer at 1K
 changes with two more slots per head), so a handful of samples cannot rank two plans. This script
-scores plans by the teacher-forced log-probability of the right multikey answer after the context
+scores plans by the teacher-forced log-probability of the right multikey answer (or another RULER-style
+task's: `--task multivalue|vartrack|fwe`, its expected strings joined by commas) after the context
 was compressed alone and the question appended (`--setting query-agnostic`, the reconstruction
 probe), every plan after one shared prefill, the full cache (bf16 rows) beside them. `correct`
 says whether every answer token was the greedy choice. Prints a table and writes JSON.
@@ -13,8 +14,12 @@ token, `agreement` the share of those tokens that are also the plan's greedy cho
 fed the full cache's text (teacher-forced, so one early slip does not decide the rest), and `kl`
 the mean KL divergence of the plan's next-token distribution from the full cache's along it.
 
+`--methods h2o,snapkv --budget 0.1` adds `kvc eval`'s baselines at that share of a bf16 cache's
+bytes (built for the plans' max length from the demo's policy), so a plan is ranked against them too.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/answer_logprob.py --samples 0-4,20-34 \\
-        --plans default=a.plan,probe=b.plan [--setting query-aware] [--task fidelity] [--out results.json]
+        --plans default=a.plan,probe=b.plan [--methods h2o,snapkv --budget 0.25] [--setting query-aware] \\
+        [--task fidelity|multikey|multivalue|vartrack|fwe] [--length 1024] [--out results.json]
 """
 
 from __future__ import annotations
@@ -25,8 +30,11 @@ import statistics
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
+from kvc.demo import cached_policy
 from kvc.eval import fidelity, ruler
+from kvc.eval.baselines import method_plan
 from kvc.eval.questions import Prompt
 from kvc.models import load
 from kvc.plan import Plan
@@ -38,7 +46,6 @@ from kvc.runtime.probe import make_probe, prefill_context
 from kvc.runtime.shared_prefill import SharedPrefill
 
 ROOT = Path(__file__).resolve().parent.parent
-LENGTH = 1024
 
 
 def sample_numbers(text: str) -> list[int]:
@@ -50,13 +57,14 @@ def sample_numbers(text: str) -> list[int]:
     return numbers
 
 
-def task_prompt(tokenizer, task: str, seed: int) -> tuple[Prompt, list[int] | None]:
+def task_prompt(tokenizer, task: str, seed: int, length: int) -> tuple[Prompt, list[int] | None]:
     """The prompt of sample `seed` and its answer's tokens (None for fidelity: the full cache's own answer)."""
     if task == "fidelity":
-        sample = fidelity.fidelity_sample(tokenizer, LENGTH, seed)
+        sample = fidelity.fidelity_sample(tokenizer, length, seed)
         return Prompt.encode(tokenizer, sample.context, sample.question), None
-    sample = ruler.GENERATORS["multikey"](tokenizer, LENGTH, seed=seed)
-    answer = tokenizer(" " + sample.answers[0], add_special_tokens=False).input_ids
+    sample = ruler.GENERATORS[task](tokenizer, length, seed=seed)
+    space = "" if sample.question[-1].isspace() else " "
+    answer = tokenizer(space + ", ".join(sample.answers), add_special_tokens=False).input_ids
     return Prompt.encode(tokenizer, sample.context, sample.question), answer
 
 
@@ -85,15 +93,17 @@ def follow(model, cache, keyword, logits, target: list[int] | None, reference: l
     return tokens, total, agreed, divergence, reference
 
 
-def answer_logprobs(loaded, plans: dict[str, Plan], task: str, seed: int, aware: bool) -> dict[str, dict]:
+def answer_logprobs(loaded, plans: dict[str, Plan], task: str, seed: int, length: int, aware: bool,
+                    probed: set[str]) -> dict[str, dict]:
     """Each plan's log-probability of the target answer to sample `seed`; plans[0] is the full cache,
     whose greedy answer is the target when the task has none of its own, and whose log-probabilities
-    the KL divergences are taken from."""
+    the KL divergences are taken from. Query-agnostic, the plans named in `probed` score the
+    context with the reconstruction probe; the others (the baselines, as published) by its end."""
     model, tokenizer = loaded.model, loaded.tokenizer
-    prompt, target = task_prompt(tokenizer, task, seed)
+    prompt, target = task_prompt(tokenizer, task, seed, length)
     keyword, scores, reference = cache_keyword(model), {}, None
     with torch.no_grad(), apply(loaded, next(iter(plans.values()))):
-        caches = [CompressedCache(plan, model, "auto", not aware and name != "full") for name, plan in plans.items()]
+        caches = [CompressedCache(plan, model, "auto", not aware and name in probed) for name, plan in plans.items()]
         if aware:
             inputs = torch.tensor([prompt.context_ids + prompt.question_ids])
             first = model(input_ids=inputs, **{keyword: SharedPrefill(caches)}, logits_to_keep=1).logits[0, -1]
@@ -113,11 +123,16 @@ def answer_logprobs(loaded, plans: dict[str, Plan], task: str, seed: int, aware:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=1024, help="the prompts' length in tokens")
     parser.add_argument("--samples", default="0-4,20-34", help="sample seeds, e.g. 0-4,20-34 (5-14 are held out)")
-    parser.add_argument("--task", default="multikey", choices=("multikey", "fidelity"),
-                        help="multikey: log p of the right answer; fidelity: mean log p per token of the full "
-                             "cache's 128 greedy tokens")
+    parser.add_argument("--task", default="multikey", choices=("fidelity", *ruler.GENERATORS),
+                        help="a RULER-style task: log p of the right answer; fidelity: mean log p per token of "
+                             "the full cache's 128 greedy tokens")
     parser.add_argument("--plans", required=True, help="NAME=PLAN,... compiled for the same max length")
+    parser.add_argument("--methods", default="", help="kvc eval's baselines to score beside the plans, e.g. h2o,snapkv")
+    parser.add_argument("--budget", type=float, default=0.25, help="the baselines' share of a bf16 cache's bytes")
+    parser.add_argument("--probe-baselines", action="store_true",
+                        help="give the baselines the reconstruction probe too (kvc eval scores them as published)")
     parser.add_argument("--setting", default="query-agnostic", choices=("query-agnostic", "query-aware"))
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/answer_logprob.json")
     args = parser.parse_args()
@@ -125,23 +140,32 @@ def main() -> None:
     named = dict(item.split("=", 1) for item in args.plans.split(","))
     plans = {name: Plan.load(path) for name, path in named.items()}
     max_len = min(plan.target.max_len for plan in plans.values())
-    plans = {"full": handmade_plan(loaded.model.config, loaded.tokenizer, "full", max_len, dtype="bfloat16"), **plans}
+    methods = [method for method in args.methods.split(",") if method]
+    policy = cached_policy(loaded, Console()) if methods else None
+    baselines = {f"{method} {args.budget:g}": method_plan(method, loaded, policy, max_len, args.budget, "bfloat16")
+                 for method in methods}
+    plans = {"full": handmade_plan(loaded.model.config, loaded.tokenizer, "full", max_len, dtype="bfloat16"),
+             **plans, **baselines}
+    probed = set(named) | (set(baselines) if args.probe_baselines else set())
     rows = []
     for seed in sample_numbers(args.samples):
-        rows.append({"sample": seed, **answer_logprobs(loaded, plans, args.task, seed, args.setting == "query-aware")})
+        aware = args.setting == "query-aware"
+        rows.append({"sample": seed, **answer_logprobs(loaded, plans, args.task, seed, args.length, aware, probed)})
         print(seed, {name: (rows[-1][name]["logprob"], rows[-1][name]["kl"]) for name in plans}, flush=True)
     summary = {name: {"mean_logprob": round(statistics.mean(row[name]["logprob"] for row in rows), 3),
                       "correct": sum(row[name]["correct"] for row in rows) / len(rows),
                       "agreement": round(statistics.mean(row[name]["agreement"] for row in rows), 3),
                       "kl": round(statistics.mean(row[name]["kl"] for row in rows), 4)}
                for name in plans}
-    print(f"{'plan':>12}  mean log p(answer)  correct  agreement      kl")
+    print(f"{'plan':>18}  mean log p(answer)  correct  agreement      kl")
     for name, numbers in summary.items():
-        print(f"{name:>12}  {numbers['mean_logprob']:18.3f}  {numbers['correct']:7.2f}  {numbers['agreement']:9.3f}"
+        print(f"{name:>18}  {numbers['mean_logprob']:18.3f}  {numbers['correct']:7.2f}  {numbers['agreement']:9.3f}"
               f"  {numbers['kl']:6.3f}")
-    plan_files = {name: str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT)
-                  else Path(path).name for name, path in named.items()}
-    atomic_write_text(args.out, json.dumps({"task": args.task, "setting": args.setting, "length": LENGTH,
+    plan_files = {**{name: str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT)
+                  else Path(path).name for name, path in named.items()},
+                  **{name: f"kvc eval's {name.split()[0]} at {args.budget:g}" for name in baselines}}
+    atomic_write_text(args.out, json.dumps({"task": args.task, "setting": args.setting, "length": args.length,
+                                            "probed": sorted(probed),
                                             "plans": plan_files, "summary": summary, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out.relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}")
 
