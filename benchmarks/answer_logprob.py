@@ -147,9 +147,8 @@ def main() -> None:
     plans = {"full": handmade_plan(loaded.model.config, loaded.tokenizer, "full", max_len, dtype="bfloat16"),
              **plans, **baselines}
     probed = set(named) | (set(baselines) if args.probe_baselines else set())
-    rows = []
+    aware, rows = args.setting == "query-aware", []
     for seed in sample_numbers(args.samples):
-        aware = args.setting == "query-aware"
         rows.append({"sample": seed, **answer_logprobs(loaded, plans, args.task, seed, args.length, aware, probed)})
         print(seed, {name: (rows[-1][name]["logprob"], rows[-1][name]["kl"]) for name in plans}, flush=True)
     summary = {name: {"mean_logprob": round(statistics.mean(row[name]["logprob"] for row in rows), 3),
@@ -161,9 +160,9 @@ def main() -> None:
     for name, numbers in summary.items():
         print(f"{name:>18}  {numbers['mean_logprob']:18.3f}  {numbers['correct']:7.2f}  {numbers['agreement']:9.3f}"
               f"  {numbers['kl']:6.3f}")
-    plan_files = {**{name: str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT)
-                  else Path(path).name for name, path in named.items()},
-                  **{name: f"kvc eval's {name.split()[0]} at {args.budget:g}" for name in baselines}}
+    plan_files = {name: str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT)
+                  else Path(path).name for name, path in named.items()}
+    plan_files.update({name: f"kvc eval's {name.split()[0]} at {args.budget:g}" for name in baselines})
     atomic_write_text(args.out, json.dumps({"task": args.task, "setting": args.setting, "length": args.length,
                                             "probed": sorted(probed),
                                             "plans": plan_files, "summary": summary, "rows": rows}, indent=1) + "\n")
