@@ -13,7 +13,7 @@ the one score threshold at which those heads together fill their slots: KVzip's 
 best keys of all heads at once, made static (`probe_shares`). A policy without probe curves gives
 equal shares. Budgets following the retrieval scores (HeadKV's rule) and 3-key pooling for the
 other heads were tried: better perplexity, fewer needles and passkeys on samples kept apart from
-the tuning ones (README, results).
+the tuning ones (docs/results.md).
 """
 
 from __future__ import annotations
