@@ -41,6 +41,9 @@ def parse_args():
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--kv-cache-memory", type=int, default=256 << 20, help="bytes of KV cache per engine")
     parser.add_argument("--dtype", default="bfloat16", help="model dtype (the full cache's too)")
+    parser.add_argument("--chunked-prefill", action="store_true",
+                        help="serve the plan with vLLM's chunked prefill on (a prompt split where a step's token "
+                             "budget runs out, its rest admitted through extend; kvc's default turns it off)")
     parser.add_argument("--json", type=Path, default=RESULTS / "bench_serve.json")
     return parser.parse_args()
 
@@ -80,7 +83,7 @@ def main():
     common = {"dtype": args.dtype, "kv_cache_memory_bytes": args.kv_cache_memory, "max_model_len": args.max_len,
               "max_num_batched_tokens": args.max_len, "max_num_seqs": args.requests, "enforce_eager": True}
     full = LLM(str(served_folder(None)), enable_prefix_caching=False, **common)  # before the plan is named
-    served = llm(None, plan, **common)
+    served = llm(None, plan, **common, **({"enable_chunked_prefill": True} if args.chunked_prefill else {}))
     block = full.llm_engine.vllm_config.cache_config.block_size
     capacities = {"full": capacity(full, args.max_len, -(-args.max_len // block)), "plan": capacity(served, args.max_len, 1)}
     ratio = plan.full_cache_bytes / plan.cache_bytes

@@ -2,7 +2,8 @@
 
 The engine's scheduler chunk (512 tokens) is shorter than the longest prompts, so those go through
 `extend` after their first chunk; prompts that fit one chunk prefill as kvc's own runtime does and
-must decode the same greedy tokens.
+must decode the same greedy tokens. (By default a kvc engine's budget is the plan's longest
+sequence and it prefills every prompt whole: `test_vllm_server.py` runs one so.)
 """
 
 import pytest
@@ -10,7 +11,9 @@ import pytest
 from kvc.eval.passkey import passkey_correct, passkey_sample
 from kvc.policies.errors import KvcError
 from kvc.runtime.generate import generate
+from kvc.serving.vllm.engine import engine_settings
 from kvc.serving.vllm.plans import PLAN_ENV
+from kvc.serving.vllm.server import user_budget
 
 pytestmark = pytest.mark.vllm
 CHUNK = 512
@@ -87,3 +90,19 @@ def test_a_longer_engine_than_the_plan_is_refused(served_plan_file, monkeypatch)
     with pytest.raises(KvcError, match="--max-model-len 1040") as refused:
         llm(None, served_plan_file, dtype="float32", max_model_len=2048)
     assert "\n" not in str(refused.value)
+
+
+def test_prompts_prefill_whole_unless_the_budget_is_below_the_longest_sequence(served_plan_file, monkeypatch):
+    monkeypatch.setenv(PLAN_ENV, "")  # engine_settings names the plan; restored after the test
+    cases = [({}, 1040, False), ({"max_num_batched_tokens": CHUNK}, CHUNK, True),
+             ({"max_num_batched_tokens": 4096}, 4096, False), ({"enable_chunked_prefill": True}, 1040, True)]
+    for engine_args, budget, chunked in cases:
+        _, settings = engine_settings(None, served_plan_file, engine_args)
+        assert (settings["max_num_batched_tokens"], settings["enable_chunked_prefill"]) == (budget, chunked), engine_args
+
+
+def test_kvc_serve_reads_the_users_budget_from_the_vllm_options():
+    assert user_budget(["--dtype", "float32", "--max-num-batched-tokens", "512"]) == {"max_num_batched_tokens": 512}
+    assert user_budget(["--max-num-batched-tokens=2048", "--max-model-len", "900", "--no-enable-chunked-prefill"]) == \
+        {"max_num_batched_tokens": 2048, "max_model_len": 900, "enable_chunked_prefill": False}
+    assert user_budget(["--enable-chunked-prefill", "--max-num-seqs", "4"]) == {"enable_chunked_prefill": True}

