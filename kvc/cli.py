@@ -407,8 +407,9 @@ def serve_command(
     """Serve MODEL through vLLM's OpenAI-compatible server with PLAN's compressed cache (needs kvc\\[vllm]).
 
     Further options go to `vllm serve` (e.g. --dtype float32 --max-num-seqs 8 --kv-cache-memory-bytes 1G).
-    Each request holds the plan's bytes per sequence; prefix caching is off. Every prompt prefills
-    whole (chunked prefill off) unless --max-num-batched-tokens is below the plan's max length.
+    Each request holds the plan's bytes per sequence; prefix caching is off.
+
+    Every prompt prefills whole (chunked prefill off) unless --max-num-batched-tokens is below the plan's max length.
     """
     from kvc.serving.vllm.server import serve
 
