@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -21,7 +22,23 @@ from kvc.interrupts import Interrupted, signals_interrupt
 from kvc.outputs import check_files, recorded_path
 from kvc.policies.errors import KvcError
 
+# The help's panels: build a plan, run it, deploy it; inspect artifacts.
+BUILD, RUN, DEPLOY, INSPECT = "Build: profile a model, compile a plan", "Run: generate and evaluate", \
+    "Deploy: ONNX and vLLM", "Inspect artifacts and models"
+
+
+class WorkflowGroup(TyperGroup):
+    """Lists the commands in the order of the workflow, then the ones that inspect."""
+
+    ORDER = ("profile", "compile", "generate", "eval", "export", "serve", "show", "validate", "models")
+
+    def list_commands(self, ctx):
+        order = {name: index for index, name in enumerate(self.ORDER)}
+        return sorted(super().list_commands(ctx), key=lambda name: (order.get(name, len(order)), name))
+
+
 app = typer.Typer(
+    cls=WorkflowGroup,
     help="kvc: a KV-cache compiler. Profile attention heads, compile a memory plan, run it.",
     no_args_is_help=True,
     add_completion=False,
@@ -48,7 +65,7 @@ def _main(
     _state["debug"] = debug
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def models():
     """List the model aliases and whether each is available on this machine."""
     from kvc.models import ALIASES, available_locally
@@ -65,7 +82,7 @@ def models():
     console.print("Any hub id in the local cache, a model folder or a .gguf file works too.")
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def validate(file: Path = typer.Argument(..., help="A policy (.yaml/.json) or a plan file.")):
     """Check a policy or plan file; print what is wrong, with its path inside the file."""
     from kvc.report import load_artifact
@@ -79,7 +96,7 @@ def artifact_model_name(artifact) -> str:
     return getattr(artifact, "model_name", None) or artifact.model.name
 
 
-@app.command()
+@app.command(rich_help_panel=INSPECT)
 def show(
     file: Path = typer.Argument(..., help="A policy (.yaml/.json) or a plan file."),
     png: Optional[Path] = typer.Option(None, "--png", help="Also draw the kinds heatmap (and funnel) to this PNG."),
@@ -95,7 +112,7 @@ def show(
         console.print(f"wrote {png}")
 
 
-@app.command("generate")
+@app.command("generate", rich_help_panel=RUN)
 def generate_command(
     model: Optional[str] = MODEL_ARGUMENT,
     plan: Optional[Path] = typer.Option(None, "--plan", help="A compiled plan; without it the full cache runs."),
@@ -193,7 +210,7 @@ def converse(loaded, plan, turns: list[str], interactive: bool, max_new_tokens: 
                           f"{turn.cached_tokens} tokens in {human_bytes(turn.cache_bytes)}", style="dim", highlight=False)
 
 
-@app.command("export")
+@app.command("export", rich_help_panel=DEPLOY)
 def export_command(
     model: Optional[str] = MODEL_ARGUMENT,
     plan: Path = typer.Option(..., "--plan", help="The compiled plan whose cache the graphs hold."),
@@ -201,8 +218,10 @@ def export_command(
     chunk: int = typer.Option(1, "--chunk", help="New tokens per step graph call (1 decodes; more feed text in chunks)."),
     batch: int = typer.Option(1, "--batch", help="Sequences per call (at most the plan's batch)."),
 ):
-    """Export a model and its plan as ONNX graphs that onnxruntime runs: prefill.onnx and step.onnx take and
-    return the compressed cache's tensors; weights, plan, tokenizer and a manifest lie beside them."""
+    """Export a model and its plan as ONNX graphs that onnxruntime runs.
+
+    prefill.onnx and step.onnx take and return the compressed cache's tensors; weights, plan, tokenizer and a manifest lie beside them.
+    """
     from kvc.export.exporter import check_exportable, check_out_folder, export
     from kvc.models import load
     from kvc.plan import Plan
@@ -226,7 +245,7 @@ def export_command(
     console.print(f"exported in {exported.seconds:.0f} s; wrote {out}")
 
 
-@app.command("compile")
+@app.command("compile", rich_help_panel=BUILD)
 def compile_command(
     policy: Path = typer.Argument(..., help="A policy file (.yaml/.json) from `kvc profile`."),
     target: Optional[float] = typer.Option(None, "--target", help="Share of the full cache's bytes at --max-len the plan may use \\[default: 0.25]."),
@@ -263,7 +282,7 @@ def compile_command(
     console.print(f"compiled in {1000 * seconds:.0f} ms; wrote {out}" + (f" and {json_report}" if json_report else ""))
 
 
-@app.command("profile")
+@app.command("profile", rich_help_panel=BUILD)
 def profile_command(
     model: Optional[str] = MODEL_ARGUMENT,
     prompts: str = typer.Option("builtin", "--prompts", help="builtin, a .jsonl file ({\"text\": ...} or {\"messages\": [...]} per line), a .txt file, or a folder of them."),
@@ -303,7 +322,7 @@ def profile_command(
                   f"in {policy.profile.seconds:.0f} s; wrote {out}")
 
 
-@app.command("eval")
+@app.command("eval", rich_help_panel=RUN)
 def eval_command(
     model: Optional[str] = MODEL_ARGUMENT,
     policy: Optional[Path] = typer.Option(None, "--policy", help="A policy from `kvc profile` (kvc, kvc-knapsack, kvc-fastgen, snapkv, pyramidkv and adakv need one)."),
@@ -396,7 +415,7 @@ def run_evaluation(model, settings, policy_path, plan_path, json_out, png, devic
             console.print(f"wrote {path}")
 
 
-@app.command("serve", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command("serve", rich_help_panel=DEPLOY, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def serve_command(
     ctx: typer.Context,
     model: Optional[str] = MODEL_ARGUMENT,

@@ -106,3 +106,11 @@ def test_help_shows_the_defaults_it_names(capsys):
         main(["compile", "--help"])
     shown = " ".join(capsys.readouterr().out.replace("│", " ").split())
     assert f"[default: {DEFAULT_KV_BITS}]" in shown and "[default: the model's limit]" in shown
+
+
+def test_help_lists_the_commands_in_the_order_of_the_workflow(capsys):
+    workflow = ["profile", "compile", "generate", "eval", "export", "serve", "show", "validate", "models"]
+    code, out, _ = run(capsys, "--help")
+    rows = [line.replace("│", " ").split() for line in out.splitlines()]
+    assert code == 0 and [row[0] for row in rows if row and row[0] in workflow] == workflow
+    assert "Build: profile a model, compile a plan" in out and "Deploy: ONNX and vLLM" in out
