@@ -7,6 +7,10 @@ rings whose counters say the next slot, so the oldest is overwritten; a heavy-on
 weakest hitter (H2O). On frequency heads with a window, the token the window is about to overwrite
 moves to the heavy region if it has room or beats the weakest hitter's accumulated score. All of it
 is fixed-shape tensor work over (sequence, head): no search of the segment, no host decision.
+
+`chunk_writes` admits a whole chunk into one head at once, to the same tokens: what an eager step
+does with a chunk of many tokens (a later turn, a question after a document), where a loop over
+the tokens would cost a few milliseconds each.
 """
 
 from __future__ import annotations
@@ -105,3 +109,78 @@ def admit(layout: LayerLayout, counts: torch.Tensor, positions: torch.Tensor, sc
     admitted = torch.stack([group == CLASS, group == WINDOW], -1).to(torch.int32)
     slot = torch.where(stored, slot, layout.column("offset"))
     return Admission(slot, stored, move_from, move_to, moved, counts + admitted)
+
+
+class ChunkWrites(NamedTuple):
+    """What a chunk leaves in one head, as slots of the head's segment: `target` gets chunk token
+    `token` where it is >= 0, else a copy of the segment's slot `source` (a window token that joined
+    the heavy hitters; read before any write). `counts`: the class and window ring counters after it."""
+
+    target: torch.Tensor
+    token: torch.Tensor
+    source: torch.Tensor
+    counts: list[int]
+
+
+def chunk_writes(head: dict, counts: list[int], positions: torch.Tensor, scores: torch.Tensor | None,
+                 classes: torch.Tensor, relative: torch.Tensor, own: torch.Tensor | None) -> ChunkWrites:
+    """A whole chunk admitted into one head at once: the tokens `admit` keeps one at a time (up to
+    exact ties of scores), in slots that may differ inside the heavy region.
+
+    Sinks land at their position and rings keep their newest tokens. The heavy hitters follow from
+    two identities: where a token leaving the window replaces the weakest hitter only if it scores
+    higher, the hitters after the chunk are the top H of those before it and of the tokens that left;
+    where every new token replaces the weakest (heads without a window), they are the chunk's last
+    token and the top H - 1 of those before and of the chunk's other tokens. head: one row of the
+    layout (`LayerLayout.heads`); counts: its class and window ring counters; positions, scores
+    (capacity,) its segment's (scores None without them); classes (chunk,) uint8; relative (chunk,)
+    positions after the padding; own (chunk,) the attention each chunk token received inside the
+    chunk (frequency heads).
+    """
+    offset, device = head["offset"], positions.device
+    quota = {name: head[f"{name}_quota"] for name in ("sink", "class", "heavy", "window")}
+    base = {name: head[f"{name}_base"] - offset for name in ("class", "heavy", "window")}
+    member = ((classes.long() & head["class_bits"]) != 0) & (quota["class"] > 0)
+    sink = relative < quota["sink"]
+    windowed = quota["window"] > 0
+    joins = {"class": ~sink & member, "window": ~sink & ~member & windowed,
+             "heavy": ~sink & ~member & (not windowed and bool(head["frequency"]) and quota["heavy"] > 0)}
+    writes = [(relative[sink], torch.nonzero(sink)[:, 0], None)]  # (targets, tokens, sources)
+    counted = list(counts)
+    for ring, name in enumerate(("class", "window")):
+        index = torch.nonzero(joins[name])[:, 0]
+        first, counted[ring] = counted[ring], counted[ring] + len(index)
+        newest = index[len(index) - min(len(index), quota[name]):]
+        ring_counts = torch.arange(counted[ring] - len(newest), counted[ring], device=device)
+        writes.append((base[name] + ring_counts % max(quota[name], 1), newest, None))
+        if name == "window" and quota["heavy"]:  # the tokens the ring overwrites may join the hitters
+            leaving_from = max(first, quota["window"])  # ring counts whose write overwrites a token
+            left = torch.arange(leaving_from, max(leaving_from, counted[ring]), device=device) - quota["window"]
+            held = left < first  # the ring held it before the chunk; else the chunk's own token left
+            slot = base["window"] + left % quota["window"]
+            token = index[(left - first).clamp(min=0)]
+            entering, free = _hitters(positions, scores, base["heavy"], quota["heavy"],
+                                      torch.where(held, scores[slot], own[token]), quota["heavy"])
+            writes.append((free, torch.where(held, -1, token)[entering], torch.where(held, slot, -1)[entering]))
+    index = torch.nonzero(joins["heavy"])[:, 0]
+    if len(index):
+        entering, free = _hitters(positions, scores, base["heavy"], quota["heavy"], own[index[:-1]],
+                                  quota["heavy"] - 1)
+        writes.append((free, torch.cat([index[:-1][entering], index[-1:]]), None))
+    target = torch.cat([targets for targets, _, _ in writes])
+    token = torch.cat([tokens for _, tokens, _ in writes])
+    source = torch.cat([torch.full_like(tokens, -1) if sources is None else sources for _, tokens, sources in writes])
+    return ChunkWrites(target, token, source, counted)
+
+
+def _hitters(positions, scores, first: int, quota: int, candidates: torch.Tensor, keep: int):
+    """Which candidates (in the order they came) are among the `keep` best of the heavy region's
+    tokens (slots first..first + quota of the segment; empty ones score -inf) and the candidates,
+    earlier ones first on ties; and the region's slots they take, ascending: those of the tokens
+    that are not kept (one more than the entrants when keep = quota - 1)."""
+    region = slice(first, first + quota)
+    held = scores[region].masked_fill(positions[region] < 0, float("-inf"))
+    order = torch.sort(torch.cat([held, candidates]), descending=True, stable=True).indices
+    kept = torch.zeros(quota + len(candidates), dtype=torch.bool, device=candidates.device)
+    kept[order[:keep]] = True
+    return kept[quota:], first + torch.nonzero(~kept[:quota])[:, 0]

@@ -5,9 +5,10 @@ dtype, or on a low-bit plan codes and float16 group parameters (`quantize.Rows`)
 position of every slot (int32, -1 when empty) and the accumulated attention of every
 frequency-head slot (float32); per sequence the ring counters of every head, the tokens seen and
 where the padding ends. `extend` is the one step for any number of new tokens: the chunk attends
-to each head's slots and to itself (causally), then its tokens are admitted one by one by each
-head's rule (`admission.py`). It has fixed shapes and no host synchronisation. No transformers
-here: serving engines drive it directly (see `standalone.py`).
+to each head's slots and to itself (causally), then its tokens are admitted by each head's rule
+(`admission.py`): one by one in a traced step, which has fixed shapes and no host synchronisation;
+eagerly a chunk of several tokens all at once, to the same tokens. No transformers here: serving
+engines drive it directly (see `standalone.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from kvc.plan import Plan, quant_group
 from kvc.policies.errors import KvcError
 from kvc.runtime import kernels, quantize
-from kvc.runtime.admission import admit
+from kvc.runtime.admission import admit, chunk_writes
 from kvc.runtime.layout import DTYPES, LayerLayout
 from kvc.runtime.quantize import Rows
 from kvc.runtime.selection import keep_groups, slot_sources
@@ -78,6 +79,7 @@ class LayerStore:
         self.kernel_choice = kernels
         self.rows = None
         self.prefilled = False
+        self.admit_chunks = True  # eagerly, a chunk's tokens are admitted all at once (False: one by one, as traced)
 
     # ------------------------------------------------------------ allocation
     @property
@@ -221,7 +223,10 @@ class LayerStore:
             readable = chunk_rows.float()
             turned_query = query.float()
         output, own_scores = self._attend(turned_query, readable[..., 0, :], readable[..., 1, :], scale)
-        if self.writers is not None:
+        traced = torch.compiler.is_compiling() or torch.jit.is_tracing()
+        if self.writers is not None and chunk > 1 and self.admit_chunks and not traced:
+            self._admit_chunk(chunk_rows, classes, own_scores)  # eagerly: every head's survivors at once
+        elif self.writers is not None:  # traced: fixed shapes, one token at a time
             for index in range(chunk):
                 self._admit(index, chunk_rows, classes[:, index],
                             None if own_scores is None else own_scores[:, :, index])
@@ -298,6 +303,31 @@ class LayerStore:
         if own_scores is not None:
             _write(self.scores, sequences, _score_index(layout, admission.slot), admission.stored, own_scores, scorer)
         self.counts.copy_(admission.counts)
+
+    def _admit_chunk(self, chunk_rows, classes, own_scores) -> None:
+        """Write what each head keeps of the whole chunk (`chunk_writes`): the tokens `_admit` keeps
+        token by token, with a few tensor operations per head instead of per token."""
+        rows = list(self.rows) if self.bits else [self.rows]
+        new_rows = list(chunk_rows) if self.bits else [chunk_rows]
+        for sequence in range(classes.shape[0]):
+            tokens = self.seen[sequence] + torch.arange(classes.shape[1], device=classes.device)  # their positions
+            for head in self.layout.stored_heads:
+                spec = self.layout.heads[head]
+                segment = slice(spec["offset"], spec["offset"] + spec["capacity"])
+                scores = self.scores[sequence, spec["score_offset"]:spec["score_offset"] + spec["capacity"]]
+                own = None if own_scores is None else own_scores[sequence, head]
+                writes = chunk_writes(spec, self.counts[sequence, head].tolist(), self.positions[sequence, segment],
+                                      scores if spec["frequency"] else None, classes[sequence],
+                                      tokens - self.start[sequence], own)
+                copied, token, source = writes.source >= 0, writes.token.clamp(min=0), writes.source.clamp(min=0)
+                fields = [(buffer[sequence, segment], fresh[sequence, head]) for buffer, fresh in zip(rows, new_rows)]
+                fields.append((self.positions[sequence, segment], tokens))
+                if spec["frequency"]:
+                    fields.append((scores, own))
+                for held, fresh in fields:  # each field's copies are read before it is written
+                    mask = copied.view(-1, *[1] * (held.dim() - 1))
+                    held[writes.target] = torch.where(mask, held[source], fresh[token].to(held.dtype))
+                self.counts[sequence, head] = torch.tensor(writes.counts, dtype=self.counts.dtype)
 
     # ------------------------------------------------------------ bookkeeping
     def reorder(self, sequences: torch.Tensor) -> None:

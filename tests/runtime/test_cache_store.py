@@ -214,6 +214,56 @@ def test_a_chunk_equals_single_steps_where_admission_does_not_depend_on_chunking
             assert torch.equal(a, b)
 
 
+def held_tokens(store, sequence, head):
+    """position -> (score, stored row) of every token a head holds: its state whatever the slot order."""
+    offset, capacity = store.layout.segments[head]
+    layout = store.layout.heads[head]
+    rows = [part[sequence, offset:offset + capacity] for part in (store.rows if store.bits else [store.rows])]
+    held = {}
+    for slot in range(capacity):
+        position = int(store.positions[sequence, offset + slot])
+        if position >= 0:
+            score = float(store.scores[sequence, layout["score_offset"] + slot]) if layout["frequency"] else 0.0
+            held[position] = (score, [row[slot].tolist() for row in rows])
+    return held
+
+
+@pytest.mark.parametrize("kv_bits", [0, 8])
+@pytest.mark.parametrize("chunk", [2, 5, 13, 40])
+def test_a_chunk_admitted_at_once_keeps_what_one_by_one_admission_keeps(generator, kv_bits, chunk):
+    """Eagerly a chunk's tokens are admitted all at once (`admission.chunk_writes`); traced steps admit
+    them one by one. Both must leave every head the same tokens with the same scores and rows, and
+    the same ring counters: sinks, class rings, windows, window tokens joining the heavy hitters and
+    heavy-only heads replacing their weakest, over a padded batch and three chunks in a row."""
+    kinds = [["special+punct+frequency+local", "local", "punct+frequency", "full", "frequency", "special+punct"]]
+    plan = tiny_plan(kinds, batch=2, class_slots=3, kv_bits=kv_bits, max_len=256,
+                     token_classes=torch.tensor([0, 0, 0, 0, 0, PUNCT_BIT, SPECIAL_BIT, 0], dtype=torch.uint8))
+    at_once, one_by_one = CompressedKV(plan, batch=2), CompressedKV(plan, batch=2)
+    one_by_one.layers[0].admit_chunks = False
+    heads, length = len(kinds[0]), 7
+    keys, values, queries, _ = prompt(generator, 2, heads, length)
+    ids = torch.randint(0, 8, (2, length), generator=generator)
+    mask = torch.ones(2, length, dtype=torch.long)
+    mask[1, :2] = 0  # the second sequence is left-padded: its sinks count from its first real token
+    for cache in (at_once, one_by_one):
+        cache.prefill(0, keys, values, ids, query_window=queries[:, :, -4:], attention_mask=mask)
+    for _ in range(3):
+        query = torch.randn(2, heads * GROUP, chunk, HEAD_DIM, generator=generator)
+        new_keys, new_values = (torch.randn(2, heads, chunk, HEAD_DIM, generator=generator) for _ in range(2))
+        new_ids = torch.randint(0, 8, (2, chunk), generator=generator)
+        outputs = [cache.extend(0, query, new_keys, new_values, new_ids) for cache in (at_once, one_by_one)]
+        torch.testing.assert_close(*outputs, atol=1e-5, rtol=1e-5)  # the same slots, perhaps in another order
+        first, second = at_once.layers[0], one_by_one.layers[0]
+        assert torch.equal(first.counts, second.counts) and torch.equal(first.seen, second.seen)
+        for sequence in range(2):
+            for head in range(heads):
+                held, expected = held_tokens(first, sequence, head), held_tokens(second, sequence, head)
+                assert held.keys() == expected.keys(), (sequence, head)
+                for position, (score, row) in held.items():  # scores summed over slots in another order
+                    assert row == expected[position][1] and score == pytest.approx(expected[position][0], rel=1e-5), \
+                        (sequence, head, position)
+
+
 def test_nbytes_is_every_tensor_the_cache_holds(generator):
     """Walk the cache object: the storages of all its tensors (the plan it was given aside) add up to
     nbytes() and to the plan's cache_bytes; low-bit rows, zero-capacity heads and frequency heads included."""
