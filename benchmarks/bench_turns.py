@@ -69,7 +69,8 @@ def main():
     median = {name: statistics.median(r[name]["turns"][1]["seconds"] for r in rounds) for name in cases}
     for name in cases:
         turns = rounds[0][name]["turns"]
-        table.add_row(name, f"{turns[0]['tokens']} tokens, {statistics.median(r[name]['turns'][0]['seconds'] for r in rounds):.2f} s",
+        first_seconds = statistics.median(r[name]["turns"][0]["seconds"] for r in rounds)
+        table.add_row(name, f"{turns[0]['tokens']} tokens, {first_seconds:.2f} s",
                       f"{turns[1]['tokens']} tokens, {median[name]:.2f} s",
                       " ".join(f"{r[name]['turns'][1]['seconds']:.2f}" for r in rounds),
                       f"{median[name] / median['full cache']:.2f}")

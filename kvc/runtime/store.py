@@ -314,15 +314,15 @@ class LayerStore:
             for head in self.layout.stored_heads:
                 spec = self.layout.heads[head]
                 segment = slice(spec["offset"], spec["offset"] + spec["capacity"])
-                scores = self.scores[sequence, spec["score_offset"]:spec["score_offset"] + spec["capacity"]]
+                scored = slice(spec["score_offset"], spec["score_offset"] + spec["capacity"])
+                scores = self.scores[sequence, scored] if spec["frequency"] else None
                 own = None if own_scores is None else own_scores[sequence, head]
                 writes = chunk_writes(spec, self.counts[sequence, head].tolist(), self.positions[sequence, segment],
-                                      scores if spec["frequency"] else None, classes[sequence],
-                                      tokens - self.start[sequence], own)
+                                      scores, classes[sequence], tokens - self.start[sequence], own)
                 copied, token, source = writes.source >= 0, writes.token.clamp(min=0), writes.source.clamp(min=0)
                 fields = [(buffer[sequence, segment], fresh[sequence, head]) for buffer, fresh in zip(rows, new_rows)]
                 fields.append((self.positions[sequence, segment], tokens))
-                if spec["frequency"]:
+                if scores is not None:
                     fields.append((scores, own))
                 for held, fresh in fields:  # each field's copies are read before it is written
                     mask = copied.view(-1, *[1] * (held.dim() - 1))
