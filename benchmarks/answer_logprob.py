@@ -4,8 +4,8 @@ Exact-match answers of a 135M model flip on small changes (one sample's multikey
 changes with two more slots per head), so a handful of samples cannot rank two plans. This script
 scores plans by the teacher-forced log-probability of the right multikey answer (or another RULER-style
 task's: `--task multivalue|vartrack|fwe`, its expected strings joined by commas) after the context
-was compressed alone and the question appended (`--setting query-agnostic`, the reconstruction
-probe), every plan after one shared prefill, the full cache (bf16 rows) beside them. `correct`
+was compressed alone and the question appended (`--setting query-agnostic`, the context scored by
+`--context-probe`, kvc eval's default), every plan after one shared prefill, the full cache (bf16 rows) beside them. `correct`
 says whether every answer token was the greedy choice. Prints a table and writes JSON.
 
 `--task fidelity` scores open-ended answers the same way (`kvc eval`'s fidelity prompts): the
@@ -42,7 +42,7 @@ from kvc.policies.schema import atomic_write_text
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import CompressedCache
 from kvc.runtime.handmade import handmade_plan
-from kvc.runtime.probe import make_probe, prefill_context
+from kvc.runtime.probe import DEFAULT_PROBE, PROBES, make_probe, prefill_context
 from kvc.runtime.shared_prefill import SharedPrefill
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,11 +94,11 @@ def follow(model, cache, keyword, logits, target: list[int] | None, reference: l
 
 
 def answer_logprobs(loaded, plans: dict[str, Plan], task: str, seed: int, length: int, aware: bool,
-                    probed: set[str]) -> dict[str, dict]:
+                    probed: set[str], probe: str = DEFAULT_PROBE) -> dict[str, dict]:
     """Each plan's log-probability of the target answer to sample `seed`; plans[0] is the full cache,
     whose greedy answer is the target when the task has none of its own, and whose log-probabilities
     the KL divergences are taken from. Query-agnostic, the plans named in `probed` score the
-    context with the reconstruction probe; the others (the baselines, as published) by its end."""
+    context with `probe` (`kvc eval`'s default); the others (the baselines, as published) by its end."""
     model, tokenizer = loaded.model, loaded.tokenizer
     prompt, target = task_prompt(tokenizer, task, seed, length)
     keyword, scores, reference = cache_keyword(model), {}, None
@@ -109,7 +109,7 @@ def answer_logprobs(loaded, plans: dict[str, Plan], task: str, seed: int, length
             first = model(input_ids=inputs, **{keyword: SharedPrefill(caches)}, logits_to_keep=1).logits[0, -1]
         else:
             prefill_context(model, SharedPrefill(caches), prompt.context_ids,
-                            make_probe(tokenizer, prompt.context_ids, "reconstruct"))
+                            make_probe(tokenizer, prompt.context_ids, probe))
         for name, cache in zip(plans, caches):
             logits = first if aware else model(input_ids=torch.tensor([prompt.question_ids]), **{keyword: cache},
                                                logits_to_keep=1).logits[0, -1]
@@ -132,8 +132,10 @@ def main() -> None:
     parser.add_argument("--methods", default="", help="kvc eval's baselines to score beside the plans, e.g. h2o,snapkv")
     parser.add_argument("--budget", type=float, default=0.25, help="the baselines' share of a bf16 cache's bytes")
     parser.add_argument("--probe-baselines", action="store_true",
-                        help="give the baselines the reconstruction probe too (kvc eval scores them as published)")
+                        help="give the baselines the context probe too (kvc eval scores them as published)")
     parser.add_argument("--setting", default="query-agnostic", choices=("query-agnostic", "query-aware"))
+    parser.add_argument("--context-probe", default=DEFAULT_PROBE, choices=PROBES,
+                        help="what scores the plans' context query-agnostic (kvc.runtime.probe)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/answer_logprob.json")
     args = parser.parse_args()
     loaded = load(None)
@@ -149,7 +151,8 @@ def main() -> None:
     probed = set(named) | (set(baselines) if args.probe_baselines else set())
     aware, rows = args.setting == "query-aware", []
     for seed in sample_numbers(args.samples):
-        rows.append({"sample": seed, **answer_logprobs(loaded, plans, args.task, seed, args.length, aware, probed)})
+        rows.append({"sample": seed, **answer_logprobs(loaded, plans, args.task, seed, args.length, aware, probed,
+                                                            args.context_probe)})
         print(seed, {name: (rows[-1][name]["logprob"], rows[-1][name]["kl"]) for name in plans}, flush=True)
     summary = {name: {"mean_logprob": round(statistics.mean(row[name]["logprob"] for row in rows), 3),
                       "correct": sum(row[name]["correct"] for row in rows) / len(rows),
@@ -164,7 +167,7 @@ def main() -> None:
                   else Path(path).name for name, path in named.items()}
     plan_files.update({name: f"kvc eval's {name.split()[0]} at {args.budget:g}" for name in baselines})
     atomic_write_text(args.out, json.dumps({"task": args.task, "setting": args.setting, "length": args.length,
-                                            "probed": sorted(probed),
+                                            "probed": sorted(probed), "context_probe": args.context_probe,
                                             "plans": plan_files, "summary": summary, "rows": rows}, indent=1) + "\n")
     print(f"wrote {args.out.relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}")
 

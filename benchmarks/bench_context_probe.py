@@ -1,9 +1,10 @@
 """What a probe after the context costs: prefill time of kvc's plan with each `--context-probe`.
 
 On the embedded model (float32 compute, the default kvc plan at 25% of a bf16 cache), a passkey
-context of each length is prefilled into the compressed cache with no probe (`window`), the
-generic probe and the reconstruction probe (read in parts of at most `PART_TOKENS`, as the
-positions after the context allow); configurations interleave in every round, and each
+context of each length is prefilled into the compressed cache with each probe of `PROBES`: none
+(`window`), the generic probe, the reconstruction probe (read in parts of at most `PART_TOKENS`,
+as the positions after the context allow), expected attention (no forward after the context) and
+both; configurations interleave in every round, and each
 round's time is divided by the same round's `window` time. Prints a table and writes
 benchmarks/results/bench_context_probe.json.
 
@@ -65,9 +66,9 @@ def main() -> None:
                          "median_s": statistics.median(seconds[probe]), "ratio_to_window": statistics.median(ratios)})
     print(f"prefill of the context into kvc's 25% plan (embedded model, CPU, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} interleaved rounds)")
-    print(f"{'context':>8} {'probe':<12} {'forwards':>8} {'probe tokens':>12} {'seconds':>8} {'x window':>9}")
+    print(f"{'context':>8} {'probe':<20} {'forwards':>8} {'probe tokens':>12} {'seconds':>8} {'x window':>9}")
     for row in rows:
-        print(f"{row['length']:>8} {row['probe']:<12} {row['probe_forwards']:>8} {row['probe_tokens']:>12} "
+        print(f"{row['length']:>8} {row['probe']:<20} {row['probe_forwards']:>8} {row['probe_tokens']:>12} "
               f"{row['median_s']:>8.2f} "
               f"{row['ratio_to_window']:>9.2f}")
     result = {"rows": rows, "rounds": args.rounds, "threads": torch.get_num_threads(), "machine": platform.platform(),

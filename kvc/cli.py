@@ -131,7 +131,7 @@ def generate_command(
     top_p: float = typer.Option(1.0, "--top-p", help="With --onnx: sample from the smallest set of tokens holding this much probability."),
     seed: int = typer.Option(0, "--seed", help="With --onnx: the sampler's seed."),
     compile_step: bool = typer.Option(False, "--compile", help="With --plan: decode with the plan's step compiled by torch.compile (the same tokens; the first step compiles, about 3 minutes for the embedded model on a 2-core CPU, then each step runs about twice as fast as eagerly: 1.8 times at 2K tokens, 2.3-2.5 at 7.5K in the benchmarks; in a conversation the first reply compiles it for all)."),
-    context_probe: str = typer.Option("window", "--context-probe", help="With --plan in a conversation whose first turn is a document the later turns ask about: what picks the tokens of the plan's SnapKV-style heads in it: window (the turn's last 32 queries), generic (a short fixed question) or reconstruct (the model reads the turn again after a request to repeat it: 2.6-4.7 times its prefill on a CPU; best on the query-agnostic evaluation)."),
+    context_probe: str = typer.Option("window", "--context-probe", help="With --plan in a conversation whose first turn is a document the later turns ask about: what picks the tokens of the plan's SnapKV-style heads in it: window (the turn's last 32 queries), generic (a short fixed question), reconstruct (the model reads the turn again after a request to repeat it: 2.6-4.7 times its prefill on a CPU), expected (the attention the queries to come are expected to give each token, from the turn's own queries: no extra reading) or reconstruct+expected (both; best on the query-agnostic evaluation)."),
 ):
     """Continue a prompt greedily through a plan's compressed cache (or the full cache) and show the bytes."""
     from kvc.models import load
@@ -341,7 +341,7 @@ def eval_command(
     cache_dtype: str = typer.Option("bf16", "--cache-dtype", help="Dtype of every method's cache (bf16, fp16 or fp32; kvc's low-bit rows aside): budgets are shares of a full cache in it. The model computes in fp32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     backend: str = typer.Option("torch", "--backend", help="torch (kvc's runtime) or onnxruntime: each plan exported once (kept in the kvc cache) and its graphs run by onnxruntime; passkey and niah only."),
-    context_probe: str | None = typer.Option(None, "--context-probe", help="Query-agnostic, what picks the tokens of kvc's SnapKV-style heads: reconstruct (the default with --backend torch: the model reads the context again after a request to repeat it, 2.6-4.7 times the prefill on a CPU), generic (a short fixed question) or window (the context's last 32 queries; the only one the onnxruntime backend runs, and its default). Baselines keep their published scoring."),
+    context_probe: str | None = typer.Option(None, "--context-probe", help="Query-agnostic, what picks the tokens of kvc's SnapKV-style heads: reconstruct+expected (the default with --backend torch: the model reads the context again after a request to repeat it, 2.6-4.7 times the prefill on a CPU, and adds the attention the queries to come are expected to give each token), reconstruct or expected (either alone), generic (a short fixed question) or window (the context's last 32 queries; the only one the onnxruntime backend runs, and its default). Baselines keep their published scoring."),
 ):
     """Evaluate kvc and the baselines at equal cache bytes on retrieval, RULER-style tasks, generation fidelity and perplexity, with the question asked before or after compression.
 
@@ -363,11 +363,11 @@ def eval_command(
 
 
 def eval_probe(probe: str | None, backend: str) -> str:
-    """The evaluation's context probe: reconstruct by default; the exported graphs run none (window)."""
-    from kvc.runtime.probe import check_probe
+    """The evaluation's context probe: reconstruct+expected by default; the exported graphs run none (window)."""
+    from kvc.runtime.probe import DEFAULT_PROBE, check_probe
 
     if backend != "onnxruntime":
-        return check_probe(probe or "reconstruct")
+        return check_probe(probe or DEFAULT_PROBE)
     if check_probe(probe or "window") != "window":
         raise KvcError(f"--context-probe {probe}: the onnxruntime backend's graphs run no probe; "
                        "leave the option out (window) or use --backend torch")

@@ -33,7 +33,7 @@ class Settings:
     plan: str | None = None
     setting: list[str] = field(default_factory=lambda: list(SETTINGS))  # where questions are asked
     backend: str = "torch"  # or "onnxruntime": passkey and needle through the exported graphs
-    context_probe: str = "reconstruct"  # what scores kvc's frequency heads query-agnostic (`kvc.runtime.probe`)
+    context_probe: str = "reconstruct+expected"  # what scores kvc's frequency heads query-agnostic (`kvc.runtime.probe`)
 
 
 def items(text: str, option: str) -> list[str]:
@@ -102,7 +102,7 @@ def check_lengths(settings: Settings, model_limit: int, asks: bool = True) -> No
     from kvc.runtime.probe import SHORTEST_PART  # the runtime (torch, kernels) only when lengths are checked
 
     probed = asks and "query-agnostic" in settings.setting and any(method.startswith("kvc") for method in settings.methods)
-    if model_limit and probed and settings.context_probe == "reconstruct" and longest + SHORTEST_PART > model_limit:
+    if model_limit and probed and settings.context_probe.startswith("reconstruct") and longest + SHORTEST_PART > model_limit:
         raise KvcError(f"--lengths: the reconstruction probe rereads a context of {longest} tokens in parts after "
                        f"it, at least {SHORTEST_PART} tokens each, past the model's {model_limit} positions; "
                        f"use --context-probe window or generic")

@@ -16,6 +16,9 @@ short fixed question about the text) and `reconstruct` (a request to repeat the 
 context again, read in parts of at most `PART_TOKENS` tokens, each after the request and attending
 to the whole context, as KVzip's chunked scoring does: one more pass over the context's tokens,
 and positions for the context and one part). A context the model has no positions left after is refused.
+`expected` reads nothing after the context: each key scores the attention the queries to come are
+expected to give it (`kvc.runtime.expected_attention`, from the context's own queries).
+`reconstruct+expected` adds the two, each a share of its head's total: a key either keeps.
 """
 
 from __future__ import annotations
@@ -26,10 +29,12 @@ import torch
 from kvc.policies.errors import KvcError
 from kvc.policies.probes import RECONSTRUCT_PROMPT
 from kvc.runtime.apply import cache_keyword
+from kvc.runtime.expected_attention import expected_attention, rotary_frequencies
 from kvc.runtime.kernels import pool_scores
 from kvc.runtime.shared_prefill import SharedLayer, SharedPrefill
 
-PROBES = ("window", "generic", "reconstruct")
+PROBES = ("window", "generic", "reconstruct", "expected", "reconstruct+expected")
+DEFAULT_PROBE = "reconstruct+expected"  # query-agnostic evaluation's: the best of these on the tuning samples
 GENERIC_PROBE = "\n\nQuestion: What does the text above say?\nAnswer:"
 PART_TOKENS = 2048  # the longest part of the context one reconstruction forward repeats (KVzip's chunk)
 SHORTEST_PART = 64  # fewer positions left after the context than the request and this: refused
@@ -45,16 +50,18 @@ def check_probe(probe: str, option: str = "--context-probe") -> str:
 
 @dataclass(frozen=True)
 class Probe:
-    """Token ids read after a context: `request`, followed in each forward by one part of `body`."""
+    """Token ids read after a context: `request`, followed in each forward by one part of `body`
+    (neither: no forward); `expected`: the context's expected attention joins their scores."""
 
     request: list[int]
     body: list[int]
+    expected: bool = False
 
     def parts(self, room: int) -> list[list[int]]:
         """The probe's forwards when `room` positions follow the context: the request alone, or
         the request before each part of the body, as long as the room and `PART_TOKENS` allow."""
         if not self.body:
-            return [self.request]
+            return [self.request] if self.request else []
         size = min(PART_TOKENS, room - len(self.request))
         return [self.request + self.body[first:first + size] for first in range(0, len(self.body), size)]
 
@@ -70,9 +77,11 @@ def make_probe(tokenizer, context_ids: list[int], probe: str) -> Probe | None:
         return None
     if probe == "generic":
         return Probe(tokenizer(GENERIC_PROBE, add_special_tokens=False).input_ids, [])
+    if probe == "expected":
+        return Probe([], [], expected=True)
     special = set(tokenizer.all_special_ids)
     return Probe(tokenizer(RECONSTRUCT_PROMPT, add_special_tokens=False).input_ids,
-                 [token for token in context_ids if token not in special])
+                 [token for token in context_ids if token not in special], expected=probe == "reconstruct+expected")
 
 
 def prefill_context(model, cache, context_ids: list[int], probe: Probe | None, **forward) -> None:
@@ -93,7 +102,11 @@ def prefill_context(model, cache, context_ids: list[int], probe: Probe | None, *
         raise KvcError(f"the context ({len(context_ids)} tokens) leaves {room} of the model's positions, fewer "
                        f"than its probe needs ({probe.shortest_room()}); use a shorter context or "
                        "--context-probe window")
-    scorer = ContextScorer(members)
+    frequencies = rotary_frequencies(model) if probe.expected else None
+    if probe.expected and frequencies is None:
+        raise KvcError("the expected-attention probe needs a model with rotary position embeddings; use "
+                       "--context-probe reconstruct")
+    scorer = ContextScorer(members, frequencies)
     model(input_ids=inputs, **{keyword: scorer}, logits_to_keep=1, **forward)
     scorer.reading_probe = True
     for part in probe.parts(room):
@@ -134,13 +147,22 @@ def probe_attention(query, keys, values, start, scale):
     return output, best
 
 
+def combined_scores(probed: torch.Tensor | None, expected: torch.Tensor | None) -> torch.Tensor:
+    """A probe's scores and expected attention's (batch, kv_heads, context), either None: their sum
+    as shares of each head's total, so that neither's scale decides; one alone as it is."""
+    if probed is None or expected is None:
+        return expected if probed is None else probed
+    share = lambda scores: scores / scores.sum(-1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)  # noqa: E731
+    return share(probed) + share(expected)
+
+
 class ScoringLayer(SharedLayer):
     """One layer of a `ContextScorer`: holds the context's keys and values, then scores them by the probe."""
 
     def __init__(self, members, scorer: ContextScorer):
         super().__init__(members)
         self.scorer = scorer
-        self.keys = self.values = self.best = self.scale = None
+        self.keys = self.values = self.best = self.expected = self.scale = None
 
     @property
     def reading_probe(self) -> bool:
@@ -153,11 +175,15 @@ class ScoringLayer(SharedLayer):
         return torch.cat([self.keys, key_states], 2), torch.cat([self.values, value_states], 2)
 
     def compress(self, query, keys, values, scale) -> None:
-        """After the context's attention: members that do not score by probes compress it."""
+        """After the context's attention: members that do not score by probes compress it; with
+        expected attention, the context's keys get its scores."""
         self.scale = scale
         for member in self.members:
             if not member.cache.probe_scoring:
                 member.compress(query, keys, values, scale)
+        if self.scorer.frequencies is not None:
+            start = self.members[0].cache.observed.start
+            self.expected = expected_attention(query, keys, values, start, scale, self.scorer.frequencies)
 
     def read_probe(self, query, keys, values, scale) -> torch.Tensor:
         """A probe forward's attention (its output, as an attention function returns it); its scores
@@ -167,14 +193,16 @@ class ScoringLayer(SharedLayer):
         return output
 
     def store(self) -> None:
-        """Each probe-scored member keeps the context's keep-sets by the probe's scores."""
+        """Each probe-scored member keeps the context's keep-sets by the probe's scores (with
+        expected attention too, the sum of each one's share of its head's total)."""
+        self.best = combined_scores(self.best, self.expected)
         for member in self.members:
             if member.cache.probe_scoring:
                 observed = member.cache.observed
                 scores = pool_scores(self.best, observed.start, member.store.plan.pool_kernel)
                 member.store.prefill(self.keys, self.values, observed.classes, observed.start, None, self.scale,
                                      scores=scores)
-        self.keys = self.values = self.best = None
+        self.keys = self.values = self.best = self.expected = None
 
     def get_seq_length(self):
         return 0 if self.keys is None else self.keys.shape[2]
@@ -192,10 +220,11 @@ class ContextScorer(SharedPrefill):
     reach no member (their tokens are neither stored nor counted); `store()` then fills the waiting
     members by the probe's scores."""
 
-    def __init__(self, caches):
+    def __init__(self, caches, frequencies: torch.Tensor | None = None):
         super().__init__(caches)
         self.layers = [ScoringLayer(layer.members, self) for layer in self.layers]
         self.reading_probe = False  # set once the context's forward is done
+        self.frequencies = frequencies  # RoPE's, when expected attention scores the context
 
     def observe(self, input_ids, attention_mask) -> None:
         if not self.reading_probe:

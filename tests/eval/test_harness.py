@@ -84,7 +84,7 @@ def test_a_given_plan_must_serve_the_length_within_the_budget(smollm):
     (["--json", "/nonexistent/r.json"], "--json /nonexistent/r.json: the folder /nonexistent does not exist"),
     (["--cache-dtype", "int4"], "--cache-dtype: unknown cache dtype"),
     (["--setting", "agnostic"], "--setting: unknown value 'agnostic' (expected query-aware, query-agnostic or both)"),
-    (["--context-probe", "recon"], "--context-probe: unknown probe 'recon' (expected one of window, generic, reconstruct)"),
+    (["--context-probe", "recon"], "--context-probe: unknown probe 'recon' (expected one of window, generic, reconstruct, expected, reconstruct+expected)"),
     (["--backend", "onnxruntime", "--tasks", "passkey", "--context-probe", "reconstruct"],
      "--context-probe reconstruct: the onnxruntime backend's graphs run no probe"),
 ])

@@ -15,7 +15,7 @@ from kvc.policies.errors import KvcError
 from kvc.policies.synthetic import synthetic_policy
 from kvc.runtime.apply import apply
 from kvc.runtime.cache import CompressedCache
-from kvc.runtime.probe import prefill_context, make_probe
+from kvc.runtime.probe import DEFAULT_PROBE, make_probe, prefill_context
 from kvc.runtime.shared_prefill import SharedPrefill
 
 LENGTH = 360
@@ -76,14 +76,15 @@ def test_the_full_cache_answers_alike_in_both_settings_and_a_method_keeps_other_
 
 
 def test_a_probe_scores_kvc_only_and_the_baselines_answer_as_without_it(smollm, prompt, plans):
-    """Query-agnostic with the reconstruction probe: the full cache and H2O (not probed) answer as
-    with no probe; kvc's SnapKV-style heads keep other tokens than the context's last queries pick."""
+    """Query-agnostic with the evaluation's probe (reconstruction and expected attention): the full
+    cache and H2O (not probed) answer as with no probe; kvc's SnapKV-style heads keep other tokens
+    than the context's last queries pick."""
     text, _ = prompt
     window = answer_all(smollm, plans, text, QUERY_AGNOSTIC, 8)
-    probed = answer_all(smollm, plans, text, QUERY_AGNOSTIC, 8, probe="reconstruct", probed=[False, False, True])
+    probed = answer_all(smollm, plans, text, QUERY_AGNOSTIC, 8, probe=DEFAULT_PROBE, probed=[False, False, True])
     assert [a.tokens for a in probed[:2]] == [a.tokens for a in window[:2]]
     kept = []
-    for probe in ("window", "reconstruct"):
+    for probe in ("window", DEFAULT_PROBE):
         with torch.no_grad(), apply(smollm, plans[2]):
             cache = CompressedCache(plans[2], smollm.model)
             prefill_context(smollm.model, cache, text.context_ids, make_probe(smollm.tokenizer, text.context_ids, probe))

@@ -226,7 +226,7 @@ def test_eval_with_the_onnxruntime_backend_scores_what_the_torch_runtime_scores(
     assert scores["onnxruntime"]["settings"]["backend"] == "onnxruntime"
     # the exported graphs run no probe: the record says what scored the context
     assert scores["onnxruntime"]["settings"]["context_probe"] == "window"
-    assert scores["torch"]["settings"]["context_probe"] == "reconstruct"
+    assert scores["torch"]["settings"]["context_probe"] == "reconstruct+expected"
     torch_records, onnx_records = scores["torch"]["records"], scores["onnxruntime"]["records"]
     assert [r["setting"] for r in onnx_records] == [r["setting"] for r in torch_records] == ["query-aware",
                                                                                            "query-agnostic"]

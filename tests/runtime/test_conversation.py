@@ -48,11 +48,12 @@ def test_a_probed_first_turn_is_not_kept_and_the_conversation_goes_on_from_it(sm
     cache as without it: the probe is never stored and the next positions follow the first turn."""
     plan = handmade_plan(smollm.model.config, smollm.tokenizer, "full", 256)
     replies = []
-    for probe in ("window", "reconstruct"):
+    for probe in ("window", "reconstruct", "expected", "reconstruct+expected"):
         with Conversation(smollm, plan, context_probe=probe) as conversation:
             replies.append([conversation.say(text, 6) for text in TURNS])
-    assert [(turn.reply, turn.cached_tokens) for turn in replies[1]] == [
-        (turn.reply, turn.cached_tokens) for turn in replies[0]]
+    for probed in replies[1:]:
+        assert [(turn.reply, turn.cached_tokens) for turn in probed] == [
+            (turn.reply, turn.cached_tokens) for turn in replies[0]]
     with pytest.raises(KvcError, match="--context-probe: unknown probe"):
         Conversation(smollm, plan, context_probe="question")
 

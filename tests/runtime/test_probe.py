@@ -22,11 +22,18 @@ CONTEXT = ("The lighthouse keeper counted ships, storms and gulls. Her brother, 
            "every Tuesday; the code of the gate was 4417. Nobody else climbed the stairs, except the cat.")
 
 
-def reference_keep(model, context, parts, heavy, window, pool):
-    """Per layer and KV head, the positions a frequency+local head keeps when `parts` are read after
-    the context, each alone after it, with eager attention: the last `window`, and the `heavy` best
-    others by the largest probability any part's query of the group gives them, max-pooled (ties:
-    the earlier position)."""
+def peaked_llama(tokenizer):
+    """The tiny Llama with sharper attention: which tokens a query picks depends on what it reads."""
+    loaded = tiny_llama(tokenizer)
+    for layer in loaded.model.model.layers:
+        layer.self_attn.q_proj.weight.data *= 12
+        layer.self_attn.k_proj.weight.data *= 12
+    return loaded
+
+
+def reference_probe_scores(model, context, parts):
+    """(layers, kv_heads, context) the largest probability any query of `parts`, each read alone
+    after the context with eager attention, gives each context key over its query group."""
     keyword, length = cache_keyword(model), len(context)
     kv_heads, best = model.config.num_key_value_heads, None
     for part in parts:
@@ -36,21 +43,26 @@ def reference_keep(model, context, parts, heavy, window, pool):
         probs = torch.stack(attentions)[:, 0, :, :, :length]  # (layers, q_heads, part, length)
         probs = probs.reshape(probs.shape[0], kv_heads, -1, len(part), length).amax((2, 3))
         best = probs if best is None else torch.maximum(best, probs)
-    pooled = F.max_pool1d(best, pool, stride=1, padding=pool // 2)
+    return best
+
+
+def reference_keep(model, context, parts, heavy, window, pool):
+    """Per layer and KV head, the positions a frequency+local head keeps when `parts` are read after
+    the context: the last `window`, and the `heavy` best others by `reference_probe_scores`,
+    max-pooled (ties: the earlier position)."""
+    length = len(context)
+    pooled = F.max_pool1d(reference_probe_scores(model, context, parts), pool, stride=1, padding=pool // 2)
     recent = list(range(length - window, length))
     return [[sorted(recent + torch.sort(pooled[layer, head, :length - window], descending=True,
-                                        stable=True).indices[:heavy].tolist()) for head in range(kv_heads)]
+                                        stable=True).indices[:heavy].tolist()) for head in range(pooled.shape[1])]
             for layer in range(pooled.shape[0])]
 
 
 def test_the_reconstruction_probe_read_in_parts_picks_the_heavy_hitters_as_eager_attention_says(smollm, monkeypatch):
     monkeypatch.setattr(probe_module, "PART_TOKENS", 16)  # the context's copy in four parts
     tokenizer = smollm.tokenizer
-    loaded = tiny_llama(tokenizer)
+    loaded = peaked_llama(tokenizer)
     model = loaded.model
-    for layer in model.model.layers:  # peaked attention: which tokens a query picks depends on what it reads
-        layer.self_attn.q_proj.weight.data *= 12
-        layer.self_attn.k_proj.weight.data *= 12
     plan = handmade_plan(model.config, tokenizer, "frequency+local", 160, heavy=5, window=4)
     context = tokenizer(CONTEXT).input_ids
     probe = make_probe(tokenizer, context, "reconstruct")
@@ -120,7 +132,8 @@ def test_a_shared_prefill_with_a_probe_leaves_a_window_scored_member_as_its_own_
 
 def test_probe_names_are_checked(smollm):
     assert make_probe(smollm.tokenizer, [1, 2, 3], "window") is None
-    assert set(PROBES) == {"window", "generic", "reconstruct"}
+    assert set(PROBES) == {"window", "generic", "reconstruct", "expected", "reconstruct+expected"}
+    assert make_probe(smollm.tokenizer, [1, 2, 3], "expected").parts(100) == []  # nothing read after the context
     with pytest.raises(KvcError, match="--context-probe: unknown probe 'recon'"):
         check_probe("recon")
 
