@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from kvc.models import architecture
 from kvc.policies.errors import KvcError
 from kvc.policies.probes import RECONSTRUCT_PROMPT
 from kvc.runtime.apply import cache_keyword
@@ -103,9 +104,11 @@ def prefill_context(model, cache, context_ids: list[int], probe: Probe | None, *
                        f"than its probe needs ({probe.shortest_room()}); use a shorter context or "
                        "--context-probe window")
     frequencies = rotary_frequencies(model) if probe.expected else None
-    if probe.expected and frequencies is None:
-        raise KvcError("the expected-attention probe needs a model with rotary position embeddings; use "
-                       "--context-probe reconstruct")
+    dimension = architecture(model.config.get_text_config()).head_dim
+    whole_heads = frequencies is not None and 2 * len(frequencies) == dimension
+    if probe.expected and not whole_heads:
+        raise KvcError("the expected-attention probe needs rotary position embeddings over each head's whole "
+                       "dimension; use --context-probe reconstruct")
     scorer = ContextScorer(members, frequencies)
     model(input_ids=inputs, **{keyword: scorer}, logits_to_keep=1, **forward)
     scorer.reading_probe = True

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 import kvc
+from kvc.policies.errors import KvcError
 from kvc.runtime import probe as probe_module
 from kvc.runtime.apply import cache_keyword
 from kvc.runtime.expected_attention import averaged_rotation, expected_attention, rotary_frequencies
@@ -157,3 +158,18 @@ def test_an_expected_probe_keeps_the_top_of_its_scores(smollm, monkeypatch, prob
             expected = sorted(list(range(length - window, length)) + order[:heavy].tolist())
             assert cache.kept_positions(layer)[head].tolist() == expected
     assert cache.get_seq_length() == length
+
+
+@pytest.mark.parametrize("frequencies", [None, torch.ones(4)])
+def test_a_model_without_rope_over_whole_heads_is_refused_before_any_work(smollm, monkeypatch, frequencies):
+    """No rotary embedding, or one over part of each head (here 8 of 16 dimensions): one line, and
+    the cache stays empty."""
+    loaded = tiny_llama(smollm.tokenizer)
+    monkeypatch.setattr(probe_module, "rotary_frequencies", lambda model: frequencies)
+    plan = handmade_plan(loaded.model.config, smollm.tokenizer, "frequency+local", 160, heavy=5, window=4)
+    context = smollm.tokenizer(CONTEXT).input_ids
+    with kvc.apply(loaded, plan) as applied, torch.no_grad():
+        cache = applied.cache()
+        with pytest.raises(KvcError, match="rotary position embeddings over each head's whole dimension"):
+            prefill_context(loaded.model, cache, context, make_probe(smollm.tokenizer, context, "reconstruct+expected"))
+        assert not cache.layers[0].store.prefilled and cache.length == 0
