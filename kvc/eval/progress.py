@@ -2,9 +2,10 @@
 
 After every sample the records so far are written (atomically) to the progress file: the --json file
 when one is given, else a file in the kvc cache named after the run, removed once the run completes.
-A later run reuses a record when the file was written for the same run (model fingerprint, policy and
-plan, cache dtype, decoded and teacher-forced tokens) and the record's cell (task, method, budget,
-length, depth, sample) is asked for again; only the missing cells are computed.
+A later run reuses a record when the file was written for the same run (model fingerprint, policy
+and plan, cache dtype, decoded and teacher-forced tokens, backend, context probe) and the record's
+cell (task, method, budget, length, depth, sample, setting) is asked for again; only the missing
+cells are computed.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def run_identity(fingerprint: str, settings, policy_text: str | None, plan_bytes
     digest = lambda data: None if data is None else hashlib.sha256(data).hexdigest()[:16]  # noqa: E731
     return {"kvc": __version__, "model": fingerprint, "policy": digest(policy_text and policy_text.encode()),
             "plan": digest(plan_bytes), "dtype": settings.dtype, "answer_tokens": settings.answer_tokens,
-            "continuation": settings.continuation}
+            "continuation": settings.continuation, "backend": settings.backend,
+            "context_probe": settings.context_probe}
 
 
 @dataclass

@@ -7,8 +7,12 @@ import signal
 
 import pytest
 
+from dataclasses import replace
+
 from kvc.cli import main
-from kvc.eval.progress import Progress
+from kvc.eval.harness import Record, Results
+from kvc.eval.progress import Progress, run_identity
+from kvc.eval.settings import Settings
 
 
 def run(capsys, *args):
@@ -45,6 +49,20 @@ def test_an_interrupted_run_keeps_its_records_and_the_same_command_resumes(tiny_
     assert final["complete"] is True and [record["sample"] for record in final["records"]] == [0, 1]
     assert final["records"][0]["completion"] == "kept from the first run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_records_of_a_run_with_another_context_probe_or_backend_are_not_reused(tmp_path):
+    """A record's cell does not name the probe that scored the context nor the backend that ran it:
+    the run's identity does, so a --json file of another probe starts afresh instead of mixing."""
+    settings = Settings(tasks=["passkey"], methods=["kvc"], budgets=[0.25], lengths=[64], depths=[0.5],
+                        setting=["query-agnostic"], context_probe="reconstruct")
+    record = Record("passkey", "kvc", 0.25, 64, 0.5, 1.0, 10, 40, 80, "12345", 0, "query-agnostic")
+    Progress(tmp_path / "r.json", run_identity("m", settings, None, None), temporary=False).save(
+        Results(settings, [record]))
+    for other, reused in ((settings, 1), (replace(settings, context_probe="reconstruct+expected"), 0),
+                          (replace(settings, backend="onnxruntime"), 0)):
+        progress = Progress(tmp_path / "r.json", run_identity("m", other, None, None), temporary=False)
+        assert len(progress.earlier()[0]) == reused
 
 
 def test_without_a_policy_the_demo_policy_is_used_and_named(tiny_model_dir, tmp_path, capsys, monkeypatch):
