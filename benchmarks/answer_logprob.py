@@ -5,8 +5,8 @@ changes with two more slots per head), so a handful of samples cannot rank two p
 scores plans by the teacher-forced log-probability of the right multikey answer (or another RULER-style
 task's: `--task multivalue|vartrack|fwe`, its expected strings joined by commas) after the context
 was compressed alone and the question appended (`--setting query-agnostic`, the context scored by
-`--context-probe`, kvc eval's default), every plan after one shared prefill, the full cache (bf16 rows) beside them. `correct`
-says whether every answer token was the greedy choice. Prints a table and writes JSON.
+`--context-probe`, kvc eval's default), every plan after one shared prefill, the full cache (bf16
+rows) beside them. `correct` says whether every answer token was the greedy choice. Prints a table and writes JSON.
 
 `--task fidelity` scores open-ended answers the same way (`kvc eval`'s fidelity prompts): the
 target is the full cache's own 128 greedy tokens, each plan's score their mean log-probability per

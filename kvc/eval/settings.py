@@ -11,6 +11,7 @@ import difflib
 from dataclasses import dataclass, field
 
 from kvc.policies.errors import KvcError
+from kvc.policies.probes import DEFAULT_PROBE
 
 
 SETTINGS = ("query-aware", "query-agnostic")  # where a question is asked: before compression, or after it
@@ -33,7 +34,7 @@ class Settings:
     plan: str | None = None
     setting: list[str] = field(default_factory=lambda: list(SETTINGS))  # where questions are asked
     backend: str = "torch"  # or "onnxruntime": passkey and needle through the exported graphs
-    context_probe: str = "reconstruct+expected"  # what scores kvc's frequency heads query-agnostic (`kvc.runtime.probe`)
+    context_probe: str = DEFAULT_PROBE  # what scores kvc's frequency heads query-agnostic (`kvc.runtime.probe`)
 
 
 def items(text: str, option: str) -> list[str]:
@@ -99,10 +100,10 @@ def check_lengths(settings: Settings, model_limit: int, asks: bool = True) -> No
     if model_limit and longest >= model_limit:
         raise KvcError(f"--lengths: {longest} tokens leave no room for an answer within the "
                        f"model's limit of {model_limit} positions")
-    from kvc.runtime.probe import SHORTEST_PART  # the runtime (torch, kernels) only when lengths are checked
+    from kvc.runtime.probe import REREADING, SHORTEST_PART  # the runtime (torch, kernels) only when lengths are checked
 
     probed = asks and "query-agnostic" in settings.setting and any(method.startswith("kvc") for method in settings.methods)
-    if model_limit and probed and settings.context_probe.startswith("reconstruct") and longest + SHORTEST_PART > model_limit:
+    if model_limit and probed and settings.context_probe in REREADING and longest + SHORTEST_PART > model_limit:
         raise KvcError(f"--lengths: the reconstruction probe rereads a context of {longest} tokens in parts after "
                        f"it, at least {SHORTEST_PART} tokens each, past the model's {model_limit} positions; "
-                       f"use --context-probe window or generic")
+                       f"use --context-probe window, generic or expected")

@@ -8,4 +8,7 @@ profiler reads the same probe after its prompts to measure how many keys each he
 """
 
 RECONSTRUCT_PROMPT = "\n\nRepeat the previous context exactly.\n"
+# What scores a context before its question in `kvc eval` (the best on the tuning samples): the
+# reconstruction and expected attention together (`kvc.runtime.probe`).
+DEFAULT_PROBE = "reconstruct+expected"
 POOL_KERNEL = 7  # a key's score is the largest within this many keys around it (SnapKV's pooling)

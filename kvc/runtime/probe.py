@@ -28,14 +28,14 @@ from dataclasses import dataclass
 import torch
 from kvc.models import architecture
 from kvc.policies.errors import KvcError
-from kvc.policies.probes import RECONSTRUCT_PROMPT
+from kvc.policies.probes import DEFAULT_PROBE, RECONSTRUCT_PROMPT
 from kvc.runtime.apply import cache_keyword
 from kvc.runtime.expected_attention import expected_attention, rotary_frequencies
 from kvc.runtime.kernels import pool_scores
 from kvc.runtime.shared_prefill import SharedLayer, SharedPrefill
 
-PROBES = ("window", "generic", "reconstruct", "expected", "reconstruct+expected")
-DEFAULT_PROBE = "reconstruct+expected"  # query-agnostic evaluation's: the best of these on the tuning samples
+PROBES = ("window", "generic", "reconstruct", "expected", DEFAULT_PROBE)
+REREADING = ("reconstruct", "reconstruct+expected")  # probes that read the context again after it
 GENERIC_PROBE = "\n\nQuestion: What does the text above say?\nAnswer:"
 PART_TOKENS = 2048  # the longest part of the context one reconstruction forward repeats (KVzip's chunk)
 SHORTEST_PART = 64  # fewer positions left after the context than the request and this: refused
@@ -103,12 +103,12 @@ def prefill_context(model, cache, context_ids: list[int], probe: Probe | None, *
         raise KvcError(f"the context ({len(context_ids)} tokens) leaves {room} of the model's positions, fewer "
                        f"than its probe needs ({probe.shortest_room()}); use a shorter context or "
                        "--context-probe window")
-    frequencies = rotary_frequencies(model) if probe.expected else None
-    dimension = architecture(model.config.get_text_config()).head_dim
-    whole_heads = frequencies is not None and 2 * len(frequencies) == dimension
-    if probe.expected and not whole_heads:
-        raise KvcError("the expected-attention probe needs rotary position embeddings over each head's whole "
-                       "dimension; use --context-probe reconstruct")
+    frequencies = None
+    if probe.expected:
+        frequencies = rotary_frequencies(model)
+        if frequencies is None or 2 * len(frequencies) != architecture(model.config.get_text_config()).head_dim:
+            raise KvcError("the expected-attention probe needs rotary position embeddings over each head's whole "
+                           "dimension; use --context-probe reconstruct")
     scorer = ContextScorer(members, frequencies)
     model(input_ids=inputs, **{keyword: scorer}, logits_to_keep=1, **forward)
     scorer.reading_probe = True

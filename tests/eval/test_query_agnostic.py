@@ -137,9 +137,10 @@ def test_lengths_the_reconstruction_probe_cannot_reread_are_refused():
     settings = Settings(tasks=["passkey"], methods=["kvc", "snapkv"], budgets=[0.25], lengths=[1024, 8150],
                         depths=[0.5])
     check_lengths(replace(settings, lengths=[1024, 7680]), 8192)  # parts of 64 tokens or more still fit after 7,680
-    with pytest.raises(KvcError, match="rereads a context of 8150 tokens in parts after it, at least 64 tokens each"):
-        check_lengths(settings, 8192)
+    for rereading in (settings, replace(settings, context_probe="reconstruct")):  # the default rereads too
+        with pytest.raises(KvcError, match="rereads a context of 8150 tokens in parts after it, at least 64 tokens"):
+            check_lengths(rereading, 8192)
     check_lengths(settings, 8192, asks=False)  # perplexity alone: no question, no probe
-    for other in (replace(settings, context_probe="generic"), replace(settings, setting=[QUERY_AWARE]),
-                  replace(settings, methods=["snapkv"])):
+    for other in (replace(settings, context_probe="generic"), replace(settings, context_probe="expected"),
+                  replace(settings, setting=[QUERY_AWARE]), replace(settings, methods=["snapkv"])):
         check_lengths(other, 8192)
