@@ -13,6 +13,8 @@ target is the full cache's own 128 greedy tokens, each plan's score their mean l
 token, `agreement` the share of those tokens that are also the plan's greedy choice when it is
 fed the full cache's text (teacher-forced, so one early slip does not decide the rest), and `kl`
 the mean KL divergence of the plan's next-token distribution from the full cache's along it.
+`first_agreement` and `first_kl` are the same at the answer's first token alone, the one a free
+generation most often departs at (an answer's opening word is often a near-tie).
 
 `--methods h2o,snapkv --budget 0.1` adds `kvc eval`'s baselines at that share of a bf16 cache's
 bytes (built for the plans' max length from the demo's policy), so a plan is ranked against them too.
@@ -68,33 +70,36 @@ def task_prompt(tokenizer, task: str, seed: int, length: int) -> tuple[Prompt, l
     return Prompt.encode(tokenizer, sample.context, sample.question), answer
 
 
-def follow(model, cache, keyword, logits, target: list[int] | None, reference: list[torch.Tensor] | None):
+def follow(model, cache, keyword, logits, target: list[int] | None, reference: list[torch.Tensor] | None,
+           answer_tokens: int = fidelity.ANSWER_TOKENS):
     """Feed one cache the target's tokens from `logits` (its next-token logits) on.
 
-    target None: the cache's own greedy tokens, ANSWER_TOKENS of them. reference None: this cache's
+    target None: the cache's own greedy tokens, `answer_tokens` of them. reference None: this cache's
     log-probabilities become the reference (returned) that KL divergences are taken from.
-    Returns (tokens, total log-probability, tokens it would also pick greedily, summed KL, reference)."""
-    tokens, length = (target or []), len(target) if target else fidelity.ANSWER_TOKENS
+    Returns (tokens, total log-probability, per position: whether it would pick the token greedily
+    and the KL divergence, reference)."""
+    tokens, length = (target or []), len(target) if target else answer_tokens
     reference = [] if reference is None else reference
     own_reference = not reference
-    total, agreed, divergence = 0.0, 0, 0.0
+    total, agreed, divergence = 0.0, [], []
     for index in range(length):
         logprobs = torch.log_softmax(logits.float(), -1)
         if own_reference:
             reference.append(logprobs)
-        divergence += float((reference[index].exp() * (reference[index] - logprobs)).sum())
+        divergence.append(float((reference[index].exp() * (reference[index] - logprobs)).sum()))
         if target is None:
             tokens.append(int(logprobs.argmax()))
         token = tokens[index]
         total += float(logprobs[token])
-        agreed += int(logprobs.argmax()) == token
+        agreed.append(int(logprobs.argmax()) == token)
         if index + 1 < length:
             logits = model(input_ids=torch.tensor([[token]]), **{keyword: cache}, logits_to_keep=1).logits[0, -1]
     return tokens, total, agreed, divergence, reference
 
 
 def answer_logprobs(loaded, plans: dict[str, Plan], task: str, seed: int, length: int, aware: bool,
-                    probed: set[str], probe: str = DEFAULT_PROBE) -> dict[str, dict]:
+                    probed: set[str], probe: str = DEFAULT_PROBE,
+                    answer_tokens: int = fidelity.ANSWER_TOKENS) -> dict[str, dict]:
     """Each plan's log-probability of the target answer to sample `seed`; plans[0] is the full cache,
     whose greedy answer is the target when the task has none of its own, and whose log-probabilities
     the KL divergences are taken from. Query-agnostic, the plans named in `probed` score the
@@ -113,11 +118,13 @@ def answer_logprobs(loaded, plans: dict[str, Plan], task: str, seed: int, length
         for name, cache in zip(plans, caches):
             logits = first if aware else model(input_ids=torch.tensor([prompt.question_ids]), **{keyword: cache},
                                                logits_to_keep=1).logits[0, -1]
-            target, total, agreed, divergence, reference = follow(model, cache, keyword, logits, target, reference)
+            target, total, agreed, divergence, reference = follow(model, cache, keyword, logits, target, reference,
+                                                                  answer_tokens)
             length = len(target)
             scores[name] = {"logprob": round(total / length if task == "fidelity" else total, 4),
-                            "correct": agreed == length, "agreement": round(agreed / length, 4),
-                            "kl": round(divergence / length, 4)}
+                            "correct": all(agreed), "agreement": round(sum(agreed) / length, 4),
+                            "kl": round(sum(divergence) / length, 4),
+                            "first_agreement": agreed[0], "first_kl": round(divergence[0], 4)}
     return scores
 
 
@@ -136,8 +143,12 @@ def main() -> None:
     parser.add_argument("--setting", default="query-agnostic", choices=("query-agnostic", "query-aware"))
     parser.add_argument("--context-probe", default=DEFAULT_PROBE, choices=PROBES,
                         help="what scores the plans' context query-agnostic (kvc.runtime.probe)")
+    parser.add_argument("--answer-tokens", type=int, default=fidelity.ANSWER_TOKENS,
+                        help="fidelity: how many of the full cache's greedy tokens to follow (1: the first token alone)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/answer_logprob.json")
     args = parser.parse_args()
+    if args.answer_tokens < 1:
+        parser.error("--answer-tokens: at least 1")
     loaded = load(None)
     named = dict(item.split("=", 1) for item in args.plans.split(","))
     plans = {name: Plan.load(path) for name, path in named.items()}
@@ -152,24 +163,27 @@ def main() -> None:
     aware, rows = args.setting == "query-aware", []
     for seed in sample_numbers(args.samples):
         rows.append({"sample": seed, **answer_logprobs(loaded, plans, args.task, seed, args.length, aware, probed,
-                                                            args.context_probe)})
+                                                            args.context_probe, args.answer_tokens)})
         print(seed, {name: (rows[-1][name]["logprob"], rows[-1][name]["kl"]) for name in plans}, flush=True)
     summary = {name: {"mean_logprob": round(statistics.mean(row[name]["logprob"] for row in rows), 3),
                       "correct": sum(row[name]["correct"] for row in rows) / len(rows),
                       "agreement": round(statistics.mean(row[name]["agreement"] for row in rows), 3),
-                      "kl": round(statistics.mean(row[name]["kl"] for row in rows), 4)}
+                      "kl": round(statistics.mean(row[name]["kl"] for row in rows), 4),
+                      "first_agreement": round(statistics.mean(row[name]["first_agreement"] for row in rows), 3),
+                      "first_kl": round(statistics.mean(row[name]["first_kl"] for row in rows), 4)}
                for name in plans}
-    print(f"{'plan':>18}  mean log p(answer)  correct  agreement      kl")
+    print(f"{'plan':>18}  mean log p(answer)  correct  agreement      kl  first token: agreement      kl")
     for name, numbers in summary.items():
         print(f"{name:>18}  {numbers['mean_logprob']:18.3f}  {numbers['correct']:7.2f}  {numbers['agreement']:9.3f}"
-              f"  {numbers['kl']:6.3f}")
+              f"  {numbers['kl']:6.3f}  {numbers['first_agreement']:22.2f}  {numbers['first_kl']:6.3f}")
     plan_files = {name: str(Path(path).resolve().relative_to(ROOT)) if Path(path).resolve().is_relative_to(ROOT)
                   else Path(path).name for name, path in named.items()}
     plan_files.update({name: f"kvc eval's {name.split()[0]} at {args.budget:g}" for name in baselines})
     atomic_write_text(args.out, json.dumps({"task": args.task, "setting": args.setting, "length": args.length,
+                                            "answer_tokens": args.answer_tokens if args.task == "fidelity" else None,
                                             "probed": sorted(probed), "context_probe": args.context_probe,
                                             "plans": plan_files, "summary": summary, "rows": rows}, indent=1) + "\n")
-    print(f"wrote {args.out.relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}")
+    print(f"wrote {args.out.resolve().relative_to(ROOT) if args.out.resolve().is_relative_to(ROOT) else args.out}")
 
 
 if __name__ == "__main__":
