@@ -33,21 +33,20 @@ def pyramid_weights(num_layers: int, beta: float = PYRAMID_BETA) -> np.ndarray:
 def allocate_slots(weights: np.ndarray, total: int, high: int) -> np.ndarray:
     """Split `total` slots over heads in proportion to `weights`, each head within [1, high].
 
-    Heads pushed past a bound are held there and the rest shared again (water-filling); the
-    shares are then rounded down and the slots left go to the largest remainders."""
-    assert len(weights) <= total
-    slots = np.zeros(len(weights))
-    free = np.ones(len(weights), dtype=bool)
-    while True:
-        left = total - slots[~free].sum()
-        slots[free] = left * weights[free] / weights[free].sum()
-        low_hit, high_hit = free & (slots < 1), free & (slots > high)
-        if not (low_hit.any() or high_hit.any()):
-            break
-        slots[low_hit], slots[high_hit] = 1, high
-        free &= ~(low_hit | high_hit)
-        if not free.any():
-            break
+    Each head gets its weight times one common scale, held within the bounds (water-filling); the
+    scale is the one at which the heads' slots add up to `total`, found by bisection (the sum grows
+    with it). The shares are then rounded down and the slots left go to the largest remainders."""
+    weights = np.asarray(weights, dtype=float)
+    assert len(weights) <= total and (weights >= 0).all()
+    if not weights.any():
+        weights = np.ones(len(weights))
+    total = min(total, len(weights) * high)
+    filled = lambda scale: np.clip(scale * weights, 1, high)  # noqa: E731
+    below, above = 0.0, high / weights[weights > 0].min()  # filled(above): every head with weight at `high`
+    for _ in range(200):
+        middle = (below + above) / 2
+        below, above = (middle, above) if filled(middle).sum() <= total else (below, middle)
+    slots = filled(below)
     whole = np.minimum(np.floor(slots + 1e-9), high).astype(np.int64)
     spare = min(total - int(whole.sum()), int((high - whole).sum()))
     order = np.argsort(-(slots - whole), kind="stable")

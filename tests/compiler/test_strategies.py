@@ -119,14 +119,19 @@ def test_uniform_gives_every_head_the_same_budget(wide_policy):
 
 
 def test_allocate_slots_respects_bounds_and_total():
+    # Very uneven weights (the fourth powers) once left slots unused: heads held at one slot and at
+    # `high` in the same round (17 of these 500 draws, before the split became one scale found by bisection).
     rng = np.random.default_rng(0)
-    for _ in range(200):
-        heads = int(rng.integers(1, 40))
-        high = int(rng.integers(1, 500))
+    for draw in range(500):
+        heads = int(rng.integers(1, 100))
+        high = int(rng.integers(1, 9000))
         total = int(rng.integers(heads, heads * high + 1))
-        slots = allocate_slots(rng.random(heads) + 0.01, total, high)
+        weights = rng.random(heads) ** 4 if draw % 2 else rng.random(heads) + 0.01
+        slots = allocate_slots(weights, total, high)
         assert slots.sum() == total and slots.min() >= 1 and slots.max() <= high
     assert allocate_slots(np.ones(3), 10**6, 100).tolist() == [100, 100, 100]
+    # One slot for the weightless head, `high` for the heaviest, the 99 left in proportion to 1 and 8.
+    assert allocate_slots(np.array([0.0, 1.0, 8.0, 90.0]), 400, 300).tolist() == [1, 11, 88, 300]
 
 
 def test_pyramid_weights_mean_one():
