@@ -47,8 +47,8 @@ def allocate_slots(weights: np.ndarray, total: int, high: int) -> np.ndarray:
         middle = (below + above) / 2
         below, above = (middle, above) if filled(middle).sum() <= total else (below, middle)
     slots = filled(below)
-    whole = np.minimum(np.floor(slots + 1e-9), high).astype(np.int64)
-    spare = min(total - int(whole.sum()), int((high - whole).sum()))
+    whole = np.floor(slots + 1e-9).astype(np.int64)  # within [1, high] as the slots are
+    spare = total - int(whole.sum())  # at most the room left below `high`, as total is
     order = np.argsort(-(slots - whole), kind="stable")
     order = order[whole[order] < high][:spare]
     whole[order] += 1
