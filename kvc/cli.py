@@ -400,6 +400,8 @@ def run_evaluation(model, settings, policy_path, plan_path, json_out, png, devic
     done, seconds = progress.earlier()
     if done:
         console.print(f"resuming: {len(done)} record{'s' * (len(done) != 1)} of an earlier run read from {progress.path}")
+    elif differences := progress.differences():
+        console.print(f"starting afresh: {progress.path} holds another run ({'; '.join(differences)})")
     try:
         results = evaluate(loaded, settings, policy, plan, done=done, on_record=progress.save)
     except (KeyboardInterrupt, Interrupted):

@@ -3,9 +3,11 @@
 After every sample the records so far are written (atomically) to the progress file: the --json file
 when one is given, else a file in the kvc cache named after the run, removed once the run completes.
 A later run reuses a record when the file was written for the same run (model fingerprint, policy
-and plan, cache dtype, decoded and teacher-forced tokens, backend, context probe) and the record's
-cell (task, method, budget, length, depth, sample, setting) is asked for again; only the missing
-cells are computed.
+and plan, cache dtype, decoded and teacher-forced tokens, backend, context probe, CPU threads) and
+the record's cell (task, method, budget, length, depth, sample, setting) is asked for again; only
+the missing cells are computed. The thread count is part of the run because it sets the order of
+the sums: on the embedded model the full cache's greedy answer to 2 of 10 fidelity prompts differs
+between one thread and two (docs/results.md, stop 39).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+import torch
 
 from kvc import __version__
 from kvc.eval import report
@@ -27,7 +31,7 @@ def run_identity(fingerprint: str, settings, policy_text: str | None, plan_bytes
     return {"kvc": __version__, "model": fingerprint, "policy": digest(policy_text and policy_text.encode()),
             "plan": digest(plan_bytes), "dtype": settings.dtype, "answer_tokens": settings.answer_tokens,
             "continuation": settings.continuation, "backend": settings.backend,
-            "context_probe": settings.context_probe}
+            "context_probe": settings.context_probe, "threads": torch.get_num_threads()}
 
 
 @dataclass
@@ -53,6 +57,16 @@ class Progress:
             return {record.cell(): record for record in records}, float(data.get("seconds", 0.0))
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             return {}, 0.0  # nothing readable to resume from: start afresh
+
+    def differences(self) -> list[str]:
+        """What differs between this run and the earlier run the file holds ("threads 2, now 1"); none
+        when the file holds this run, none readable, or no file."""
+        try:
+            earlier = json.loads(self.path.read_text(encoding="utf-8"))["run"]
+            return [f"{key} {earlier.get(key)}, now {value}" for key, value in self.identity.items()
+                    if earlier.get(key) != value]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return []
 
     def save(self, results: Results, complete: bool = False) -> None:
         report.write_json(results, self.path, run=self.identity, complete=complete)

@@ -6,6 +6,7 @@ import json
 import signal
 
 import pytest
+import torch
 
 from dataclasses import replace
 
@@ -50,6 +51,16 @@ def test_an_interrupted_run_keeps_its_records_and_the_same_command_resumes(tiny_
     assert final["records"][0]["completion"] == "kept from the first run"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
+    final["run"]["threads"] += 1  # as if written with another OMP_NUM_THREADS
+    (tmp_path / "r.json").write_text(json.dumps(final))
+    code, out, _ = run(capsys, *command)
+    threads = torch.get_num_threads()
+    assert code == 0 and "resuming" not in out
+    assert " ".join(out.split()).startswith(f"starting afresh: {tmp_path / 'r.json'} holds another run "
+                                            f"(threads {threads + 1}, now {threads})")
+    again = json.loads((tmp_path / "r.json").read_text())
+    assert again["run"]["threads"] == threads and again["records"][0]["completion"] != "kept from the first run"
+
 
 def test_records_of_a_run_with_another_context_probe_or_backend_are_not_reused(tmp_path):
     """A record's cell does not name the probe that scored the context nor the backend that ran it:
@@ -63,6 +74,26 @@ def test_records_of_a_run_with_another_context_probe_or_backend_are_not_reused(t
                           (replace(settings, backend="onnxruntime"), 0)):
         progress = Progress(tmp_path / "r.json", run_identity("m", other, None, None), temporary=False)
         assert len(progress.earlier()[0]) == reused
+
+
+def test_records_written_with_another_thread_count_are_not_reused(tmp_path):
+    """The CPU thread count orders the sums, which decide near-ties of greedy answers: a file written
+    with another count starts afresh, and the file names the count it was written with."""
+    settings = Settings(tasks=["passkey"], methods=["kvc"], budgets=[0.25], lengths=[64], depths=[0.5],
+                        setting=["query-aware"])
+    record = Record("passkey", "kvc", 0.25, 64, 0.5, 1.0, 10, 40, 80, "12345", 0, "query-aware")
+    threads = torch.get_num_threads()
+    Progress(tmp_path / "r.json", run_identity("m", settings, None, None), temporary=False).save(
+        Results(settings, [record]))
+    assert json.loads((tmp_path / "r.json").read_text())["run"]["threads"] == threads
+    assert len(Progress(tmp_path / "r.json", run_identity("m", settings, None, None), temporary=False).earlier()[0]) == 1
+    torch.set_num_threads(threads + 1)
+    try:
+        other = run_identity("m", settings, None, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert other["threads"] == threads + 1
+    assert Progress(tmp_path / "r.json", other, temporary=False).earlier()[0] == {}
 
 
 def test_without_a_policy_the_demo_policy_is_used_and_named(tiny_model_dir, tmp_path, capsys, monkeypatch):
