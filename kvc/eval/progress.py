@@ -47,25 +47,32 @@ class Progress:
         name = hashlib.sha256(json.dumps([identity, asdict(settings)], sort_keys=True, default=str).encode())
         return cls(cache_folder("eval") / f"run-{name.hexdigest()[:16]}.json", identity, temporary=True)
 
+    # What a progress file that cannot be read, or holds something else, raises while it is read
+    UNREADABLE = (OSError, ValueError, TypeError, KeyError, AttributeError)
+
+    def _written(self) -> dict:
+        """The file's contents; raises one of UNREADABLE when there is none to read."""
+        return json.loads(self.path.read_text(encoding="utf-8"))
+
     def earlier(self) -> tuple[dict[tuple, Record], float]:
         """Records of an earlier run of the same identity, by cell, and the seconds it took."""
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
+            data = self._written()
             if data.get("run") != self.identity:
                 return {}, 0.0
             records = [read_record(record) for record in data["records"]]
             return {record.cell(): record for record in records}, float(data.get("seconds", 0.0))
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        except self.UNREADABLE:
             return {}, 0.0  # nothing readable to resume from: start afresh
 
     def differences(self) -> list[str]:
         """What differs between this run and the earlier run the file holds ("threads 2, now 1"); none
         when the file holds this run, none readable, or no file."""
         try:
-            earlier = json.loads(self.path.read_text(encoding="utf-8"))["run"]
+            earlier = self._written()["run"]
             return [f"{key} {earlier.get(key)}, now {value}" for key, value in self.identity.items()
                     if earlier.get(key) != value]
-        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        except self.UNREADABLE:
             return []
 
     def save(self, results: Results, complete: bool = False) -> None:
