@@ -4,9 +4,10 @@ On the embedded model (float32 compute, the default kvc plan at 25% of a bf16 ca
 context of each length is prefilled into the compressed cache with each probe of `PROBES`: none
 (`window`), the generic probe, the reconstruction probe (read in parts of at most `PART_TOKENS`,
 as the positions after the context allow), expected attention (no forward after the context) and
-both; configurations interleave in every round, and each
-round's time is divided by the same round's `window` time. Prints a table and writes
-benchmarks/results/bench_context_probe.json.
+both; and, with `window`, the same plan merging the tokens it evicts into its heavy hitters
+(`kvc-merge`, `kvc.runtime.merging`), which shows what merging costs. Configurations interleave
+in every round, and each round's time is divided by the same round's `window` time. Prints a table
+and writes benchmarks/results/bench_context_probe.json.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_context_probe.py [--lengths 1024,2048] [--rounds 3]
 """
@@ -14,6 +15,7 @@ benchmarks/results/bench_context_probe.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kvc.compiler.compile import MERGE_SIMILARITY
 from kvc.eval.baselines import method_plan
 from kvc.eval.passkey import passkey_sample
 from kvc.eval.questions import Prompt
@@ -48,29 +51,34 @@ def main() -> None:
         sample = passkey_sample(loaded.tokenizer, length, 0.5, seed=0)
         prompt = Prompt.encode(loaded.tokenizer, sample.context, sample.question)
         plan = method_plan("kvc", loaded, policy, prompt.num_tokens + 16, 0.25, "bfloat16")
+        plans = {False: plan, True: dataclasses.replace(plan, merge_similarity=MERGE_SIMILARITY)}
         probes = {probe: make_probe(loaded.tokenizer, prompt.context_ids, probe) for probe in PROBES}
-        seconds = {probe: [] for probe in PROBES}
+        configurations = [(probe, False) for probe in PROBES] + [("window", True)]  # (probe, evicted tokens merged)
+        seconds = {configuration: [] for configuration in configurations}
         room = loaded.model.config.max_position_embeddings - len(prompt.context_ids)
-        with torch.no_grad(), apply(loaded, plan) as applied:
-            for _ in range(args.rounds):
-                for probe, read in probes.items():
+        for _ in range(args.rounds):
+            for probe, merged in configurations:
+                with torch.no_grad(), apply(loaded, plans[merged]) as applied:
                     cache = applied.cache()
                     began = time.perf_counter()
-                    prefill_context(loaded.model, cache, prompt.context_ids, read)
-                    seconds[probe].append(time.perf_counter() - began)
-        for probe in PROBES:
-            ratios = [mine / base for mine, base in zip(seconds[probe], seconds["window"])]
+                    prefill_context(loaded.model, cache, prompt.context_ids, probes[probe])
+                    seconds[probe, merged].append(time.perf_counter() - began)
+        for probe, merged in configurations:
+            ratios = [mine / base for mine, base in zip(seconds[probe, merged], seconds["window", False])]
             parts = probes[probe].parts(room) if probes[probe] else []
-            rows.append({"length": len(prompt.context_ids), "probe": probe, "probe_forwards": len(parts),
+            rows.append({"length": len(prompt.context_ids), "probe": probe, "merged": merged,
+                         "probe_forwards": len(parts),
                          "probe_tokens": sum(len(part) for part in parts),
-                         "median_s": statistics.median(seconds[probe]), "ratio_to_window": statistics.median(ratios)})
+                         "median_s": statistics.median(seconds[probe, merged]),
+                         "ratios": [round(ratio, 4) for ratio in ratios], "ratio_to_window": statistics.median(ratios)})
     print(f"prefill of the context into kvc's 25% plan (embedded model, CPU, {torch.get_num_threads()} threads, "
           f"median of {args.rounds} interleaved rounds)")
-    print(f"{'context':>8} {'probe':<20} {'forwards':>8} {'probe tokens':>12} {'seconds':>8} {'x window':>9}")
+    print(f"{'context':>8} {'probe':<20} {'evicted':<8} {'forwards':>8} {'probe tokens':>12} {'seconds':>8} "
+          f"{'x window':>9}  per round")
     for row in rows:
-        print(f"{row['length']:>8} {row['probe']:<20} {row['probe_forwards']:>8} {row['probe_tokens']:>12} "
-              f"{row['median_s']:>8.2f} "
-              f"{row['ratio_to_window']:>9.2f}")
+        print(f"{row['length']:>8} {row['probe']:<20} {'merged' if row['merged'] else 'dropped':<8} "
+              f"{row['probe_forwards']:>8} {row['probe_tokens']:>12} {row['median_s']:>8.2f} "
+              f"{row['ratio_to_window']:>9.2f}  {', '.join(f'{ratio:.3f}' for ratio in row['ratios'])}")
     result = {"rows": rows, "rounds": args.rounds, "threads": torch.get_num_threads(), "machine": platform.platform(),
               "policy": str(Path(policy_path).name) if policy_path else None}
     atomic_write_text(args.out, json.dumps(result, indent=2) + "\n")

@@ -256,6 +256,7 @@ def compile_command(
     strategy: str = typer.Option("retrieval", "--strategy", help="retrieval (retrieval heads whole, SnapKV elsewhere), knapsack, fastgen, pyramid or uniform."),
     retrieval_threshold: Optional[float] = typer.Option(None, "--retrieval-threshold", help="Least retrieval score of a head the retrieval strategy keeps whole \\[default: 0.02]; higher keeps fewer whole and gives the others more."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store keys and values as 8, 4 or 2-bit codes (float16 step and minimum per 32 channels), so the same memory holds more tokens; 0 keeps --dtype \\[default: 8]."),
+    merge_similarity: Optional[float] = typer.Option(None, "--merge-similarity", help="SnapKV-style heads fold each prompt token they evict into the heavy hitter whose key is most like its own, when the keys' cosine similarity is at least this (0.5 measured; -1: every one) \\[default: dropped]."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the plan \\[default: POLICY with suffix .plan]."),
     json_report: Optional[Path] = typer.Option(None, "--json", help="Also write the compile report here as JSON."),
 ):
@@ -272,7 +273,8 @@ def compile_command(
     loaded = load_policy(policy)
     started = time.perf_counter()
     plan = compile_policy(loaded, target, memory=memory, max_len=max_len, batch=batch, dtype=dtype, strategy=strategy,
-                          retrieval_threshold=retrieval_threshold, kv_bits=kv_bits)
+                          retrieval_threshold=retrieval_threshold, kv_bits=kv_bits,
+                          merge_similarity=merge_similarity)
     seconds = time.perf_counter() - started
     report = plan_report(plan)
     write_outputs(plan, report, out, json_report)
@@ -329,7 +331,7 @@ def eval_command(
     plan: Optional[Path] = typer.Option(None, "--plan", help="A compiled plan to evaluate as the kvc method instead of compiling one."),
     tasks: str = typer.Option("passkey,niah,ppl", "--tasks", help="Comma-separated: passkey, niah, multikey, multivalue, vartrack, fwe (RULER-style: several needles, all values of a key, chained variables, frequent words), fidelity (128 greedy tokens on open-ended prompts against the full cache's; needs full), ppl, recovery (attention mass the cache holds, on held-out text)."),
     setting: str = typer.Option("both", "--setting", help="Where a question is asked: query-aware (compressed with the context), query-agnostic (appended after the context was compressed, as for a cached document) or both."),
-    methods: str = typer.Option("kvc,kvc-plain,kvc-knapsack,kvc-fastgen,full,streamingllm,h2o,snapkv,pyramidkv,adakv", "--methods", help="Comma-separated methods: also kvc-4bit (the retrieval plan with 4-bit rows); the README lists each."),
+    methods: str = typer.Option("kvc,kvc-plain,kvc-knapsack,kvc-fastgen,full,streamingllm,h2o,snapkv,pyramidkv,adakv", "--methods", help="Comma-separated methods: also kvc-4bit (the retrieval plan with 4-bit rows) and kvc-merge (evicted prompt tokens merged into heavy hitters); the README lists each."),
     budgets: str = typer.Option("0.25", "--budgets", help="Comma-separated shares of the full cache's bytes, in (0, 1]."),
     lengths: str = typer.Option("1024", "--lengths", help="Comma-separated prompt lengths in tokens."),
     depths: str = typer.Option("0,0.5,1", "--depths", help="Comma-separated needle depths in [0, 1]."),

@@ -123,6 +123,7 @@ class Plan:
     observation_window: int = 32
     pool_kernel: int = POOL_KERNEL
     kv_bits: int = 0  # 0: keys and values in the target dtype; else low-bit rows (QUANT_BITS)
+    merge_similarity: float | None = None  # None: evicted prompt tokens dropped; else merged (kvc.runtime.merging)
     notes: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------ derived layout
@@ -252,6 +253,7 @@ class Plan:
             "observation_window": self.observation_window,
             "pool_kernel": self.pool_kernel,
             "kv_bits": self.kv_bits,
+            "merge_similarity": self.merge_similarity,
             "notes": self.notes,
         }
 

@@ -99,6 +99,9 @@ def plan_from_parts(header: dict, tensors: dict[str, torch.Tensor]) -> Plan:
     pool_kernel = reader.integer("pool_kernel", default=7, minimum=1, maximum=MAX_POOL_KERNEL)
     if pool_kernel % 2 == 0:
         raise KvcError(f"pool_kernel: must be odd (keys pooled around a centre), got {pool_kernel}")
+    merge_similarity = reader.get("merge_similarity", None)
+    if merge_similarity is not None:
+        merge_similarity = reader.number("merge_similarity", low=-1.0, high=1.0)
     notes = reader.mapping("notes", default={})
     shape = (layers, kv_heads)
     tables = {name: _tensor(tensors, name, shape) for name in (*HEAD_TABLES, "expected_recovery")}
@@ -108,7 +111,7 @@ def plan_from_parts(header: dict, tensors: dict[str, torch.Tensor]) -> Plan:
         token_classes=_tensor(tensors, "token_classes", None),
         strategy=reader.string("strategy", default=""),
         observation_window=reader.integer("observation_window", default=32, minimum=1, maximum=MAX_LEN),
-        pool_kernel=pool_kernel, kv_bits=kv_bits, notes=notes.data, **tables,
+        pool_kernel=pool_kernel, kv_bits=kv_bits, merge_similarity=merge_similarity, notes=notes.data, **tables,
     )
     check_plan(plan)
     return plan

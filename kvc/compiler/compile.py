@@ -21,6 +21,7 @@ from kvc.compiler.sizes import format_size, parse_dtype, parse_size
 from kvc.compiler.strategies import Allocation, plan_fastgen, plan_knapsack
 from kvc.plan import Plan, Target, check_kv_bits
 from kvc.policies.errors import KvcError
+from kvc.policies.fields import check_number
 from kvc.policies.kinds import kind_code
 from kvc.policies.limits import MAX_BATCH, MAX_CACHE_BYTES, MAX_LEN
 from kvc.policies.schema import Policy, load_policy
@@ -31,6 +32,7 @@ STRATEGIES = {"retrieval": plan_retrieval, "knapsack": plan_knapsack, "fastgen":
 DEFAULT_STRATEGY = "retrieval"
 DEFAULT_TARGET = 0.25
 DEFAULT_KV_BITS = 8
+MERGE_SIMILARITY = 0.5  # `--merge-similarity` as measured (kvc eval's kvc-merge); plans do not merge unless asked
 
 
 def compile_policy(
@@ -44,6 +46,7 @@ def compile_policy(
     strategy: str = DEFAULT_STRATEGY,
     retrieval_threshold: float | None = None,
     kv_bits: int | None = None,
+    merge_similarity: float | None = None,
 ) -> Plan:
     """Compile `policy` (or a policy file) into a plan for one deployment.
 
@@ -55,7 +58,10 @@ def compile_policy(
     retrieval_threshold: the retrieval strategy's least retrieval score of a head kept whole
     (default RETRIEVAL_THRESHOLD): higher keeps fewer heads whole and gives the others more;
     kv_bits: store keys and values as 2, 4 or 8-bit codes with float16 group parameters, so that the
-    same bytes hold more tokens (default DEFAULT_KV_BITS; 0: in dtype).
+    same bytes hold more tokens (default DEFAULT_KV_BITS; 0: in dtype);
+    merge_similarity: SnapKV-style heads fold each prompt token they evict into the heavy hitter whose
+    key is nearest, when the keys' cosine similarity is at least this (`kvc.runtime.merging`; measured
+    with MERGE_SIMILARITY); None (default) drops evicted tokens, as the published methods do.
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
@@ -69,6 +75,8 @@ def compile_policy(
             raise KvcError(f"--retrieval-threshold: {retrieval_threshold:g} is outside [0, 1] (a share of attention)")
         plan_heads = functools.partial(plan_retrieval, threshold=retrieval_threshold)
     kv_bits = DEFAULT_KV_BITS if kv_bits is None else kv_bits
+    if merge_similarity is not None:
+        merge_similarity = check_number(merge_similarity, "--merge-similarity", -1.0, 1.0)
     deployment = deployment_for(policy, max_len, batch, parse_dtype(dtype), kv_bits)
     goal = target_for(deployment, target, memory)
     overhead = deployment.overhead_bytes(token_classes(policy))
@@ -76,7 +84,7 @@ def compile_policy(
         allocation = plan_heads(policy, deployment, goal.budget_bytes - overhead)
     except BudgetTooSmall as error:
         raise below_minimum(strategy, deployment, goal, error.minimum + overhead) from None
-    plan = assemble(policy, deployment, goal, strategy, allocation)
+    plan = assemble(policy, deployment, goal, strategy, allocation, merge_similarity)
     assert plan.cache_bytes <= goal.budget_bytes, (plan.cache_bytes, goal.budget_bytes)
     return plan
 
@@ -148,7 +156,8 @@ def token_classes(policy: Policy) -> torch.Tensor:
     return class_table(vocab_size, special, punctuation)
 
 
-def assemble(policy: Policy, deployment: Deployment, goal: Target, strategy: str, allocation: Allocation) -> Plan:
+def assemble(policy: Policy, deployment: Deployment, goal: Target, strategy: str, allocation: Allocation,
+             merge_similarity: float | None = None) -> Plan:
     model = policy.model
     shape = (model.num_layers, model.num_kv_heads)
 
@@ -168,5 +177,6 @@ def assemble(policy: Policy, deployment: Deployment, goal: Target, strategy: str
         expected_recovery=torch.tensor(allocation.recovery, dtype=torch.float32).reshape(shape),
         strategy=strategy,
         kv_bits=deployment.kv_bits,
+        merge_similarity=merge_similarity,
         notes={"policy": {"created": policy.created, "threshold": policy.profile.threshold}, **allocation.notes},
     )

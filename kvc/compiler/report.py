@@ -37,6 +37,8 @@ def plan_report(plan: Plan) -> dict:
         "fingerprint": plan.fingerprint,
         "strategy": plan.strategy,
         "kv_bits": plan.kv_bits,
+        "merge_similarity": plan.merge_similarity,
+        "merging_heads": int(plan.has("frequency").sum()) if plan.merge_similarity is not None else 0,
         "kept_tokens": round(float(plan.capacity.sum()) / (plan.num_layers * plan.num_kv_heads * target.max_len), 6),
         "target": vars(target).copy(),
         "cache_bytes": plan.cache_bytes,
@@ -67,6 +69,9 @@ def summary_lines(report: dict) -> list[str]:
         share = report["kept_tokens"]
         lines.append(f"keys and values as {report['kv_bits']}-bit rows: the cache holds {100 * share:.1f}% of the "
                      f"tokens a full cache would (--kv-bits 0 keeps {target['dtype']})")
+    if report["merging_heads"]:
+        lines.append(f"evicted prompt tokens merged into the heavy hitter with the most similar key (cosine ≥ "
+                     f"{report['merge_similarity']:g}) in {report['merging_heads']} SnapKV-style heads")
     if report["budget_used"] is not None:
         lines.append(f"budget {format_size(target['budget_bytes'])}, {100 * report['budget_used']:.2f}% used · "
                      f"expected recovery {report['expected_recovery']:.4f}")

@@ -6,8 +6,9 @@ runtime's: StreamingLLM, H2O and the full cache are hand-made plans, SnapKV and 
 compiler's `uniform` and `pyramid` schedules, Ada-KV a per-head split of SnapKV budgets, all
 storing keys and values in the cache dtype; and kvc its own strategies with the compiler's
 default low-bit rows: `kvc` the retrieval strategy (the default), `kvc-knapsack` and
-`kvc-fastgen`, `kvc-plain`, the retrieval plan in the cache dtype, and `kvc-4bit`, the retrieval plan
-with 4-bit rows (more tokens in the same bytes).
+`kvc-fastgen`, `kvc-plain`, the retrieval plan in the cache dtype, `kvc-4bit`, the retrieval plan
+with 4-bit rows (more tokens in the same bytes), and `kvc-merge`, the retrieval plan whose heads merge
+the prompt tokens they evict into their heavy hitters.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvc.compiler import compile_policy
-from kvc.compiler.compile import DEFAULT_KV_BITS, assemble, deployment_for, target_for, token_classes
+from kvc.compiler.compile import DEFAULT_KV_BITS, MERGE_SIMILARITY, assemble, deployment_for, target_for, token_classes
 from kvc.compiler.deployment import Deployment
 from kvc.compiler.schedules import (
     SNAPKV_KIND,
@@ -90,10 +91,12 @@ def h2o_plan(loaded, policy, max_len, fraction, dtype) -> Plan:
     return plan
 
 
-def compiled(strategy: str, kv_bits: int | None = None) -> Callable[..., Plan]:
-    """A compiler strategy as a method; kv_bits None: the compiler's default rows."""
+def compiled(strategy: str, kv_bits: int | None = None, merge_similarity: float | None = None) -> Callable[..., Plan]:
+    """A compiler strategy as a method; kv_bits None: the compiler's default rows; merge_similarity:
+    evicted prompt tokens merged into heavy hitters (None: dropped, as the published methods drop them)."""
     def build(loaded, policy, max_len, fraction, dtype) -> Plan:
-        return compile_policy(policy, fraction, max_len=max_len, dtype=dtype, strategy=strategy, kv_bits=kv_bits)
+        return compile_policy(policy, fraction, max_len=max_len, dtype=dtype, strategy=strategy, kv_bits=kv_bits,
+                              merge_similarity=merge_similarity)
 
     return build
 
@@ -162,6 +165,8 @@ METHODS: dict[str, Baseline] = {
     "kvc": Baseline(compiled("retrieval"), True, f"kvc: profiled retrieval heads whole, SnapKV elsewhere, {DEFAULT_KV_BITS}-bit rows"),
     "kvc-plain": Baseline(compiled("retrieval", kv_bits=0), True, "kvc's retrieval plan with rows in the cache dtype"),
     "kvc-4bit": Baseline(compiled("retrieval", kv_bits=4), True, "kvc's retrieval plan with 4-bit rows"),
+    "kvc-merge": Baseline(compiled("retrieval", merge_similarity=MERGE_SIMILARITY), True,
+                          "kvc's retrieval plan, evicted prompt tokens merged into heavy hitters"),
     "kvc-knapsack": Baseline(compiled("knapsack"), True, "kvc knapsack over profiled recovery curves"),
     "kvc-fastgen": Baseline(compiled("fastgen"), True, "FastGen 2310.01801, threshold fitted to the budget"),
     "full": Baseline(full_plan, False, "full cache"),

@@ -22,6 +22,7 @@ from kvc.policies.errors import KvcError
 from kvc.runtime import kernels, quantize
 from kvc.runtime.admission import admit, chunk_writes
 from kvc.runtime.layout import DTYPES, LayerLayout
+from kvc.runtime.merging import merge_evicted
 from kvc.runtime.quantize import Rows
 from kvc.runtime.selection import keep_groups, slot_sources
 
@@ -166,7 +167,10 @@ class LayerStore:
             assert query_window is not None, "frequency heads need the observation-window queries"
             scale = head_dim ** -0.5 if scale is None else scale
             scores = self.kernels.observation_scores(query_window, keys, start, scale, self.plan.pool_kernel)
-        index, counts = slot_sources(layout, keep_groups(layout, classes, start, scores))
+        groups = keep_groups(layout, classes, start, scores)
+        index, counts = slot_sources(layout, groups)
+        if scores is not None and self.plan.merge_similarity is not None:
+            values = merge_evicted(layout, keys, values, groups, index, start, self.plan.merge_similarity)
         for side, vectors in enumerate((keys, values)):
             for source, buffer in zip(self._as_rows(vectors), self._buffers(self._side(side))):
                 self.kernels.gather_slots(source, index, layout.segments, buffer, layout.table)

@@ -32,6 +32,8 @@ from kvc.policies.tokens import PUNCT_BIT, SPECIAL_BIT
     ({"strategy": "h2o"}, "unknown strategy 'h2o'"),
     ({"kv_bits": 3}, "--kv-bits: expected one of 2, 4, 8"),
     ({"kv_bits": True}, "--kv-bits: expected one of 2, 4, 8"),
+    ({"merge_similarity": 2}, r"--merge-similarity: 2 is outside \[-1.0, 1.0\]"),
+    ({"merge_similarity": float("nan")}, "--merge-similarity: expected a finite number"),
 ])
 def test_bad_requests_are_one_clear_error(small_policy, kwargs, message):
     with pytest.raises(KvcError, match=message):
@@ -105,6 +107,20 @@ def test_a_plan_written_before_low_bit_rows_loads_with_rows_in_its_dtype(tmp_pat
     path.write_bytes(save(plan.tensors(), metadata={"kvc_plan": json.dumps(header)}))
     older = Plan.load(path)
     assert older.kv_bits == 0 and older.cache_bytes == plan.cache_bytes
+
+
+def test_plans_merge_evicted_tokens_when_asked_and_older_plans_do_not(tmp_path, small_policy):
+    from safetensors.torch import save
+
+    assert compile_policy(small_policy, 0.25, max_len=2048).merge_similarity is None
+    plan = compile_policy(small_policy, 0.25, max_len=2048, merge_similarity=0.5)
+    assert plan.merge_similarity == 0.5
+    assert Plan.load(plan.save(tmp_path / "merged.plan")).merge_similarity == 0.5
+    header = plan.header()
+    del header["merge_similarity"]  # a plan written before merging
+    path = tmp_path / "older.plan"
+    path.write_bytes(save(plan.tensors(), metadata={"kvc_plan": json.dumps(header)}))
+    assert Plan.load(path).merge_similarity is None
 
 
 def test_a_plan_with_a_bad_bit_width_is_refused(tmp_path, small_policy):

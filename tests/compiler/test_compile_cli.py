@@ -43,6 +43,21 @@ def test_compile_low_bit_rows(tmp_path, policy_file, capsys):
     assert Plan.load(plan_path).kv_bits == json.loads(report_path.read_text())["kv_bits"] == 4
 
 
+def test_compile_merges_evicted_tokens_only_when_asked(tmp_path, policy_file, capsys):
+    assert run("compile", str(policy_file), "--out", str(tmp_path / "a.plan")) == 0
+    assert "merged" not in capsys.readouterr().out
+    assert Plan.load(tmp_path / "a.plan").merge_similarity is None
+    assert run("compile", str(policy_file), "--merge-similarity", "0.5", "--out", str(tmp_path / "b.plan")) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    plan = Plan.load(tmp_path / "b.plan")
+    assert plan.merge_similarity == 0.5
+    heads = int(plan.has("frequency").sum())
+    assert heads and (f"evicted prompt tokens merged into the heavy hitter with the most similar key (cosine ≥ 0.5) "
+                      f"in {heads} SnapKV-style heads") in printed
+    assert run("compile", str(policy_file), "--merge-similarity", "-1", "--out", str(tmp_path / "c.plan")) == 0
+    assert Plan.load(tmp_path / "c.plan").merge_similarity == -1
+
+
 def test_compile_defaults_the_plan_name_from_the_policy(policy_file):
     assert run("compile", str(policy_file), "--memory", "1MiB", "--strategy", "uniform") == 0
     plan = Plan.load(policy_file.with_suffix(".plan"))
@@ -72,6 +87,7 @@ def test_show_renders_and_draws_a_compiled_plan(tmp_path, policy_file, capsys, s
     (["--strategy", "knapsack", "--retrieval-threshold", "0.1"], "applies to the retrieval strategy"),
     (["--retrieval-threshold", "2"], "outside [0, 1]"),
     (["--kv-bits", "3"], "--kv-bits: expected one of 2, 4, 8"),
+    (["--merge-similarity", "1.5"], "--merge-similarity: 1.5 is outside [-1.0, 1.0]"),
     (["--target", "0.1", "--memory", "1GiB"], "not both"),
     (["--json", "/no/such/folder/report.json"], "does not exist"),
 ])

@@ -6,6 +6,7 @@ model (3 query heads per KV head, biased projections) with bf16 rows and four to
 through the Python API. Every head kind is in both plans. onnxruntime is a real session here.
 """
 
+import dataclasses
 import json
 import os
 
@@ -52,7 +53,7 @@ def llama(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def qwen(smollm, tmp_path_factory):
-    """A GQA Qwen2-style model with a bf16 plan, exported with four tokens per step."""
+    """A GQA Qwen2-style model with a bf16 plan merging evicted tokens, exported with four tokens per step."""
     torch.manual_seed(1)
     config = Qwen2Config(hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
                          num_key_value_heads=2, max_position_embeddings=256, vocab_size=len(smollm.tokenizer),
@@ -60,6 +61,7 @@ def qwen(smollm, tmp_path_factory):
     model = Qwen2ForCausalLM(config).eval()
     loaded = LoadedModel(model, smollm.tokenizer, None, fingerprint(model.config, smollm.tokenizer))
     plan = handmade_plan(config, smollm.tokenizer, KINDS, 160, class_slots=4, heavy=4, window=6, dtype="bfloat16")
+    plan.merge_similarity = -1.0  # every evicted prompt token joins a heavy hitter: the prefill graph merges too
     folder = tmp_path_factory.mktemp("qwen-export") / "onnx"
     export(loaded, plan, folder, chunk=4)
     return loaded, plan, folder
@@ -122,6 +124,11 @@ def test_prompts_shorter_than_the_observation_window_are_not_padded(llama, lengt
 
 def test_qwen2_gqa_bf16_rows_chunks_of_four_match_the_torch_runtime(qwen):
     loaded, plan, folder = qwen
+    input_ids = loaded.tokenizer(PROMPT, return_tensors="pt").input_ids
+    dropped = dataclasses.replace(plan, merge_similarity=None)
+    chunk = [torch.arange(4)[None]]
+    merged, kept = (torch_runtime_logits(loaded, p, input_ids, chunk)[1][0] for p in (plan, dropped))
+    assert not torch.equal(merged, kept)  # merging changes what the prompt leaves for the steps after it
     generator = check_prefill_and_ten_steps(loaded, plan, folder, chunk_size=4)
     rows = [entry for entry in generator.manifest["state"] if entry["name"].endswith(".rows")]
     assert rows and all(entry["dtype"] == "bfloat16" for entry in rows)
