@@ -1,6 +1,6 @@
-"""Evicted prompt tokens merged into the nearest heavy hitter's value: hand-made cases, a per-token loop
-on random ragged prompts (eager blocks and one product alike), and the store, plan file, compiler
-and CLI carrying the setting (published baselines never merge)."""
+"""Evicted prompt tokens merged into the nearest heavy hitter's value: a hand-made case, a per-token
+loop on random ragged prompts (eager blocks and one product alike), the store merging only when its
+plan says, and the plan file carrying the setting (the compiler's and CLI's side: tests/compiler)."""
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ import kvc.runtime.merging as merging
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import Budget
+from kvc.runtime.kernels import observation_scores_reference
 from kvc.runtime.layout import HEAVY, NO_GROUP
 from kvc.runtime.merging import merge_evicted
 from kvc.runtime.selection import keep_groups, slot_sources
@@ -39,11 +40,11 @@ def merged_by_loop(keys, values, groups, index, frequency, start, similarity):
 
 
 def groups_and_index(plan, keys, queries, classes, start):
-    store = LayerStore(plan, 0)
-    from kvc.runtime.kernels import observation_scores_reference
+    """A store's layout, the prompt's keep groups by its last 4 queries' scores, and the slots' positions."""
+    layout = LayerStore(plan, 0).layout
     scores = observation_scores_reference(queries[:, :, -4:], keys, start, None, plan.pool_kernel)
-    groups = keep_groups(store.layout, classes, start, scores)
-    return store.layout, groups, slot_sources(store.layout, groups)[0], scores
+    groups = keep_groups(layout, classes, start, scores)
+    return layout, groups, slot_sources(layout, groups)[0]
 
 
 KINDS = ["frequency", "special+punct+frequency+local", "local", "full"]
@@ -56,7 +57,7 @@ def test_merging_matches_the_rule_token_by_token(generator, monkeypatch, block, 
     plan = tiny_plan([KINDS])
     length, start = 23, torch.tensor([0, 6])  # ragged: the second prompt left-padded
     keys, values, queries, classes = prompt(generator, 2, len(KINDS), length)
-    layout, groups, index, _ = groups_and_index(plan, keys, queries, classes, start)
+    layout, groups, index = groups_and_index(plan, keys, queries, classes, start)
     got = merge_evicted(layout, keys, values, groups, index, start, similarity)
     frequency = [bool(head["frequency"]) for head in layout.heads]
     expected = merged_by_loop(keys, values, groups, index, frequency, start, similarity)
@@ -107,7 +108,7 @@ def test_store_merges_only_when_the_plan_says(generator):
         offset, capacity = stores[0].layout.segments[head]
         frequency_slots[offset:offset + capacity] = True
     assert not differs[:, ~frequency_slots].any()
-    layout, groups, index, scores = groups_and_index(merged, keys, queries, classes, start)
+    layout, groups, index = groups_and_index(merged, keys, queries, classes, start)
     expected = merge_evicted(layout, keys, values, groups, index, start, 0.0)
     kept = stores[1].positions >= 0
     for b in range(2):
