@@ -256,7 +256,7 @@ def compile_command(
     strategy: str = typer.Option("retrieval", "--strategy", help="retrieval (retrieval heads whole, SnapKV elsewhere), knapsack, fastgen, pyramid or uniform."),
     retrieval_threshold: Optional[float] = typer.Option(None, "--retrieval-threshold", help="Least retrieval score of a head the retrieval strategy keeps whole \\[default: 0.02]; higher keeps fewer whole and gives the others more."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store keys and values as 8, 4 or 2-bit codes (float16 step and minimum per 32 channels), so the same memory holds more tokens; 0 keeps --dtype \\[default: 8]."),
-    merge_similarity: Optional[float] = typer.Option(None, "--merge-similarity", help="SnapKV-style heads fold each prompt token they evict into the heavy hitter whose key is most like its own, when the keys' cosine similarity is at least this (0.5 measured; -1: every one) \\[default: dropped]."),
+    merge_similarity: Optional[float] = typer.Option(None, "--merge-similarity", help="SnapKV-style heads fold each prompt token they evict into the heavy hitter whose key is most like its own (in a context prefilled before its questions, --context-probe: the most like it of any kept token but the sinks), when the keys' cosine similarity is at least this (0.5 measured; -1: every one) \\[default: dropped]."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the plan \\[default: POLICY with suffix .plan]."),
     json_report: Optional[Path] = typer.Option(None, "--json", help="Also write the compile report here as JSON."),
 ):

@@ -60,8 +60,9 @@ def compile_policy(
     kv_bits: store keys and values as 2, 4 or 8-bit codes with float16 group parameters, so that the
     same bytes hold more tokens (default DEFAULT_KV_BITS; 0: in dtype);
     merge_similarity: SnapKV-style heads fold each prompt token they evict into the heavy hitter whose
-    key is nearest, when the keys' cosine similarity is at least this (`kvc.runtime.merging`; measured
-    with MERGE_SIMILARITY); None (default) drops evicted tokens, as the published methods do.
+    key is nearest (in a context prefilled before its questions, the nearest kept token but a sink),
+    when the keys' cosine similarity is at least this (`kvc.runtime.merging`; measured with
+    MERGE_SIMILARITY); None (default) drops evicted tokens, as the published methods do.
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy)

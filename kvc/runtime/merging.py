@@ -5,32 +5,36 @@ the rest of the prompt. Dropped, a token's value is lost to every later query. M
 value of the heavy hitter whose key is most like its own (cosine similarity, after RoPE, so nearby
 positions count too), when that similarity is at least the plan's `merge_similarity`: the heavy
 hitter then holds the mean of its own value and those of the tokens merged into it. A query that
-attends to it reads a little of its neighbours' content, in the same slot and bytes. Only heavy
-hitters take merged values: sinks are a no-op by design, and the recent window may hold the
-question itself (a prompt compressed with its question in it), whose tokens must stay what they
-are. Keys, positions and scores are left as they were. Only the prefill merges: tokens leaving
-later (the window's ring, a heavy hitter replaced while decoding) are dropped as before.
+attends to it reads a little of its neighbours' content, in the same slot and bytes. In a prompt
+compressed with its question in it only heavy hitters take merged values: the recent window may
+hold the question, whose tokens must stay what they are, and sinks are a no-op by design. In a
+context compressed before its questions (a prefill scored by a probe, `kvc.runtime.probe`) every
+kept token but the sinks may take them, the recent window and the class tokens too: there all of
+them are context. Keys, positions and scores are left as they were. Only the prefill merges: tokens
+leaving later (the window's ring, a heavy hitter replaced while decoding) are dropped as before.
 """
 
 from __future__ import annotations
 
 import torch
 
-from kvc.runtime.layout import HEAVY, NO_GROUP, LayerLayout
+from kvc.runtime.layout import HEAVY, NO_GROUP, SINK, LayerLayout
 
 KEY_BLOCK = 1024  # prompt keys compared with the kept ones per block (bounds the similarity matrix)
 
 
 def merge_evicted(layout: LayerLayout, keys: torch.Tensor, values: torch.Tensor, groups: torch.Tensor,
-                  index: torch.Tensor, start: torch.Tensor, similarity: float) -> torch.Tensor:
-    """`values` with each heavy hitter's value the mean of itself and the evicted values merged into it.
+                  index: torch.Tensor, start: torch.Tensor, similarity: float,
+                  questions_later: bool = False) -> torch.Tensor:
+    """`values` with each merging slot's value the mean of itself and the evicted values merged into it.
 
     keys, values (batch, kv_heads, length, head_dim) after RoPE; groups (batch, kv_heads, length) from
     `keep_groups`; index (batch, kv_heads, slots) the position each slot keeps (-1: empty), from
     `slot_sources`; start (batch,) the first non-padding position. In each frequency head of the
-    layer an evicted token joins the heavy hitter with the most similar key if that cosine
-    similarity is at least `similarity`. Returns a new tensor in `values`' dtype (the same values
-    where nothing merges).
+    layer an evicted token joins the merging slot with the most similar key if that cosine
+    similarity is at least `similarity`; the merging slots are the heavy hitters, or with
+    `questions_later` (a context compressed before its questions) every kept token but the sinks.
+    Returns a new tensor in `values`' dtype (the same values where nothing merges).
     """
     heads = layout.frequency_heads
     if not heads:
@@ -38,18 +42,19 @@ def merge_evicted(layout: LayerLayout, keys: torch.Tensor, values: torch.Tensor,
     slots = max(layout.segments[head][1] for head in heads)  # the merging heads' largest segment
     chosen = torch.tensor(heads, device=keys.device)
     merged = merge_heads(keys[:, chosen], values[:, chosen], groups[:, chosen], index[:, chosen, :slots], start,
-                         similarity)
+                         similarity, questions_later)
     return values.index_copy(1, chosen, merged)
 
 
-def merge_heads(keys, values, groups, index, start, similarity: float) -> torch.Tensor:
+def merge_heads(keys, values, groups, index, start, similarity: float, questions_later: bool = False) -> torch.Tensor:
     """`merge_evicted` where every head merges."""
     batch, heads, length, head_dim = keys.shape
     valid = torch.arange(length, device=keys.device)[None, :] >= start[:, None]  # (batch, length)
     evicted = (groups == NO_GROUP) & valid[:, None, :]
     kept = index >= 0  # (batch, heads, slots)
     slot_index = index.clamp(min=0)
-    target = kept & (groups.gather(-1, slot_index) == HEAVY)
+    slot_groups = groups.gather(-1, slot_index)
+    target = kept & ((slot_groups != SINK) if questions_later else (slot_groups == HEAVY))
     unit = torch.nn.functional.normalize(keys.float(), dim=-1)
     rows = lambda tensor: tensor.gather(2, slot_index[..., None].expand(-1, -1, -1, head_dim))  # noqa: E731
     slot_keys = rows(unit).transpose(-1, -2)
@@ -66,7 +71,7 @@ def merge_heads(keys, values, groups, index, start, similarity: float) -> torch.
 
 
 def nearest_slots(unit: torch.Tensor, slot_keys: torch.Tensor, target: torch.Tensor):
-    """Each key's largest cosine similarity to a target slot's key (a heavy hitter's), and that slot.
+    """Each key's largest cosine similarity to a target slot's key (one that takes merged values), and that slot.
 
     unit (batch, heads, length, head_dim) unit keys; slot_keys (batch, heads, head_dim, slots);
     target (batch, heads, slots) bool. Eagerly in blocks of KEY_BLOCK keys; traced (an exported

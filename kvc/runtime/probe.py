@@ -204,7 +204,7 @@ class ScoringLayer(SharedLayer):
                 observed = member.cache.observed
                 scores = pool_scores(self.best, observed.start, member.store.plan.pool_kernel)
                 member.store.prefill(self.keys, self.values, observed.classes, observed.start, None, self.scale,
-                                     scores=scores)
+                                     scores=scores, questions_later=True)
         self.keys = self.values = self.best = self.expected = None
 
     def get_seq_length(self):

@@ -146,13 +146,15 @@ class LayerStore:
                            -1).to(torch.int32)
 
     # ------------------------------------------------------------ prefill
-    def prefill(self, keys, values, classes, start, query_window=None, scale=None, scores=None) -> None:
+    def prefill(self, keys, values, classes, start, query_window=None, scale=None, scores=None,
+                questions_later: bool = False) -> None:
         """Store each head's keep-set of a prompt.
 
         keys, values (batch, kv_heads, length, head_dim); classes (batch, length) uint8 token-class
         bits; start (batch,) first non-padding position; query_window (batch, q_heads, window,
         head_dim) the last prompt queries, which score the frequency heads' keys, unless `scores`
-        (batch, kv_heads, length) float32, pooled, gives those scores (a probe's: `kvc.runtime.probe`).
+        (batch, kv_heads, length) float32, pooled, gives those scores (a probe's: `kvc.runtime.probe`);
+        questions_later: the prompt is a context its questions will follow (`kvc.runtime.merging`).
         """
         batch, _, length, head_dim = keys.shape
         self.plan.check_length(length)
@@ -170,7 +172,8 @@ class LayerStore:
         groups = keep_groups(layout, classes, start, scores)
         index, counts = slot_sources(layout, groups)
         if scores is not None and self.plan.merge_similarity is not None:
-            values = merge_evicted(layout, keys, values, groups, index, start, self.plan.merge_similarity)
+            values = merge_evicted(layout, keys, values, groups, index, start, self.plan.merge_similarity,
+                                   questions_later)
         for side, vectors in enumerate((keys, values)):
             for source, buffer in zip(self._as_rows(vectors), self._buffers(self._side(side))):
                 self.kernels.gather_slots(source, index, layout.segments, buffer, layout.table)

@@ -52,10 +52,19 @@ def test_compile_merges_evicted_tokens_only_when_asked(tmp_path, policy_file, ca
     plan = Plan.load(tmp_path / "b.plan")
     assert plan.merge_similarity == 0.5
     heads = int(plan.has("frequency").sum())
-    assert heads and (f"evicted prompt tokens merged into the heavy hitter with the most similar key (cosine ≥ 0.5) "
+    assert heads and ("evicted prompt tokens merged into the heavy hitter with the most similar key (cosine ≥ 0.5; in "
+                      "a context prefilled before its questions, into any kept token but the sinks) "
                       f"in {heads} SnapKV-style heads") in printed
     assert run("compile", str(policy_file), "--merge-similarity", "-1", "--out", str(tmp_path / "c.plan")) == 0
     assert Plan.load(tmp_path / "c.plan").merge_similarity == -1
+
+
+def test_compile_suggests_merging_only_at_tight_budgets(tmp_path, policy_file, capsys):
+    hint = "at 10% of the full cache or less, --merge-similarity 0.5 kept the embedded model's answers closer"
+    for args, shown in ((["--target", "0.1"], True), (["--target", "0.1", "--merge-similarity", "0.5"], False),
+                        (["--target", "0.25"], False)):
+        assert run("compile", str(policy_file), *args, "--out", str(tmp_path / "p.plan")) == 0
+        assert (hint in " ".join(capsys.readouterr().out.split())) == shown, args
 
 
 def test_compile_defaults_the_plan_name_from_the_policy(policy_file):

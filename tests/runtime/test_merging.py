@@ -1,6 +1,8 @@
-"""Evicted prompt tokens merged into the nearest heavy hitter's value: a hand-made case, a per-token
-loop on random ragged prompts (eager blocks and one product alike), the store merging only when its
-plan says, and the plan file carrying the setting (the compiler's and CLI's side: tests/compiler)."""
+"""Evicted prompt tokens merged into the nearest heavy hitter's value (in a context compressed before
+its questions, any kept token's but a sink's): a hand-made case, a per-token loop on random ragged
+prompts (eager blocks and one product alike), the store merging only when its plan says, and the
+plan file carrying the setting (the compiler's and CLI's side: tests/compiler; a probed context:
+tests/runtime/test_probe.py)."""
 
 import pytest
 import torch
@@ -10,22 +12,24 @@ from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import Budget
 from kvc.runtime.kernels import observation_scores_reference
-from kvc.runtime.layout import HEAVY, NO_GROUP
+from kvc.runtime.layout import HEAVY, NO_GROUP, SINK
 from kvc.runtime.merging import merge_evicted
 from kvc.runtime.selection import keep_groups, slot_sources
 from kvc.runtime.store import LayerStore
 from tests.runtime.test_cache_store import HEAD_DIM, prompt, tiny_plan
 
 
-def merged_by_loop(keys, values, groups, index, frequency, start, similarity):
-    """The rule token by token: each evicted token of a frequency head joins its nearest heavy hitter."""
+def merged_by_loop(keys, values, groups, index, frequency, start, similarity, questions_later=False):
+    """The rule token by token: each evicted token of a frequency head joins its nearest heavy hitter
+    (with questions_later, its nearest kept token but a sink)."""
+    takes = (lambda group: group != SINK) if questions_later else (lambda group: group == HEAVY)
     out = values.clone()
     batch, heads, length, _ = keys.shape
     for b in range(batch):
         for h in range(heads):
             if not frequency[h]:
                 continue
-            slots = [int(p) for p in index[b, h] if p >= 0 and groups[b, h, p] == HEAVY]
+            slots = [int(p) for p in index[b, h] if p >= 0 and takes(groups[b, h, p])]
             joined = {p: [values[b, h, p]] for p in slots}
             for t in range(int(start[b]), length):
                 if groups[b, h, t] != NO_GROUP or not slots:
@@ -50,17 +54,18 @@ def groups_and_index(plan, keys, queries, classes, start):
 KINDS = ["frequency", "special+punct+frequency+local", "local", "full"]
 
 
+@pytest.mark.parametrize("questions_later", [False, True])
 @pytest.mark.parametrize("block", [merging.KEY_BLOCK, 5])
 @pytest.mark.parametrize("similarity", [-1.0, 0.0, 0.3])
-def test_merging_matches_the_rule_token_by_token(generator, monkeypatch, block, similarity):
+def test_merging_matches_the_rule_token_by_token(generator, monkeypatch, block, similarity, questions_later):
     monkeypatch.setattr(merging, "KEY_BLOCK", block)  # 5: the eager path in several blocks
     plan = tiny_plan([KINDS])
     length, start = 23, torch.tensor([0, 6])  # ragged: the second prompt left-padded
     keys, values, queries, classes = prompt(generator, 2, len(KINDS), length)
     layout, groups, index = groups_and_index(plan, keys, queries, classes, start)
-    got = merge_evicted(layout, keys, values, groups, index, start, similarity)
+    got = merge_evicted(layout, keys, values, groups, index, start, similarity, questions_later)
     frequency = [bool(head["frequency"]) for head in layout.heads]
-    expected = merged_by_loop(keys, values, groups, index, frequency, start, similarity)
+    expected = merged_by_loop(keys, values, groups, index, frequency, start, similarity, questions_later)
     torch.testing.assert_close(got, expected)
     assert not torch.equal(got, values)  # something merged in every setting drawn here
     untouched = [h for h, f in enumerate(frequency) if not f]
@@ -88,6 +93,9 @@ def test_hand_made_merge():
     assert got.tolist() == [0, 1, (2 + 4) / 2, (3 + 5) / 2, 4, 5, 6, 7, 8, 9]
     stricter = merge_evicted(store.layout, keys, values, groups, index, start, 0.999)[0, 0, :, 0]  # token 5: 0.995
     assert stricter.tolist() == [0, 1, (2 + 4) / 2, 3, 4, 5, 6, 7, 8, 9]
+    # Before its questions the window is context too: token 7 joins token 9; token 6 still joins no sink.
+    context = merge_evicted(store.layout, keys, values, groups, index, start, 0.5, questions_later=True)[0, 0, :, 0]
+    assert context.tolist() == [0, 1, (2 + 4) / 2, (3 + 5) / 2, 4, 5, 6, 7, 8, (9 + 7) / 2]
 
 
 def test_store_merges_only_when_the_plan_says(generator):

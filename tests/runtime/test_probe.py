@@ -1,7 +1,10 @@
 """Probes after a context (`kvc.runtime.probe`): the probe's queries pick the frequency heads' tokens
 as a hand-written SnapKV score says, the probe itself never enters the cache, a question's positions
-continue from the context's end, and a member of a shared prefill that does not score by probes ends
-as a prefill of the context alone would leave it."""
+continue from the context's end, a member of a shared prefill that does not score by probes ends
+as a prefill of the context alone would leave it, and a merging plan merges into the recent window
+only in a context prefilled before its questions."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +14,7 @@ from transformers import DynamicCache
 import kvc
 from kvc.policies.errors import KvcError
 from kvc.runtime.apply import cache_keyword
+from kvc.runtime.cache import CompressedCache
 from kvc.runtime.handmade import handmade_plan
 from kvc.runtime.kernels import observation_scores_reference
 from kvc.runtime import probe as probe_module
@@ -128,6 +132,31 @@ def test_a_shared_prefill_with_a_probe_leaves_a_window_scored_member_as_its_own_
     assert probed.get_seq_length() == windowed.get_seq_length() == len(context)
     assert any(probed.kept_positions(layer)[head].tolist() != alone.kept_positions(layer)[head].tolist()
                for layer in range(plan.num_layers) for head in range(2))
+
+
+@pytest.mark.parametrize("probed", [True, False])
+def test_a_merging_plan_merges_into_the_window_only_before_the_questions(smollm, probed):
+    """Prefilled by a probe (its questions to come) a context merges its evicted tokens into the
+    recent window too; prefilled plainly (the question may be in the window) only into heavy hitters.
+    Slot by slot against the same plan without merging, which keeps the same tokens."""
+    tokenizer = smollm.tokenizer
+    loaded = tiny_llama(tokenizer)
+    model = loaded.model
+    plan = handmade_plan(model.config, tokenizer, "frequency+local", 160, heavy=5, window=4)
+    context = tokenizer(CONTEXT).input_ids
+    probe = make_probe(tokenizer, context, "generic") if probed else None
+    with kvc.apply(loaded, plan) as applied, torch.no_grad():
+        dropped, merged = applied.cache(), CompressedCache(replace(plan, merge_similarity=-1.0), model)
+        prefill_context(model, SharedPrefill([dropped, merged]), context, probe)
+    changed = {"heavy": False, "window": False}
+    for layer in range(plan.num_layers):
+        ours, theirs = dropped.layers[layer].store, merged.layers[layer].store
+        assert torch.equal(ours.positions, theirs.positions)
+        differs = (ours.values != theirs.values).any(-1)[0]
+        in_window = ours.positions[0] >= len(context) - 4
+        changed["heavy"] |= bool(differs[(ours.positions[0] >= 0) & ~in_window].any())
+        changed["window"] |= bool(differs[in_window].any())
+    assert changed == {"heavy": True, "window": probed}
 
 
 def test_probe_names_are_checked(smollm):

@@ -3,11 +3,19 @@
 The engine's scheduler chunk (512 tokens) is shorter than the longest prompts, so those go through
 `extend` after their first chunk; prompts that fit one chunk prefill as kvc's own runtime does and
 must decode the same greedy tokens. (By default a kvc engine's budget is the plan's longest
-sequence and it prefills every prompt whole: `test_vllm_server.py` runs one so.)
+sequence and it prefills every prompt whole: `test_vllm_server.py` runs one so.) The engine serves
+the 25% plan with merging on (`--merge-similarity 0.5`), the server the plan as compiled: between
+them both prefills are served.
 """
 
-import pytest
+from dataclasses import replace
 
+import pytest
+import torch
+
+import kvc
+from kvc.compiler.compile import MERGE_SIMILARITY
+from kvc.eval.fidelity import fidelity_sample
 from kvc.eval.passkey import passkey_correct, passkey_sample
 from kvc.policies.errors import KvcError
 from kvc.runtime.generate import generate
@@ -20,10 +28,16 @@ CHUNK = 512
 
 
 @pytest.fixture(scope="module")
-def engine(served_plan_file):
+def merging_plan(served_plan):
+    return replace(served_plan, merge_similarity=MERGE_SIMILARITY)
+
+
+@pytest.fixture(scope="module")
+def engine(merging_plan, tmp_path_factory):
     from kvc.serving.vllm import llm
 
-    engine = llm(None, served_plan_file, dtype="float32", kv_cache_memory_bytes=64 << 20,
+    path = merging_plan.save(tmp_path_factory.mktemp("plans") / "quarter-merging.plan")
+    engine = llm(None, path, dtype="float32", kv_cache_memory_bytes=64 << 20,
                  max_num_batched_tokens=CHUNK, max_num_seqs=8)
     yield engine
     engine.llm_engine.engine_core.shutdown()
@@ -41,14 +55,45 @@ def prompts(ids_list):
     return [TokensPrompt(prompt_token_ids=ids) for ids in ids_list]
 
 
-def test_greedy_tokens_equal_kvcs_own_runtime(engine, smollm, served_plan):
+def test_greedy_tokens_equal_kvcs_own_runtime(engine, smollm, merging_plan):
     sample = passkey_sample(smollm.tokenizer, 480, 0.5, seed=3)
     ids = smollm.tokenizer(sample.text).input_ids
     assert len(ids) <= CHUNK  # one chunk: a prefill, then decoding
-    own = generate(smollm, sample.text, plan=served_plan, max_new_tokens=12)
+    own = generate(smollm, sample.text, plan=merging_plan, max_new_tokens=12)
     served = engine.generate(prompts([ids]), greedy(12), use_tqdm=False)[0].outputs[0]
     assert list(served.token_ids) == own.token_ids[0]
     assert passkey_correct(sample, served.text), served.text
+
+
+def own_logprobs(smollm, plan, ids, answer) -> torch.Tensor:
+    """(len(answer), vocab) kvc's own runtime's log-probabilities of each answer token, read through
+    `plan` along `answer` (the first from the prefill, whose attention is exact)."""
+    with kvc.apply(smollm, plan) as applied, torch.no_grad():
+        cache, steps = applied.cache(), [ids, *([token] for token in answer[:-1])]
+        logits = [smollm.model(input_ids=torch.tensor([step]), **{applied.cache_keyword: cache},
+                               logits_to_keep=1).logits[0, -1] for step in steps]
+    return torch.log_softmax(torch.stack(logits).float(), -1)
+
+
+def test_the_engine_merges_evicted_tokens_as_kvcs_own_runtime_does(engine, smollm, served_plan, merging_plan):
+    """An essay's request answered for 8 tokens: the engine's top log-probabilities are kvc's runtime's
+    with merging, five times closer to them than to the same plan's without (the greedy answer is
+    the same either way here). The two runtimes' arithmetic differs a little (vLLM's own layers
+    feed the 8-bit rows), so the later tokens drift apart by a few hundredths, merging or not."""
+    from vllm import SamplingParams
+
+    sample = fidelity_sample(smollm.tokenizer, 480, 0)
+    ids = smollm.tokenizer(sample.context + sample.question).input_ids
+    output = engine.generate(prompts([ids]), SamplingParams(max_tokens=8, temperature=0, logprobs=5),
+                             use_tqdm=False)[0].outputs[0]
+    answer = list(output.token_ids)
+    tokens = torch.tensor([sorted(position) for position in output.logprobs])  # (8, 5 or 6): each top 5 and the pick
+    served = torch.tensor([[position[int(t)].logprob for t in row] for position, row in zip(output.logprobs, tokens)])
+    merged, dropped = (own_logprobs(smollm, plan, ids, answer) for plan in (merging_plan, served_plan))
+    assert answer == merged.argmax(-1).tolist()
+    merged, dropped = merged.gather(-1, tokens), dropped.gather(-1, tokens)
+    torch.testing.assert_close(served[0], merged[0], atol=1e-3, rtol=0)  # the prefill's: compression cannot move it
+    assert (served - merged).norm() < (served - dropped).norm() / 5
 
 
 def test_concurrent_requests_of_different_lengths_all_answer(engine, smollm):
