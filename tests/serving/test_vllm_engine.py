@@ -78,8 +78,8 @@ def own_logprobs(smollm, plan, ids, answer) -> torch.Tensor:
 def test_the_engine_merges_evicted_tokens_as_kvcs_own_runtime_does(engine, smollm, served_plan, merging_plan):
     """An essay's request answered for 8 tokens: the engine's top log-probabilities are kvc's runtime's
     with merging, five times closer to them than to the same plan's without (the greedy answer is
-    the same either way here). The two runtimes' arithmetic differs a little (vLLM's own layers
-    feed the 8-bit rows), so the later tokens drift apart by a few hundredths, merging or not."""
+    the same either way here). The two runtimes' arithmetic differs a little (vLLM runs its own
+    layers), and the later tokens drift apart by a few hundredths."""
     from vllm import SamplingParams
 
     sample = fidelity_sample(smollm.tokenizer, 480, 0)
