@@ -76,7 +76,7 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"evicted prompt tokens merged into the heavy hitter with the most similar key (cosine ≥ "
                      f"{report['merge_similarity']:g}; in a context prefilled before its questions, into any kept "
                      f"token but the sinks) in {report['merging_heads']} SnapKV-style heads")
-    elif report["fraction_of_full"] <= MERGING_PAYS_BELOW + 1e-3 and any("frequency" in k for k in report["kinds"]):
+    elif report["fraction_of_full"] <= MERGING_PAYS_BELOW and any("frequency" in k for k in report["kinds"]):
         lines.append(f"at {100 * MERGING_PAYS_BELOW:g}% of the full cache or less, --merge-similarity "
                      f"{MERGE_SIMILARITY:g} kept the embedded model's answers closer to the full cache's "
                      "(README: merging evicted tokens)")

@@ -5,7 +5,7 @@ The engine's scheduler chunk (512 tokens) is shorter than the longest prompts, s
 must decode the same greedy tokens. (By default a kvc engine's budget is the plan's longest
 sequence and it prefills every prompt whole: `test_vllm_server.py` runs one so.) The engine serves
 the 25% plan with merging on (`--merge-similarity 0.5`), the server the plan as compiled: between
-them both prefills are served.
+them the prefill is served merging and not.
 """
 
 from dataclasses import replace
@@ -87,7 +87,7 @@ def test_the_engine_merges_evicted_tokens_as_kvcs_own_runtime_does(engine, smoll
     output = engine.generate(prompts([ids]), SamplingParams(max_tokens=8, temperature=0, logprobs=5),
                              use_tqdm=False)[0].outputs[0]
     answer = list(output.token_ids)
-    tokens = torch.tensor([sorted(position) for position in output.logprobs])  # (8, 5 or 6): each top 5 and the pick
+    tokens = torch.tensor([sorted(position) for position in output.logprobs])  # (8, 5): each top 5, the greedy pick in it
     served = torch.tensor([[position[int(t)].logprob for t in row] for position, row in zip(output.logprobs, tokens)])
     merged, dropped = (own_logprobs(smollm, plan, ids, answer) for plan in (merging_plan, served_plan))
     assert answer == merged.argmax(-1).tolist()
