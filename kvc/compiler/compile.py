@@ -32,7 +32,8 @@ STRATEGIES = {"retrieval": plan_retrieval, "knapsack": plan_knapsack, "fastgen":
 DEFAULT_STRATEGY = "retrieval"
 DEFAULT_TARGET = 0.25
 DEFAULT_KV_BITS = 8
-MERGE_SIMILARITY = 0.5  # `--merge-similarity` as measured (kvc eval's kvc-merge); plans do not merge unless asked
+MERGE_SIMILARITY = 0.5  # `--merge-similarity` as measured (kvc eval's kvc-merge)
+MERGE_BY_DEFAULT_AT = 0.1  # the retrieval strategy merges by default at this share of the full cache or less (README)
 
 
 def compile_policy(
@@ -46,7 +47,7 @@ def compile_policy(
     strategy: str = DEFAULT_STRATEGY,
     retrieval_threshold: float | None = None,
     kv_bits: int | None = None,
-    merge_similarity: float | None = None,
+    merge_similarity: float | str | None = "auto",
 ) -> Plan:
     """Compile `policy` (or a policy file) into a plan for one deployment.
 
@@ -61,8 +62,10 @@ def compile_policy(
     same bytes hold more tokens (default DEFAULT_KV_BITS; 0: in dtype);
     merge_similarity: SnapKV-style heads fold each prompt token they evict into the heavy hitter whose
     key is nearest (in a context prefilled before its questions, the nearest kept token but a sink),
-    when the keys' cosine similarity is at least this (`kvc.runtime.merging`; measured with
-    MERGE_SIMILARITY); None (default) drops evicted tokens, as the published methods do.
+    when the keys' cosine similarity is at least this (`kvc.runtime.merging`); None or 'off' drops
+    evicted tokens, as the published methods do; 'auto' (default) merges at MERGE_SIMILARITY for the
+    retrieval strategy at MERGE_BY_DEFAULT_AT of the full cache or less, where it measured better, and
+    drops them otherwise.
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
@@ -76,10 +79,9 @@ def compile_policy(
             raise KvcError(f"--retrieval-threshold: {retrieval_threshold:g} is outside [0, 1] (a share of attention)")
         plan_heads = functools.partial(plan_retrieval, threshold=retrieval_threshold)
     kv_bits = DEFAULT_KV_BITS if kv_bits is None else kv_bits
-    if merge_similarity is not None:
-        merge_similarity = check_number(merge_similarity, "--merge-similarity", -1.0, 1.0)
     deployment = deployment_for(policy, max_len, batch, parse_dtype(dtype), kv_bits)
     goal = target_for(deployment, target, memory)
+    merge_similarity = merging_for(merge_similarity, strategy, goal)
     overhead = deployment.overhead_bytes(token_classes(policy))
     try:
         allocation = plan_heads(policy, deployment, goal.budget_bytes - overhead)
@@ -88,6 +90,21 @@ def compile_policy(
     plan = assemble(policy, deployment, goal, strategy, allocation, merge_similarity)
     assert plan.cache_bytes <= goal.budget_bytes, (plan.cache_bytes, goal.budget_bytes)
     return plan
+
+
+def merging_for(merge_similarity: float | str | None, strategy: str, goal: Target) -> float | None:
+    """The plan's merge similarity from `--merge-similarity`: a number, 'off' (or None), or 'auto'."""
+    if merge_similarity is None or merge_similarity == "off":
+        return None
+    if merge_similarity == "auto":
+        return MERGE_SIMILARITY if strategy == "retrieval" and goal.fraction <= MERGE_BY_DEFAULT_AT else None
+    if isinstance(merge_similarity, str):
+        try:
+            merge_similarity = float(merge_similarity)
+        except ValueError:
+            raise KvcError(f"--merge-similarity: expected auto, off or a cosine similarity in [-1, 1], "
+                           f"got {merge_similarity!r}") from None
+    return check_number(merge_similarity, "--merge-similarity", -1.0, 1.0)
 
 
 def deployment_for(policy: Policy, max_len: int | None, batch: int, dtype: str, kv_bits: int = 0) -> Deployment:

@@ -7,12 +7,9 @@ from __future__ import annotations
 
 from collections import Counter
 
-from kvc.compiler.compile import MERGE_SIMILARITY
 from kvc.compiler.sizes import format_size
 from kvc.plan import Plan
 from kvc.policies.kinds import KIND_BITS
-
-MERGING_PAYS_BELOW = 0.1  # the share of the full cache at or under which merging measured better (README)
 
 
 def kind_names(plan: Plan) -> list[list[str]]:
@@ -75,11 +72,8 @@ def summary_lines(report: dict) -> list[str]:
     if report["merging_heads"]:
         lines.append(f"evicted prompt tokens merged into the heavy hitter with the most similar key (cosine ≥ "
                      f"{report['merge_similarity']:g}; in a context prefilled before its questions, into any kept "
-                     f"token but the sinks) in {report['merging_heads']} SnapKV-style heads")
-    elif report["fraction_of_full"] <= MERGING_PAYS_BELOW and any("frequency" in k for k in report["kinds"]):
-        lines.append(f"at {100 * MERGING_PAYS_BELOW:g}% of the full cache or less, --merge-similarity "
-                     f"{MERGE_SIMILARITY:g} kept the embedded model's answers closer to the full cache's "
-                     "(README: merging evicted tokens)")
+                     f"token but the sinks) in {report['merging_heads']} SnapKV-style heads "
+                     "(--merge-similarity off drops them)")
     if report["budget_used"] is not None:
         lines.append(f"budget {format_size(target['budget_bytes'])}, {100 * report['budget_used']:.2f}% used · "
                      f"expected recovery {report['expected_recovery']:.4f}")

@@ -19,7 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvc.compiler import compile_policy
-from kvc.compiler.compile import DEFAULT_KV_BITS, MERGE_SIMILARITY, assemble, deployment_for, target_for, token_classes
+from kvc.compiler.compile import (
+    DEFAULT_KV_BITS,
+    MERGE_BY_DEFAULT_AT,
+    MERGE_SIMILARITY,
+    assemble,
+    deployment_for,
+    target_for,
+    token_classes,
+)
 from kvc.compiler.deployment import Deployment
 from kvc.compiler.schedules import (
     SNAPKV_KIND,
@@ -91,9 +99,11 @@ def h2o_plan(loaded, policy, max_len, fraction, dtype) -> Plan:
     return plan
 
 
-def compiled(strategy: str, kv_bits: int | None = None, merge_similarity: float | None = None) -> Callable[..., Plan]:
+def compiled(strategy: str, kv_bits: int | None = None, merge_similarity: float | str | None = None
+             ) -> Callable[..., Plan]:
     """A compiler strategy as a method; kv_bits None: the compiler's default rows; merge_similarity:
-    evicted prompt tokens merged into heavy hitters (None: dropped, as the published methods drop them)."""
+    evicted prompt tokens merged into heavy hitters (None: dropped, as the published methods drop them;
+    'auto': the compiler's default)."""
     def build(loaded, policy, max_len, fraction, dtype) -> Plan:
         return compile_policy(policy, fraction, max_len=max_len, dtype=dtype, strategy=strategy, kv_bits=kv_bits,
                               merge_similarity=merge_similarity)
@@ -162,11 +172,14 @@ def adakv_plan(loaded, policy, max_len, fraction, dtype) -> Plan:
 
 
 METHODS: dict[str, Baseline] = {
-    "kvc": Baseline(compiled("retrieval"), True, f"kvc: profiled retrieval heads whole, SnapKV elsewhere, {DEFAULT_KV_BITS}-bit rows"),
+    "kvc": Baseline(compiled("retrieval", merge_similarity="auto"), True,
+                    f"kvc: profiled retrieval heads whole, SnapKV elsewhere, {DEFAULT_KV_BITS}-bit rows, evicted "
+                    f"tokens merged at {MERGE_BY_DEFAULT_AT:g} of the full cache or less"),
+    "kvc-drop": Baseline(compiled("retrieval"), True, "kvc's retrieval plan, evicted prompt tokens dropped at every budget"),
     "kvc-plain": Baseline(compiled("retrieval", kv_bits=0), True, "kvc's retrieval plan with rows in the cache dtype"),
     "kvc-4bit": Baseline(compiled("retrieval", kv_bits=4), True, "kvc's retrieval plan with 4-bit rows"),
     "kvc-merge": Baseline(compiled("retrieval", merge_similarity=MERGE_SIMILARITY), True,
-                          "kvc's retrieval plan, evicted prompt tokens merged into heavy hitters"),
+                          "kvc's retrieval plan, evicted prompt tokens merged at every budget"),
     "kvc-knapsack": Baseline(compiled("knapsack"), True, "kvc knapsack over profiled recovery curves"),
     "kvc-fastgen": Baseline(compiled("fastgen"), True, "FastGen 2310.01801, threshold fitted to the budget"),
     "full": Baseline(full_plan, False, "full cache"),

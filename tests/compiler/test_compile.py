@@ -9,7 +9,7 @@ import torch
 
 import kvc
 from kvc.compiler import compile_policy
-from kvc.compiler.compile import DEFAULT_KV_BITS, deployment_for
+from kvc.compiler.compile import DEFAULT_KV_BITS, MERGE_SIMILARITY, deployment_for
 from kvc.compiler.options import head_options, window_curve
 from kvc.plan import Plan, check_kv_bits
 from kvc.policies.errors import KvcError
@@ -34,6 +34,9 @@ from kvc.policies.tokens import PUNCT_BIT, SPECIAL_BIT
     ({"kv_bits": True}, "--kv-bits: expected one of 2, 4, 8"),
     ({"merge_similarity": 2}, r"--merge-similarity: 2 is outside \[-1.0, 1.0\]"),
     ({"merge_similarity": float("nan")}, "--merge-similarity: expected a finite number"),
+    ({"merge_similarity": "nan"}, "--merge-similarity: expected a finite number"),
+    ({"merge_similarity": "always"}, "--merge-similarity: expected auto, off or a cosine similarity in \\[-1, 1\\], "
+                                     "got 'always'"),
 ])
 def test_bad_requests_are_one_clear_error(small_policy, kwargs, message):
     with pytest.raises(KvcError, match=message):
@@ -109,10 +112,23 @@ def test_a_plan_written_before_low_bit_rows_loads_with_rows_in_its_dtype(tmp_pat
     assert older.kv_bits == 0 and older.cache_bytes == plan.cache_bytes
 
 
+@pytest.mark.parametrize("options, merging", [
+    ({"target": 0.25}, None),  # above MERGE_BY_DEFAULT_AT evicted tokens are dropped
+    ({"target": 0.1}, MERGE_SIMILARITY),  # at it or below the retrieval strategy merges
+    ({"target": 0.05}, MERGE_SIMILARITY),
+    ({"target": 0.1, "merge_similarity": "off"}, None),
+    ({"target": 0.1, "merge_similarity": None}, None),
+    ({"target": 0.1, "strategy": "uniform"}, None),  # SnapKV as published drops them
+    ({"target": 0.25, "merge_similarity": "0.3"}, 0.3),
+    ({"target": 0.25, "merge_similarity": -1}, -1.0),
+])
+def test_merging_is_on_by_default_only_for_retrieval_plans_at_tight_budgets(small_policy, options, merging):
+    assert compile_policy(small_policy, max_len=2048, **options).merge_similarity == merging
+
+
 def test_plans_merge_evicted_tokens_when_asked_and_older_plans_do_not(tmp_path, small_policy):
     from safetensors.torch import save
 
-    assert compile_policy(small_policy, 0.25, max_len=2048).merge_similarity is None
     plan = compile_policy(small_policy, 0.25, max_len=2048, merge_similarity=0.5)
     assert plan.merge_similarity == 0.5
     assert Plan.load(plan.save(tmp_path / "merged.plan")).merge_similarity == 0.5

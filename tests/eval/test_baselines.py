@@ -56,11 +56,14 @@ def test_every_plan_fits_its_budget_and_is_deterministic(smollm, shaped_policy, 
 
 def test_kvc_stores_low_bit_rows_and_the_baselines_the_cache_dtype(smollm, shaped_policy):
     plans = {method: plan_for(method, smollm, shaped_policy) for method in METHODS}
-    kvc_strategies = {"kvc", "kvc-merge", "kvc-knapsack", "kvc-fastgen"}
+    kvc_strategies = {"kvc", "kvc-drop", "kvc-merge", "kvc-knapsack", "kvc-fastgen"}
     expected = {m: DEFAULT_KV_BITS * (m in kvc_strategies) for m in METHODS} | {"kvc-4bit": 4}
     assert {m: p.kv_bits for m, p in plans.items()} == expected
-    merging = {m: None for m in METHODS} | {"kvc-merge": MERGE_SIMILARITY}  # only kvc-merge merges evicted tokens
+    merging = {m: None for m in METHODS} | {"kvc-merge": MERGE_SIMILARITY}  # at 25% only kvc-merge merges
     assert {m: p.merge_similarity for m, p in plans.items()} == merging
+    tight = {m: plan_for(m, smollm, shaped_policy, fraction=0.1) for m in ("kvc", "kvc-drop", "kvc-merge", "snapkv")}
+    assert {m: p.merge_similarity for m, p in tight.items()} == {"kvc": MERGE_SIMILARITY, "kvc-drop": None,
+                                                                 "kvc-merge": MERGE_SIMILARITY, "snapkv": None}
     assert int(plans["kvc"].capacity.sum()) > 2 * int(plans["kvc-plain"].capacity.sum())  # the same bytes
     long = {m: plan_for(m, smollm, shaped_policy, 8192, 0.1) for m in ("kvc", "kvc-4bit")}  # no head holds it all
     assert int(long["kvc-4bit"].capacity.sum()) > 1.5 * int(long["kvc"].capacity.sum())
