@@ -4,7 +4,10 @@ Scores are means over depths, lengths and samples (passkey: share right; niah: s
 facts named; the RULER-style tasks: share of the expected strings named; fidelity: share of tokens
 identical to the full cache's answer, with the first differing position, the repeated 4-grams and
 the share of answers that loop where the full cache's does not;
-ppl: perplexity, with its ratio to the full cache's). The plot puts each method's actual cache bytes
+ppl: perplexity, with its ratio to the full cache's). Where kvc and a published baseline answered
+the same prompts, a last table compares kvc with the strongest of them prompt by prompt
+(`kvc.eval.paired`: the mean difference, its 95% bootstrap interval, and whether the prompts can
+tell the two apart), one table per setting. The plot puts each method's actual cache bytes
 against its score, one panel per task and setting.
 """
 
@@ -19,6 +22,7 @@ from rich.console import Group
 from rich.table import Table
 
 from kvc.compiler.sizes import format_size as human_bytes
+from kvc.eval import paired
 from kvc.eval.harness import TASKS, Results
 from kvc.files import atomic_write_bytes, atomic_write_text
 
@@ -63,10 +67,11 @@ def summary(results: Results) -> list[dict]:
 
 
 def render(results: Results) -> Group:
-    """One table per setting (tasks without a question repeat in each)."""
+    """One table per setting (tasks without a question repeat in each), then kvc against the best baseline in each."""
     rows = summary(results)
-    return Group(*[setting_table(results, [row for row in rows if row["setting"] == setting], setting)
-                   for setting in results.settings.setting if any(row["setting"] == setting for row in rows)])
+    tables = [setting_table(results, [row for row in rows if row["setting"] == setting], setting)
+              for setting in results.settings.setting if any(row["setting"] == setting for row in rows)]
+    return Group(*tables, *paired_tables(paired.comparisons(results)))
 
 
 def setting_table(results: Results, rows: list[dict], setting: str) -> Table:
@@ -86,6 +91,36 @@ def setting_table(results: Results, rows: list[dict], setting: str) -> Table:
     return table
 
 
+def paired_table(found: list[paired.Comparison], setting: str | None) -> Table:
+    """kvc against the best baseline in one setting (None: the tasks without a question)."""
+    table = Table(title=f"kvc against the best published baseline, {setting or 'no question'}, prompt by prompt "
+                        f"({paired.LEVEL:.0%} bootstrap interval)")
+    for name in ("budget", "measure", "baseline", "kvc / it", "kvc − it (interval)", "ahead / behind", "verdict"):
+        table.add_column(name, justify="right" if name in ("budget", "kvc / it") else "left")
+    for c in found:
+        digits = 1 if c.measure == paired.FIRST_DIFFERENCE else 2
+        interval = "" if c.low is None else f" ({signed(c.low, digits)}, {signed(c.high, digits)})"
+        table.add_row(f"{c.budget:.0%}", PAIRED_MEASURES.get(c.measure, c.measure), c.baseline,
+                      f"{c.kvc:.{digits}f} / {c.other:.{digits}f}", signed(c.difference, digits) + interval,
+                      f"{c.ahead} / {c.behind} of {c.prompts}", c.verdict)
+    return table
+
+
+def paired_tables(found: list[paired.Comparison]) -> list[Table]:
+    """One table per setting the comparisons are in."""
+    settings = list(dict.fromkeys(c.setting for c in found))
+    return [paired_table([c for c in found if c.setting == setting], setting) for setting in settings]
+
+
+PAIRED_MEASURES = {"fidelity": "same tokens", paired.FIRST_DIFFERENCE: "first diff", paired.NEW_LOOP: "new loops"}
+
+
+def signed(value: float, digits: int) -> str:
+    """+0.12, -0.12, and 0.00 for what rounds to zero (no -0.00)."""
+    rounded = round(value, digits)
+    return f"{rounded:+.{digits}f}" if rounded else f"{0:.{digits}f}"
+
+
 HEADERS = {"fidelity": "fidelity (same tokens)", "fidelity_first_difference": "first diff",
            "fidelity_repetition": "4-gram rep", "fidelity_new_loop": "new loops", "ruler": "ruler mean"}
 
@@ -101,8 +136,9 @@ def cell(score: float | None, reference: float | None, column: str) -> str:
 
 
 def write_json(results: Results, path, **extra) -> Path:
-    """Every record, the settings and the summary table; `extra` adds top-level fields."""
-    data = results.to_dict() | {"summary": summary(results)} | extra
+    """Every record, the settings, the summary table and kvc's paired comparisons; `extra` adds top-level fields."""
+    data = (results.to_dict() | {"summary": summary(results)}
+            | {"paired": [c.to_dict() for c in paired.comparisons(results)]} | extra)
     return atomic_write_text(path, json.dumps(data, indent=1) + "\n")
 
 

@@ -6,6 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from kvc.eval import paired
 from kvc.eval.baselines import method_plan
 from kvc.eval.harness import evaluate
 from kvc.eval.passkey import passkey_sample
@@ -111,7 +112,8 @@ def test_query_agnostic_scores_do_not_see_the_question(smollm, prompt, plans):
 def test_the_harness_asks_in_both_settings_for_a_baseline_and_kvc(smollm, policy_of_model):
     settings = Settings(tasks=["passkey"], methods=["full", "streamingllm", "kvc"], budgets=[0.25],
                         lengths=[LENGTH], depths=[0.5], samples=1, first_sample=3, answer_tokens=8)
-    records = evaluate(smollm, settings, policy_of_model, show_progress=False).records
+    results = evaluate(smollm, settings, policy_of_model, show_progress=False)
+    records = results.records
     cells = [(r.task, r.setting, r.method) for r in records]
     assert cells == [("passkey", setting, method) for setting in (QUERY_AWARE, QUERY_AGNOSTIC)
                      for method in ("full", "streamingllm", "kvc")]
@@ -121,6 +123,13 @@ def test_the_harness_asks_in_both_settings_for_a_baseline_and_kvc(smollm, policy
     # the recent window holds the passkey's question only when it was in the prompt
     streaming = {r.setting: r.completion for r in records if r.method == "streamingllm"}
     assert streaming[QUERY_AWARE] != streaming[QUERY_AGNOSTIC]
+    # kvc is held against the baseline in each setting, on the one prompt both answered: too few for an interval
+    found = paired.comparisons(results)
+    assert [(c.setting, c.baseline, c.prompts, c.verdict) for c in found] == [
+        (setting, "streamingllm", 1, "fewer than 10 prompts") for setting in (QUERY_AGNOSTIC, QUERY_AWARE)]
+    scores = {(r.setting, r.method): r.score for r in records}
+    assert [c.difference for c in found] == [scores[(c.setting, "kvc")] - scores[(c.setting, "streamingllm")]
+                                             for c in found]
 
 
 def test_fidelity_needs_the_full_cache_and_setting_names_are_checked(smollm):

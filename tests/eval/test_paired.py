@@ -1,0 +1,137 @@
+"""kvc against the best published baseline prompt by prompt, on hand-made records: the opponent, the pairing,
+the bootstrap interval, the verdict, and where they show (the table and the JSON)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kvc.eval import paired, report
+from kvc.eval.fidelity import fidelity_metrics
+from kvc.eval.harness import Record, Results
+from kvc.eval.settings import Settings
+
+SETTING = "query-agnostic"
+
+
+def record(method, sample, score, task="multikey", budget=0.1, metrics=None, setting=SETTING):
+    return Record(task, method, budget, 1024, 0.5, score, 100, 1000, 1100, "", sample, setting, metrics)
+
+
+def results_of(records, tasks=("multikey",)):
+    methods = list(dict.fromkeys(r.method for r in records))
+    return Results(Settings(tasks=list(tasks), methods=methods, budgets=[0.1], lengths=[1024], depths=[0.5],
+                            setting=[SETTING]), records, 1.0)
+
+
+def test_kvc_meets_the_baseline_with_the_best_mean_on_the_same_prompts():
+    rng = np.random.default_rng(1)
+    kvc = rng.uniform(0.6, 1.0, 12)
+    records = [record("kvc", s, kvc[s]) for s in range(12)]
+    records += [record("h2o", s, kvc[s] - 0.3) for s in range(12)]  # the stronger baseline, 0.3 behind on each
+    records += [record("snapkv", s, 0.1) for s in range(12)]
+    records += [record("kvc-merge", s, 0.0) for s in range(12)]  # kvc's variants are not opponents
+    records += [record("h2o", 50, 1.0)]  # a prompt kvc did not answer is not paired
+    (found,) = paired.comparisons(results_of(records))
+    assert (found.baseline, found.prompts, found.measure, found.setting, found.budget) == ("h2o", 12, "multikey",
+                                                                                          SETTING, 0.1)
+    assert found.difference == pytest.approx(0.3) and found.kvc == pytest.approx(kvc.mean())
+    assert found.low == pytest.approx(0.3) and found.high == pytest.approx(0.3)  # every draw's mean is 0.3
+    assert (found.ahead, found.behind, found.verdict) == (12, 0, "kvc ahead")
+
+
+def test_the_interval_says_when_the_prompts_cannot_tell_the_two_apart():
+    differences = np.array([3, -2, 1, -1, 0, 2, -3, 1, -1, 0, 2, -2], float)  # mean 0
+    records = [record("kvc", s, 5 + d) for s, d in enumerate(differences)]
+    records += [record("h2o", s, 5.0) for s in range(len(differences))]
+    (found,) = paired.comparisons(results_of(records))
+    assert found.low < 0 < found.high and found.verdict == "within noise"
+    assert (found.ahead, found.behind) == (5, 5)
+    # the percentile bootstrap of the mean, drawn as the docstring says, with the same seed
+    draws = np.random.default_rng(0).integers(0, 12, (paired.DRAWS, 12))
+    assert (found.low, found.high) == pytest.approx(tuple(np.percentile(differences[draws].mean(1), [2.5, 97.5])))
+    assert paired.comparisons(results_of(records)) == [found]  # seeded: the same records, the same interval
+    behind = [record("kvc", s, 5 + d - 4) for s, d in enumerate(differences)]
+    (lost,) = paired.comparisons(results_of(behind + records[len(differences):]))
+    assert lost.high < 0 and lost.verdict == "h2o ahead"
+
+
+def test_lower_is_better_for_perplexity_and_few_prompts_get_no_interval():
+    records = [record("kvc", s, 10.0, task="ppl", setting=None) for s in range(10)]
+    records += [record(m, s, value, task="ppl", setting=None) for s in range(10)
+                for m, value in (("h2o", 12.0 + s % 2), ("streamingllm", 20.0))]
+    (found,) = paired.comparisons(results_of(records, tasks=("ppl",)))
+    assert found.baseline == "h2o" and found.difference == pytest.approx(-2.5)  # the lowest perplexity is the best
+    assert found.high < 0 and (found.ahead, found.verdict) == (10, "kvc ahead")
+    aware = paired.Comparison("query-aware", 0.1, "ppl", "h2o", 10, 10.0, 12.5, -2.5, -3.0, -2.0, 10, 0, False)
+    titles = [table.title for table in report.paired_tables([found, aware])]  # a table per setting
+    assert [title.split(", ")[1] for title in titles] == ["no question", "query-aware"]
+    few = [r for r in records if r.sample < paired.MIN_PROMPTS - 1]
+    (found,) = paired.comparisons(results_of(few, tasks=("ppl",)))
+    assert found.low is found.high is None and found.verdict == "fewer than 10 prompts"
+
+
+def test_fidelity_is_compared_by_its_share_of_tokens_its_first_difference_and_its_loops():
+    full = list(range(40))
+    records = []
+    for sample in range(10):
+        records.append(record("kvc", sample, 0, task="fidelity",
+                              metrics=fidelity_metrics(full[:20] + list(range(100, 120)), full)))  # departs at 20
+        records.append(record("h2o", sample, 0, task="fidelity",
+                              metrics=fidelity_metrics(full[:5] + [99] * 35, full)))  # departs at 5, then loops
+    records = [Record(**{**r.__dict__, "score": r.metrics["identical"]}) for r in records]
+    found = {c.measure: c for c in paired.comparisons(results_of(records, tasks=("fidelity",)))}
+    assert set(found) == {"fidelity", "fidelity_first_difference", "fidelity_new_loop"}
+    assert found["fidelity_first_difference"].difference == pytest.approx(15.0)
+    assert found["fidelity"].difference == pytest.approx(15 / 40)
+    loops = found["fidelity_new_loop"]
+    assert (loops.kvc, loops.other, loops.difference, loops.higher_is_better) == (0.0, 1.0, -1.0, False)
+    assert all(c.verdict == "kvc ahead" for c in found.values())  # fewer loops is better
+
+
+def test_the_comparison_is_the_report_s_last_table_and_in_its_json(tmp_path):
+    records = [record(m, s, v) for s in range(10) for m, v in (("kvc", 0.5), ("snapkv", 0.25 + 0.5 * (s % 2)))]
+    results = results_of(records)
+    scores, table = report.render(results).renderables  # the setting's scores, then kvc against the baseline
+    assert "kvc eval, query-agnostic" in scores.title
+    assert table.title.startswith("kvc against the best published baseline, query-agnostic, prompt by prompt")
+    assert [column.header for column in table.columns] == ["budget", "measure", "baseline", "kvc / it",
+                                                           "kvc − it (interval)", "ahead / behind", "verdict"]
+    cells = [next(iter(column.cells)) for column in table.columns]
+    assert cells[:4] + cells[5:] == ["10%", "multikey", "snapkv", "0.50 / 0.50", "5 / 5 of 10", "within noise"]
+    assert cells[4].startswith("0.00 (-0.") and cells[4].endswith(")")
+    data = json.loads(report.write_json(results, tmp_path / "eval.json").read_text())
+    (row,) = data["paired"]
+    assert row["baseline"] == "snapkv" and row["prompts"] == 10 and row["verdict"] == "within noise"
+    assert row["difference"] == pytest.approx(0.0) and row["low"] < 0 < row["high"]
+    without_kvc = results_of([r for r in records if r.method != "kvc"])
+    assert len(report.render(without_kvc).renderables) == 1  # no kvc, no comparison table
+
+
+@pytest.mark.parametrize("value, digits, text", [(0.1234, 2, "+0.12"), (-0.1234, 2, "-0.12"), (-0.001, 2, "0.00"),
+                                                 (-0.04, 1, "0.0"), (2.06, 1, "+2.1")])
+def test_signed_differences_never_read_minus_zero(value, digits, text):
+    assert report.signed(value, digits) == text
+
+
+def test_the_benchmark_pools_runs_renames_their_methods_and_keeps_a_repeated_prompt_once(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    first = [record(m, s, v) for s in range(6) for m, v in (("kvc", 1.0 if s < 4 else 0.5), ("h2o", 0.0))]
+    later = [record(m, s, v) for s in range(4, 10) for m, v in (("kvc-merge", 1.0), ("kvc", 0.0), ("h2o", 0.0))]
+    report.write_json(results_of(first), tmp_path / "a.json")
+    report.write_json(results_of(later), tmp_path / "b.json")
+    script = Path(__file__).parents[2] / "benchmarks" / "paired_results.py"
+    run = subprocess.run([sys.executable, str(script), str(tmp_path / "a.json"),
+                          f"{tmp_path / 'b.json'}:kvc-merge=kvc,kvc=kvc-drop", "--out", str(tmp_path / "p.json")],
+                         capture_output=True, text=True, check=True)
+    assert "kvc ahead" in run.stdout
+    (row,) = json.loads((tmp_path / "p.json").read_text())["paired"]
+    # samples 0-9 once each: 4 and 5 (0.5) from a.json, the first file, b.json's kvc-merge (1.0) as kvc for 6-9
+    assert (row["prompts"], row["kvc"], row["other"], row["verdict"]) == (10, pytest.approx(0.9), 0.0, "kvc ahead")
+    empty = subprocess.run([sys.executable, str(script), str(tmp_path / "b.json"), "--tasks", "fwe"],
+                           capture_output=True, text=True)
+    assert empty.returncode == 2 and empty.stderr.strip() == (
+        "no prompt answered by both kvc and a published baseline in these records")
