@@ -21,7 +21,7 @@ from pathlib import Path
 from rich.console import Console
 
 from kvc.eval import paired, report
-from kvc.eval.harness import Results, cell_key, read_record
+from kvc.eval.harness import Results, read_record
 from kvc.files import atomic_write_text
 
 
@@ -41,10 +41,8 @@ def pooled(sources: list[tuple[Path, dict[str, str]]], tasks: set[str] | None, b
             record.method = rename.get(record.method, record.method)
             if (tasks and record.task not in tasks) or (budgets and record.budget not in budgets):
                 continue
-            key = cell_key(record.task, record.method, record.budget, record.length, record.depth, record.sample,
-                           record.setting)
-            if key not in seen:
-                seen.add(key)
+            if record.cell() not in seen:
+                seen.add(record.cell())
                 records.append(record)
     results = Results.from_dict(first | {"records": []})
     results.records = records

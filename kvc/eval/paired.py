@@ -47,7 +47,10 @@ class Comparison:
     high: float | None
     ahead: int  # prompts on which kvc is better by the measure's direction, and worse
     behind: int
-    higher_is_better: bool = True
+
+    @property
+    def higher_is_better(self) -> bool:
+        return higher_is_better(self.measure)
 
     @property
     def verdict(self) -> str:
@@ -61,7 +64,7 @@ class Comparison:
         return "within noise"
 
     def to_dict(self) -> dict:
-        return asdict(self) | {"verdict": self.verdict}
+        return asdict(self) | {"higher_is_better": self.higher_is_better, "verdict": self.verdict}
 
 
 def measures(record: Record) -> dict[str, float]:
@@ -89,16 +92,15 @@ def comparisons(results: Results) -> list[Comparison]:
     for (setting, budget, measure, method), mine in values.items():
         if method != KVC:
             continue
-        higher = higher_is_better(measure)
         rivals = [(name, values[(setting, budget, measure, name)]) for name in PUBLISHED
                   if (setting, budget, measure, name) in values]
         pairs = {name: paired(mine, theirs) for name, theirs in rivals}
         pairs = {name: pair for name, pair in pairs.items() if len(pair[0])}
         if not pairs:
             continue
-        sign = 1 if higher else -1
+        sign = 1 if higher_is_better(measure) else -1
         name, (ours, theirs) = max(pairs.items(), key=lambda item: sign * item[1][1].mean())
-        found.append(compare(setting, budget, measure, name, ours, theirs, higher))
+        found.append(compare(setting, budget, measure, name, ours, theirs))
     return sorted(found, key=lambda c: (str(c.setting), c.budget, c.measure))
 
 
@@ -107,14 +109,14 @@ def paired(mine: dict, theirs: dict) -> tuple[np.ndarray, np.ndarray]:
     return np.array([mine[p] for p in prompts], float), np.array([theirs[p] for p in prompts], float)
 
 
-def compare(setting, budget, measure, baseline, ours: np.ndarray, theirs: np.ndarray, higher: bool) -> Comparison:
+def compare(setting, budget, measure, baseline, ours: np.ndarray, theirs: np.ndarray) -> Comparison:
     differences = ours - theirs
     low = high = None
     if len(differences) >= MIN_PROMPTS:
         low, high = bootstrap_interval(differences)
-    better = differences if higher else -differences
+    better = differences if higher_is_better(measure) else -differences
     return Comparison(setting, budget, measure, baseline, len(differences), float(ours.mean()), float(theirs.mean()),
-                      float(differences.mean()), low, high, int((better > 0).sum()), int((better < 0).sum()), higher)
+                      float(differences.mean()), low, high, int((better > 0).sum()), int((better < 0).sum()))
 
 
 def bootstrap_interval(differences: np.ndarray, draws: int = DRAWS, level: float = LEVEL, seed: int = 0

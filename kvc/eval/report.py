@@ -112,9 +112,6 @@ def paired_tables(found: list[paired.Comparison]) -> list[Table]:
     return [paired_table([c for c in found if c.setting == setting], setting) for setting in settings]
 
 
-PAIRED_MEASURES = {"fidelity": "same tokens", paired.FIRST_DIFFERENCE: "first diff", paired.NEW_LOOP: "new loops"}
-
-
 def signed(value: float, digits: int) -> str:
     """+0.12, -0.12, and 0.00 for what rounds to zero (no -0.00)."""
     rounded = round(value, digits)
@@ -123,6 +120,7 @@ def signed(value: float, digits: int) -> str:
 
 HEADERS = {"fidelity": "fidelity (same tokens)", "fidelity_first_difference": "first diff",
            "fidelity_repetition": "4-gram rep", "fidelity_new_loop": "new loops", "ruler": "ruler mean"}
+PAIRED_MEASURES = HEADERS | {"fidelity": "same tokens"}  # the fidelity score, named beside its other measures
 
 
 def cell(score: float | None, reference: float | None, column: str) -> str:

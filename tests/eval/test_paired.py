@@ -63,7 +63,7 @@ def test_lower_is_better_for_perplexity_and_few_prompts_get_no_interval():
     (found,) = paired.comparisons(results_of(records, tasks=("ppl",)))
     assert found.baseline == "h2o" and found.difference == pytest.approx(-2.5)  # the lowest perplexity is the best
     assert found.high < 0 and (found.ahead, found.verdict) == (10, "kvc ahead")
-    aware = paired.Comparison("query-aware", 0.1, "ppl", "h2o", 10, 10.0, 12.5, -2.5, -3.0, -2.0, 10, 0, False)
+    aware = paired.Comparison("query-aware", 0.1, "ppl", "h2o", 10, 10.0, 12.5, -2.5, -3.0, -2.0, 10, 0)
     titles = [table.title for table in report.paired_tables([found, aware])]  # a table per setting
     assert [title.split(", ")[1] for title in titles] == ["no question", "query-aware"]
     few = [r for r in records if r.sample < paired.MIN_PROMPTS - 1]
