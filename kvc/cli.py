@@ -407,10 +407,9 @@ def run_evaluation(model, settings, policy_path, plan_path, json_out, png, devic
     elif differences := progress.differences():
         console.print(f"starting afresh: {progress.path} holds another run ({'; '.join(differences)})")
     try:
-        results = evaluate(loaded, settings, policy, plan, done=done, on_record=progress.save)
+        results = evaluate(loaded, settings, policy, plan, done=done, seconds=seconds, on_record=progress.save)
     except (KeyboardInterrupt, Interrupted):
         raise Interrupted(progress.where()) from None
-    results.seconds += seconds
     console.print(report.render(results))
     with all_or_none():
         progress.finish(results)

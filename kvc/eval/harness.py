@@ -241,15 +241,17 @@ class Group:
 
 
 def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = None, plan: Plan | None = None,
-             show_progress: bool = True, done: dict | None = None,
+             show_progress: bool = True, done: dict | None = None, seconds: float = 0.0,
              on_record: Callable[[Results], None] | None = None) -> Results:
     """Run every (task, length, sample, setting, method, budget); `plan`, when given, is the `kvc` method's plan.
 
     A question's context is prefilled once per sample and setting for every method (`ask`). `done`
     holds records of an earlier run by their cell (`Record.cell`): those cells are taken from it,
-    not run again. `on_record` sees the results after each new record."""
+    not run again, and `seconds` is what that run took. `on_record` sees the results after each new
+    record, their `seconds` up to date; a run that computes nothing new adds no seconds."""
     began = time.perf_counter()
-    results = Results(settings)
+    results = Results(settings, seconds=seconds)
+    computed = False
     done = done or {}
     for task in settings.tasks:
         check_backend(task, settings.backend)
@@ -275,10 +277,14 @@ def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = No
                     progress.update(bar, description=f"{group.task} {group.length} {setting or ''} sample {sample.index}")
                     for record in records_of(loaded, settings, group, sample, setting, done):
                         results.records.append(record)
-                        if record.cell() not in done and on_record is not None:
-                            on_record(results)
+                        if record.cell() not in done:
+                            computed = True
+                            results.seconds = seconds + time.perf_counter() - began
+                            if on_record is not None:
+                                on_record(results)
                         progress.advance(bar)
-    results.seconds = time.perf_counter() - began
+    if computed:
+        results.seconds = seconds + time.perf_counter() - began
     return results
 
 

@@ -7,7 +7,8 @@ the answer loops where the full cache's does not), kvc's
 opponent is the published baseline with the best mean over the prompts both answered; the mean of
 the paired differences (kvc minus the baseline) gets a 95% bootstrap interval, the prompts drawn
 again with replacement (seeded: the same records give the same interval). An interval clear of
-zero says who leads; one across zero says these prompts cannot tell, however the means look. Below
+zero says who leads; one across zero says these prompts cannot tell, however the means look (unless
+the two score the same on every prompt, which is said as such). Below
 MIN_PROMPTS prompts no interval is drawn: a bootstrap over a handful is narrower than the truth.
 """
 
@@ -56,6 +57,8 @@ class Comparison:
     def verdict(self) -> str:
         if self.low is None:
             return f"fewer than {MIN_PROMPTS} prompts"
+        if self.ahead == self.behind == 0:
+            return "level on every prompt"
         better_low, better_high = (self.low, self.high) if self.higher_is_better else (-self.high, -self.low)
         if better_low > 0:
             return "kvc ahead"

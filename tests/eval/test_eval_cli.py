@@ -40,7 +40,9 @@ def test_an_interrupted_run_keeps_its_records_and_the_same_command_resumes(tiny_
                            "command resumes the run")
     partial = json.loads((tmp_path / "r.json").read_text())
     assert partial["complete"] is False and len(partial["records"]) == 1
+    assert partial["seconds"] > 0  # the time spent so far, for the resumed run to add to
     partial["records"][0]["completion"] = "kept from the first run"
+    partial["seconds"] = 1000.0  # as if the first record had taken that long
     (tmp_path / "r.json").write_text(json.dumps(partial))
 
     monkeypatch.setattr(Progress, "save", save)
@@ -49,7 +51,12 @@ def test_an_interrupted_run_keeps_its_records_and_the_same_command_resumes(tiny_
     final = json.loads((tmp_path / "r.json").read_text())
     assert final["complete"] is True and [record["sample"] for record in final["records"]] == [0, 1]
     assert final["records"][0]["completion"] == "kept from the first run"
+    assert 1000.0 < final["seconds"] < 1060.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+    code, out, _ = run(capsys, *command)  # nothing left to compute: the seconds stay the run's
+    assert code == 0 and "resuming: 2 records of an earlier run" in out
+    assert json.loads((tmp_path / "r.json").read_text())["seconds"] == final["seconds"]
 
     final["run"]["threads"] += 1  # as if written with another OMP_NUM_THREADS
     (tmp_path / "r.json").write_text(json.dumps(final))

@@ -54,6 +54,9 @@ def test_the_interval_says_when_the_prompts_cannot_tell_the_two_apart():
     behind = [record("kvc", s, 5 + d - 4) for s, d in enumerate(differences)]
     (lost,) = paired.comparisons(results_of(behind + records[len(differences):]))
     assert lost.high < 0 and lost.verdict == "h2o ahead"
+    level = [record("kvc", s, 5.0) for s in range(len(differences))]  # the same score on every prompt
+    (tie,) = paired.comparisons(results_of(level + records[len(differences):]))
+    assert (tie.low, tie.high, tie.ahead, tie.behind, tie.verdict) == (0.0, 0.0, 0, 0, "level on every prompt")
 
 
 def test_lower_is_better_for_perplexity_and_few_prompts_get_no_interval():
