@@ -251,7 +251,6 @@ def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = No
     record, their `seconds` up to date; a run that computes nothing new adds no seconds."""
     began = time.perf_counter()
     results = Results(settings, seconds=seconds)
-    computed = False
     done = done or {}
     for task in settings.tasks:
         check_backend(task, settings.backend)
@@ -277,14 +276,11 @@ def evaluate(loaded: LoadedModel, settings: Settings, policy: Policy | None = No
                     progress.update(bar, description=f"{group.task} {group.length} {setting or ''} sample {sample.index}")
                     for record in records_of(loaded, settings, group, sample, setting, done):
                         results.records.append(record)
-                        if record.cell() not in done:
-                            computed = True
+                        if record.cell() not in done:  # the run's time: up to its last new record
                             results.seconds = seconds + time.perf_counter() - began
                             if on_record is not None:
                                 on_record(results)
                         progress.advance(bar)
-    if computed:
-        results.seconds = seconds + time.perf_counter() - began
     return results
 
 
