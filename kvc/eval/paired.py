@@ -10,6 +10,11 @@ again with replacement (seeded: the same records give the same interval). An int
 zero says who leads; one across zero says these prompts cannot tell, however the means look (unless
 the two score the same on every prompt, which is said as such). Below
 MIN_PROMPTS prompts no interval is drawn: a bootstrap over a handful is narrower than the truth.
+Where the full cache answered the same prompts its mean stands beside the two, and a lead whose
+trailing method scores as well as the full cache or better says so: compression keeps at most what
+the cache it compresses holds, so such a lead comes from answers unlike the model's own (a small
+model that recites filler where it cannot do the task, answering otherwise once the filler is
+evicted), not from what the leader kept.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from kvc.eval.baselines import PUBLISHED
 from kvc.eval.harness import TASKS, Record, Results
 
 KVC = "kvc"
+FULL = "full"
 MIN_PROMPTS = 10
 DRAWS = 10_000
 LEVEL = 0.95
@@ -48,6 +54,7 @@ class Comparison:
     high: float | None
     ahead: int  # prompts on which kvc is better by the measure's direction, and worse
     behind: int
+    full: float | None = None  # the full cache's mean over the same prompts; None where it did not answer them all
 
     @property
     def higher_is_better(self) -> bool:
@@ -61,10 +68,16 @@ class Comparison:
             return "level on every prompt"
         better_low, better_high = (self.low, self.high) if self.higher_is_better else (-self.high, -self.low)
         if better_low > 0:
-            return "kvc ahead"
+            return "kvc ahead" + self.beyond_full(trailing=self.other)
         if better_high < 0:
-            return f"{self.baseline} ahead"
+            return f"{self.baseline} ahead" + self.beyond_full(trailing=self.kvc)
         return "within noise"
+
+    def beyond_full(self, trailing: float) -> str:
+        """What a lead adds when the full cache scores no better than the one behind: all of the lead lies beyond it."""
+        if self.full is None or (trailing < self.full if self.higher_is_better else trailing > self.full):
+            return ""
+        return ", the full cache no better than either"
 
     def to_dict(self) -> dict:
         return asdict(self) | {"higher_is_better": self.higher_is_better, "verdict": self.verdict}
@@ -86,7 +99,7 @@ def comparisons(results: Results) -> list[Comparison]:
     """One comparison per setting, budget and measure where kvc and at least one published baseline share prompts."""
     values = defaultdict(dict)  # (setting, budget, measure, method) -> {prompt: value}
     for record in results.records:
-        if record.method != KVC and record.method not in PUBLISHED:
+        if record.method not in (KVC, FULL, *PUBLISHED):
             continue
         prompt = (record.length, record.depth, record.sample)
         for measure, value in measures(record).items():
@@ -95,31 +108,34 @@ def comparisons(results: Results) -> list[Comparison]:
     for (setting, budget, measure, method), mine in values.items():
         if method != KVC:
             continue
-        rivals = [(name, values[(setting, budget, measure, name)]) for name in PUBLISHED
-                  if (setting, budget, measure, name) in values]
-        pairs = {name: paired(mine, theirs) for name, theirs in rivals}
-        pairs = {name: pair for name, pair in pairs.items() if len(pair[0])}
-        if not pairs:
+        rivals = {name: sorted(set(mine) & set(values[(setting, budget, measure, name)]), key=str)
+                  for name in PUBLISHED if (setting, budget, measure, name) in values}
+        rivals = {name: prompts for name, prompts in rivals.items() if prompts}
+        if not rivals:
             continue
         sign = 1 if higher_is_better(measure) else -1
-        name, (ours, theirs) = max(pairs.items(), key=lambda item: sign * item[1][1].mean())
-        found.append(compare(setting, budget, measure, name, ours, theirs))
+        name = max(rivals, key=lambda n: sign * column(values[(setting, budget, measure, n)], rivals[n]).mean())
+        prompts, full = rivals[name], values.get((setting, 1.0, measure, FULL), {})
+        found.append(compare(setting, budget, measure, name, column(mine, prompts),
+                             column(values[(setting, budget, measure, name)], prompts),
+                             float(column(full, prompts).mean()) if set(prompts) <= set(full) else None))
     return sorted(found, key=lambda c: (str(c.setting), c.budget, c.measure))
 
 
-def paired(mine: dict, theirs: dict) -> tuple[np.ndarray, np.ndarray]:
-    prompts = sorted(set(mine) & set(theirs), key=str)
-    return np.array([mine[p] for p in prompts], float), np.array([theirs[p] for p in prompts], float)
+def column(values: dict, prompts: list) -> np.ndarray:
+    """The values of these prompts, in their order."""
+    return np.array([values[prompt] for prompt in prompts], float)
 
 
-def compare(setting, budget, measure, baseline, ours: np.ndarray, theirs: np.ndarray) -> Comparison:
+def compare(setting, budget, measure, baseline, ours: np.ndarray, theirs: np.ndarray, full: float | None = None
+            ) -> Comparison:
     differences = ours - theirs
     low = high = None
     if len(differences) >= MIN_PROMPTS:
         low, high = bootstrap_interval(differences)
     better = differences if higher_is_better(measure) else -differences
     return Comparison(setting, budget, measure, baseline, len(differences), float(ours.mean()), float(theirs.mean()),
-                      float(differences.mean()), low, high, int((better > 0).sum()), int((better < 0).sum()))
+                      float(differences.mean()), low, high, int((better > 0).sum()), int((better < 0).sum()), full)
 
 
 def bootstrap_interval(differences: np.ndarray, draws: int = DRAWS, level: float = LEVEL, seed: int = 0

@@ -7,7 +7,7 @@ the share of answers that loop where the full cache's does not;
 ppl: perplexity, with its ratio to the full cache's). Where kvc and a published baseline answered
 the same prompts, a last table compares kvc with the strongest of them prompt by prompt
 (`kvc.eval.paired`: the mean difference, its 95% bootstrap interval, and whether the prompts can
-tell the two apart), one table per setting. The plot puts each method's actual cache bytes
+tell the two apart, beside the full cache's mean on the same prompts), one table per setting. The plot puts each method's actual cache bytes
 against its score, one panel per task and setting.
 """
 
@@ -95,14 +95,15 @@ def paired_table(found: list[paired.Comparison], setting: str | None) -> Table:
     """kvc against the best baseline in one setting (None: the tasks without a question)."""
     table = Table(title=f"kvc against the best published baseline, {setting or 'no question'}, prompt by prompt "
                         f"({paired.LEVEL:.0%} bootstrap interval)")
-    for name in ("budget", "measure", "baseline", "kvc / it", "kvc − it (interval)", "ahead / behind", "verdict"):
-        table.add_column(name, justify="right" if name in ("budget", "kvc / it") else "left")
+    for name in ("budget", "measure", "baseline", "kvc / it", "full cache", "kvc − it (interval)", "ahead / behind",
+                 "verdict"):
+        table.add_column(name, justify="right" if name in ("budget", "kvc / it", "full cache") else "left")
     for c in found:
         digits = 1 if c.measure == paired.FIRST_DIFFERENCE else 2
         interval = "" if c.low is None else f" ({signed(c.low, digits)}, {signed(c.high, digits)})"
         table.add_row(f"{c.budget:.0%}", PAIRED_MEASURES.get(c.measure, c.measure), c.baseline,
-                      f"{c.kvc:.{digits}f} / {c.other:.{digits}f}", signed(c.difference, digits) + interval,
-                      f"{c.ahead} / {c.behind} of {c.prompts}", c.verdict)
+                      f"{c.kvc:.{digits}f} / {c.other:.{digits}f}", "-" if c.full is None else f"{c.full:.{digits}f}",
+                      signed(c.difference, digits) + interval, f"{c.ahead} / {c.behind} of {c.prompts}", c.verdict)
     return table
 
 

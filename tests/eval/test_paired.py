@@ -98,17 +98,38 @@ def test_the_comparison_is_the_report_s_last_table_and_in_its_json(tmp_path):
     scores, table = report.render(results).renderables  # the setting's scores, then kvc against the baseline
     assert "kvc eval, query-agnostic" in scores.title
     assert table.title.startswith("kvc against the best published baseline, query-agnostic, prompt by prompt")
-    assert [column.header for column in table.columns] == ["budget", "measure", "baseline", "kvc / it",
+    assert [column.header for column in table.columns] == ["budget", "measure", "baseline", "kvc / it", "full cache",
                                                            "kvc − it (interval)", "ahead / behind", "verdict"]
     cells = [next(iter(column.cells)) for column in table.columns]
-    assert cells[:4] + cells[5:] == ["10%", "multikey", "snapkv", "0.50 / 0.50", "5 / 5 of 10", "within noise"]
-    assert cells[4].startswith("0.00 (-0.") and cells[4].endswith(")")
+    assert cells[:5] + cells[6:] == ["10%", "multikey", "snapkv", "0.50 / 0.50", "-", "5 / 5 of 10", "within noise"]
+    assert cells[5].startswith("0.00 (-0.") and cells[5].endswith(")")
     data = json.loads(report.write_json(results, tmp_path / "eval.json").read_text())
     (row,) = data["paired"]
     assert row["baseline"] == "snapkv" and row["prompts"] == 10 and row["verdict"] == "within noise"
     assert row["difference"] == pytest.approx(0.0) and row["low"] < 0 < row["high"]
     without_kvc = results_of([r for r in records if r.method != "kvc"])
     assert len(report.render(without_kvc).renderables) == 1  # no kvc, no comparison table
+
+
+def test_the_full_cache_s_mean_stands_beside_and_a_lead_wholly_beyond_it_is_named():
+    beyond = ", the full cache no better than either"
+    records = [record("kvc", s, 0.1) for s in range(10)] + [record("pyramidkv", s, 0.5) for s in range(10)]
+    full_of = lambda scores: [record("full", s, score, budget=1.0) for s, score in enumerate(scores)]  # noqa: E731
+    (found,) = paired.comparisons(results_of(records + full_of([0.0, 0.2] * 5)))  # mean 0.1, level with kvc
+    assert found.full == pytest.approx(0.1) and found.verdict == "pyramidkv ahead" + beyond
+    cells = [next(iter(column.cells)) for column in report.paired_table([found], SETTING).columns]
+    assert cells[4] == "0.10"
+    (real,) = paired.comparisons(results_of(records + full_of([0.2] * 10)))  # kvc below the full cache, a real loss
+    assert real.full == pytest.approx(0.2) and real.verdict == "pyramidkv ahead"
+    (partial,) = paired.comparisons(results_of(records + full_of([0.0] * 9)))  # the full cache did not answer all
+    assert partial.full is None and partial.verdict == "pyramidkv ahead"
+    aware = [record("full", s, 0.0, budget=1.0, setting="query-aware") for s in range(10)]
+    assert paired.comparisons(results_of(records + aware))[0].full is None  # another setting's full cache
+    ppl = [record(m, s, value, task="ppl", setting=None) for s in range(10) for m, value in (("kvc", 9.0), ("h2o", 12.0))]
+    for full_ppl, verdict in ((12.5, "kvc ahead" + beyond), (10.0, "kvc ahead")):  # lower is better
+        full = [record("full", s, full_ppl, task="ppl", budget=1.0, setting=None) for s in range(10)]
+        (found,) = paired.comparisons(results_of(ppl + full, tasks=("ppl",)))
+        assert (found.full, found.verdict) == (full_ppl, verdict)
 
 
 @pytest.mark.parametrize("value, digits, text", [(0.1234, 2, "+0.12"), (-0.1234, 2, "-0.12"), (-0.001, 2, "0.00"),
