@@ -59,7 +59,7 @@ def cached_policy(loaded, console: Console) -> Policy:
         policy = profile_model(loaded, prompts, progress=lambda name: progress.update(task, advance=1, description=name))
     save_policy(policy, path)
     console.print(f"profiled {len(prompts.prompts)} prompts in {policy.profile.seconds:.0f} s; policy saved to {path}")
-    return policy
+    return load_policy(path)  # as every later run reads it (whole numbers read back as floats): one run identity
 
 
 def run(console: Console) -> int:

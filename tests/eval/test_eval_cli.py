@@ -125,12 +125,13 @@ def test_without_a_policy_the_demo_policy_is_used_and_named(tiny_model_dir, tmp_
 
 
 def test_a_cached_policy_without_probe_curves_is_profiled_again(tiny_model_dir, tmp_path, monkeypatch):
-    """A policy an older kvc cached (no context probe) would compile equal budgets: the demo profiles again."""
+    """A policy an older kvc cached (no context probe) would compile equal budgets: the demo profiles again, and
+    the run that profiles uses the policy as later runs read it, so `kvc eval` resumes across the two."""
     from rich.console import Console
 
     from kvc.demo import cached_policy, cached_policy_path
     from kvc.models import load
-    from kvc.policies.schema import load_policy
+    from kvc.policies.schema import dump_policy, load_policy
     from kvc.profiler import load_prompts, profile_model
 
     monkeypatch.setenv("KVC_CACHE", str(tmp_path / "cache"))
@@ -144,3 +145,5 @@ def test_a_cached_policy_without_probe_curves_is_profiled_again(tiny_model_dir, 
     policy = cached_policy(loaded, Console(file=io.StringIO()))
     assert policy.profile.context_probe_scheme and all(head.probe_curve for layer in policy.layers for head in layer.heads)
     assert load_policy(path).to_dict() == policy.to_dict()  # and the cache holds the new one
+    again = cached_policy(loaded, Console(file=io.StringIO()))  # a later run reads it from the cache
+    assert dump_policy(again) == dump_policy(policy)  # the text a run's identity hashes: a profiling run resumes
