@@ -338,7 +338,7 @@ def eval_command(
     samples: int = typer.Option(1, "--samples", min=1, help="Samples per task, length and depth: passkeys of seeds F..F+N-1, needle haystacks starting at essays F..F+N-1, perplexity passages F..F+N-1 back from the end (F: --first-sample)."),
     first_sample: int = typer.Option(0, "--first-sample", min=0, help="The number F of the first sample, to evaluate on samples kept apart from others (tuning, earlier runs)."),
     answer_tokens: Optional[int] = typer.Option(None, "--answer-tokens", min=1, help="Tokens decoded after passkey and needle prompts (default: 12 for the passkey, 20 for the needle, whose answer is 15)."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every record and the settings here."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write every record and the settings here, after every sample: the same command resumes an unfinished run (a file of another run is left alone)."),
     png: Optional[Path] = typer.Option(None, "--png", help="Draw the Pareto plot (cache bytes vs score) here."),
     cache_dtype: str = typer.Option("bf16", "--cache-dtype", help="Dtype of every method's cache (bf16, fp16 or fp32; kvc's low-bit rows aside): budgets are shares of a full cache in it. The model computes in fp32."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
@@ -404,8 +404,9 @@ def run_evaluation(model, settings, policy_path, plan_path, json_out, png, devic
     done, seconds = progress.earlier()
     if done:
         console.print(f"resuming: {len(done)} record{'s' * (len(done) != 1)} of an earlier run read from {progress.path}")
-    elif differences := progress.differences():
-        console.print(f"starting afresh: {progress.path} holds another run ({'; '.join(differences)})")
+    elif differences := progress.differences():  # its records would be lost: the user decides
+        raise KvcError(f"--json {progress.path} holds the records of another run ({'; '.join(differences)}); "
+                       "run that one's command to resume it, or give another --json (or remove the file) to start afresh")
     try:
         results = evaluate(loaded, settings, policy, plan, done=done, seconds=seconds, on_record=progress.save)
     except (KeyboardInterrupt, Interrupted):

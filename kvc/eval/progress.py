@@ -5,9 +5,10 @@ when one is given, else a file in the kvc cache named after the run, removed onc
 A later run reuses a record when the file was written for the same run (model fingerprint, policy
 and plan, cache dtype, decoded and teacher-forced tokens, backend, context probe, CPU threads) and
 the record's cell (task, method, budget, length, depth, sample, setting) is asked for again; only
-the missing cells are computed. The thread count is part of the run because it sets the order of
-the sums: on the embedded model the full cache's greedy answer to 2 of 10 fidelity prompts differs
-between one thread and two (docs/results.md, stop 39).
+the missing cells are computed; `kvc eval` refuses a --json file of another run rather than replace
+its records (`differences` says what differs). The thread count is part of the run because it sets
+the order of the sums: on the embedded model the full cache's greedy answer to 2 of 10 fidelity
+prompts differs between one thread and two (docs/results.md, stop 39).
 """
 
 from __future__ import annotations

@@ -59,19 +59,20 @@ def test_an_interrupted_run_keeps_its_records_and_the_same_command_resumes(tiny_
     assert json.loads((tmp_path / "r.json").read_text())["seconds"] == final["seconds"]
 
     final["run"]["threads"] += 1  # as if written with another OMP_NUM_THREADS
-    (tmp_path / "r.json").write_text(json.dumps(final))
-    code, out, _ = run(capsys, *command)
+    (tmp_path / "r.json").write_text(earlier := json.dumps(final))
+    code, out, err = run(capsys, *command)
     threads = torch.get_num_threads()
-    assert code == 0 and "resuming" not in out
-    assert " ".join(out.split()).startswith(f"starting afresh: {tmp_path / 'r.json'} holds another run "
-                                            f"(threads {threads + 1}, now {threads})")
-    again = json.loads((tmp_path / "r.json").read_text())
-    assert again["run"]["threads"] == threads and again["records"][0]["completion"] != "kept from the first run"
+    assert code == 2 and "resuming" not in out
+    assert err.strip() == (f"error: --json {tmp_path / 'r.json'} holds the records of another run (threads "
+                           f"{threads + 1}, now {threads}); run that one's command to resume it, or give another "
+                           "--json (or remove the file) to start afresh")
+    assert (tmp_path / "r.json").read_text() == earlier  # its records kept, byte for byte
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
 def test_records_of_a_run_with_another_context_probe_or_backend_are_not_reused(tmp_path):
     """A record's cell does not name the probe that scored the context nor the backend that ran it:
-    the run's identity does, so a --json file of another probe starts afresh instead of mixing."""
+    the run's identity does, so a --json file of another probe is not resumed: no mixing."""
     settings = Settings(tasks=["passkey"], methods=["kvc"], budgets=[0.25], lengths=[64], depths=[0.5],
                         setting=["query-agnostic"], context_probe="reconstruct")
     record = Record("passkey", "kvc", 0.25, 64, 0.5, 1.0, 10, 40, 80, "12345", 0, "query-agnostic")
@@ -85,7 +86,7 @@ def test_records_of_a_run_with_another_context_probe_or_backend_are_not_reused(t
 
 def test_records_written_with_another_thread_count_are_not_reused(tmp_path):
     """The CPU thread count orders the sums, which decide near-ties of greedy answers: a file written
-    with another count starts afresh, and the file names the count it was written with."""
+    with another count is not resumed, and the file names the count it was written with."""
     settings = Settings(tasks=["passkey"], methods=["kvc"], budgets=[0.25], lengths=[64], depths=[0.5],
                         setting=["query-aware"])
     record = Record("passkey", "kvc", 0.25, 64, 0.5, 1.0, 10, 40, 80, "12345", 0, "query-aware")
