@@ -32,6 +32,7 @@ FULL = "full"
 MIN_PROMPTS = 10
 DRAWS = 10_000
 LEVEL = 0.95
+TIE = 1e-9  # means closer than this are level (the same scores summed in another order)
 FIRST_DIFFERENCE = "fidelity_first_difference"  # the summary's column names for a fidelity record's metrics
 NEW_LOOP = "fidelity_new_loop"
 # a fidelity record's metrics compared beside its score, and whether more is better
@@ -75,9 +76,10 @@ class Comparison:
 
     def beyond_full(self, trailing: float) -> str:
         """What a lead adds when the full cache scores no better than the one behind: all of the lead lies beyond it."""
-        if self.full is None or (trailing < self.full if self.higher_is_better else trailing > self.full):
+        if self.full is None:
             return ""
-        return ", the full cache no better than either"
+        shortfall = (self.full - trailing) if self.higher_is_better else (trailing - self.full)
+        return "" if shortfall > TIE else ", the full cache no better than either"
 
     def to_dict(self) -> dict:
         return asdict(self) | {"higher_is_better": self.higher_is_better, "verdict": self.verdict}

@@ -7,8 +7,8 @@ the share of answers that loop where the full cache's does not;
 ppl: perplexity, with its ratio to the full cache's). Where kvc and a published baseline answered
 the same prompts, a last table compares kvc with the strongest of them prompt by prompt
 (`kvc.eval.paired`: the mean difference, its 95% bootstrap interval, and whether the prompts can
-tell the two apart, beside the full cache's mean on the same prompts), one table per setting. The plot puts each method's actual cache bytes
-against its score, one panel per task and setting.
+tell the two apart, beside the full cache's mean on the same prompts), one table per setting. The
+plot puts each method's actual cache bytes against its score, one panel per task and setting.
 """
 
 from __future__ import annotations
