@@ -7,7 +7,8 @@ the share of answers that loop where the full cache's does not;
 ppl: perplexity, with its ratio to the full cache's). Where kvc and a published baseline answered
 the same prompts, a last table compares kvc with the strongest of them prompt by prompt
 (`kvc.eval.paired`: the mean difference, its 95% bootstrap interval, and whether the prompts can
-tell the two apart, beside the full cache's mean on the same prompts), one table per setting. The
+tell the two apart, beside the full cache's mean on the same prompts), one table per setting, or,
+in a console too narrow for the table, each comparison in words. The
 plot puts each method's actual cache bytes against its score, one panel per task and setting.
 """
 
@@ -18,7 +19,8 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from rich.console import Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.measure import Measurement
 from rich.table import Table
 
 from kvc.compiler.sizes import format_size as human_bytes
@@ -30,6 +32,7 @@ from kvc.files import atomic_write_bytes, atomic_write_text
 RULER_TASKS = ("multikey", "multivalue", "vartrack", "fwe")
 # beside the share of identical tokens, which is the fidelity score
 FIDELITY_COLUMNS = ("first_difference", "repetition", "new_loop")
+UNBOUNDED = 10_000  # a console width no table reaches
 
 
 def columns(results: Results) -> list[str]:
@@ -107,10 +110,43 @@ def paired_table(found: list[paired.Comparison], setting: str | None) -> Table:
     return table
 
 
-def paired_tables(found: list[paired.Comparison]) -> list[Table]:
+def paired_tables(found: list[paired.Comparison]) -> list[PairedComparisons]:
     """One table per setting the comparisons are in."""
     settings = list(dict.fromkeys(c.setting for c in found))
-    return [paired_table([c for c in found if c.setting == setting], setting) for setting in settings]
+    return [PairedComparisons([c for c in found if c.setting == setting], setting) for setting in settings]
+
+
+class PairedComparisons:
+    """One setting's comparisons: the table where the console is wide enough for it, else each comparison in words
+    (the table's eight columns wrap every cell in an 80-column terminal)."""
+
+    def __init__(self, found: list[paired.Comparison], setting: str | None):
+        self.found, self.table = found, paired_table(found, setting)
+        self.title = self.table.title
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        wanted = Measurement.get(console, options.update_width(UNBOUNDED), self.table).maximum  # measured unclamped
+        if wanted <= options.max_width:
+            yield self.table
+            return
+        lines = Table.grid(padding=(0, 2), pad_edge=True)
+        lines.title = self.title
+        lines.add_column(no_wrap=True)
+        lines.add_column()
+        for c in self.found:
+            lines.add_row(f"{c.budget:.0%} {PAIRED_MEASURES.get(c.measure, c.measure)}", paired_line(c))
+        yield lines
+
+
+def paired_line(c: paired.Comparison) -> str:
+    """A comparison in words: 'kvc 0.90, snapkv 0.65, full cache 0.90; kvc − snapkv +0.25 (+0.10, +0.40), ahead on 5
+    and behind on 0 of 10 prompts: kvc ahead'."""
+    digits = 1 if c.measure == paired.FIRST_DIFFERENCE else 2
+    full = "" if c.full is None else f", full cache {c.full:.{digits}f}"
+    interval = "" if c.low is None else f" ({signed(c.low, digits)}, {signed(c.high, digits)})"
+    return (f"kvc {c.kvc:.{digits}f}, {c.baseline} {c.other:.{digits}f}{full}; kvc − {c.baseline} "
+            f"{signed(c.difference, digits)}{interval}, ahead on {c.ahead} and behind on {c.behind} of {c.prompts} "
+            f"prompts: {c.verdict}")
 
 
 def signed(value: float, digits: int) -> str:

@@ -1,10 +1,12 @@
 """kvc against the best published baseline prompt by prompt, on hand-made records: the opponent, the pairing,
 the bootstrap interval, the verdict, and where they show (the table and the JSON)."""
 
+import io
 import json
 
 import numpy as np
 import pytest
+from rich.console import Console
 
 from kvc.eval import paired, report
 from kvc.eval.fidelity import fidelity_metrics
@@ -95,9 +97,10 @@ def test_fidelity_is_compared_by_its_share_of_tokens_its_first_difference_and_it
 def test_the_comparison_is_the_report_s_last_table_and_in_its_json(tmp_path):
     records = [record(m, s, v) for s in range(10) for m, v in (("kvc", 0.5), ("snapkv", 0.25 + 0.5 * (s % 2)))]
     results = results_of(records)
-    scores, table = report.render(results).renderables  # the setting's scores, then kvc against the baseline
+    scores, comparisons = report.render(results).renderables  # the setting's scores, then kvc against the baseline
     assert "kvc eval, query-agnostic" in scores.title
-    assert table.title.startswith("kvc against the best published baseline, query-agnostic, prompt by prompt")
+    assert comparisons.title.startswith("kvc against the best published baseline, query-agnostic, prompt by prompt")
+    table = comparisons.table
     assert [column.header for column in table.columns] == ["budget", "measure", "baseline", "kvc / it", "full cache",
                                                            "kvc − it (interval)", "ahead / behind", "verdict"]
     cells = [next(iter(column.cells)) for column in table.columns]
@@ -130,6 +133,22 @@ def test_the_full_cache_s_mean_stands_beside_and_a_lead_wholly_beyond_it_is_name
         full = [record("full", s, full_ppl, task="ppl", budget=1.0, setting=None) for s in range(10)]
         (found,) = paired.comparisons(results_of(ppl + full, tasks=("ppl",)))
         assert (found.full, found.verdict) == (full_ppl, verdict)
+
+
+def test_a_console_too_narrow_for_the_table_gets_each_comparison_in_words():
+    records = [record("kvc", s, 0.5) for s in range(10)] + [record("streamingllm", s, 0.25) for s in range(10)]
+    records += [record("full", s, 0.5, budget=1.0) for s in range(10)]
+    (comparisons,) = report.paired_tables(paired.comparisons(results_of(records)))
+    printed = {}
+    for width in (80, 200):
+        console = Console(width=width, record=True, file=io.StringIO())
+        console.print(comparisons)
+        printed[width] = console.export_text()
+    assert "┃ budget ┃ measure" in printed[200] and "ahead on" not in printed[200]  # the table, one line a row
+    assert "┃" not in printed[80] and max(map(len, printed[80].splitlines())) <= 80
+    words = " ".join(printed[80].split())
+    assert ("10% multikey kvc 0.50, streamingllm 0.25, full cache 0.50; kvc − streamingllm +0.25 (+0.25, +0.25), "
+            "ahead on 10 and behind on 0 of 10 prompts: kvc ahead") in words
 
 
 @pytest.mark.parametrize("value, digits, text", [(0.1234, 2, "+0.12"), (-0.1234, 2, "-0.12"), (-0.001, 2, "0.00"),
