@@ -6,6 +6,7 @@ User errors (`KvcError`, bad options) print one line and exit with code 2, no tr
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -44,7 +45,17 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+PIPE_WIDTH = 200
+
+
+def output_console() -> Console:
+    """The terminal's width (or COLUMNS); a file or pipe has none, so its tables get as wide as they need (rich
+    would cut them to 80 columns, and a long run's log would hold every header cut short)."""
+    piped = not sys.stdout.isatty() and "COLUMNS" not in os.environ
+    return Console(width=PIPE_WIDTH if piped else None)
+
+
+console = output_console()
 errors = Console(stderr=True)
 _state = {"debug": False}
 

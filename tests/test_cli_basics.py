@@ -114,3 +114,11 @@ def test_help_lists_the_commands_in_the_order_of_the_workflow(capsys):
     rows = [line.replace("│", " ").split() for line in out.splitlines()]
     assert code == 0 and [row[0] for row in rows if row and row[0] in workflow] == workflow
     assert "Build: profile a model, compile a plan" in out and "Deploy: ONNX and vLLM" in out
+
+
+@pytest.mark.parametrize("columns, width", [(None, 200), ("100", 100)])
+def test_output_to_a_file_or_pipe_is_as_wide_as_its_tables_unless_columns_says(columns, width):
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"} | ({"COLUMNS": columns} if columns else {})
+    done = subprocess.run([sys.executable, "-c", "from kvc.cli import output_console; print(output_console().width)"],
+                          capture_output=True, text=True, env=env, check=True)  # stdout a pipe, not a terminal
+    assert int(done.stdout) == width
