@@ -5,7 +5,9 @@ when one is given, else a file in the kvc cache named after the run, removed onc
 A later run reuses a record when the file was written for the same run (model fingerprint, policy
 and plan, cache dtype, decoded and teacher-forced tokens, backend, context probe, CPU threads) and
 the record's cell (task, method, budget, length, depth, sample, setting) is asked for again; only
-the missing cells are computed; `kvc eval` refuses a --json file of another run rather than replace
+the missing cells are computed. Every write keeps the earlier records the run has not reached (or
+does not ask for: a run of fewer samples over a file of more), so stopping a resumed run at any
+point loses none of them; `kvc eval` refuses a --json file of another run rather than replace
 its records (`differences` says what differs). The thread count is part of the run because it sets
 the order of the sums: on the embedded model the full cache's greedy answer to 2 of 10 fidelity
 prompts differs between one thread and two (docs/results.md, stop 39).
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ class Progress:
     path: Path
     identity: dict
     temporary: bool  # a file of the cache, removed when the run completes
+    kept: dict[tuple, Record] = field(default_factory=dict)  # the earlier run's records, by cell
 
     @classmethod
     def for_run(cls, json_out: Path | None, identity: dict, settings) -> Progress:
@@ -62,7 +65,8 @@ class Progress:
             if data.get("run") != self.identity:
                 return {}, 0.0
             records = [read_record(record) for record in data["records"]]
-            return {record.cell(): record for record in records}, float(data.get("seconds", 0.0))
+            self.kept = {record.cell(): record for record in records}
+            return dict(self.kept), float(data.get("seconds", 0.0))
         except self.UNREADABLE:
             return {}, 0.0  # nothing readable to resume from: start afresh
 
@@ -77,7 +81,11 @@ class Progress:
             return []
 
     def save(self, results: Results, complete: bool = False) -> None:
-        report.write_json(results, self.path, run=self.identity, complete=complete)
+        """The run's records so far, then the earlier ones it has not reached."""
+        reached = {record.cell() for record in results.records}
+        unreached = [record for cell, record in self.kept.items() if cell not in reached]
+        report.write_json(Results(results.settings, results.records + unreached, results.seconds), self.path,
+                          run=self.identity, complete=complete)
 
     def finish(self, results: Results) -> None:
         """The run completed: the --json file gets the whole result, a cache file goes."""

@@ -70,6 +70,29 @@ def test_an_interrupted_run_keeps_its_records_and_the_same_command_resumes(tiny_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
+def test_a_resumed_run_stopped_early_keeps_every_earlier_record_on_disk(tiny_model_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    path = tmp_path / "r.json"
+    command = [tiny_model_dir, "--tasks", "ppl", "--lengths", "48", "--device", "cpu", "--json", path]
+    cells = lambda: sorted((r["method"], r["sample"]) for r in json.loads(path.read_text())["records"])  # noqa: E731
+    assert run(capsys, *command, "--methods", "full", "--samples", "2")[0] == 0
+    assert cells() == [("full", 0), ("full", 1)]
+    save = Progress.save
+
+    def save_then_sigterm(self, results, complete=False):
+        save(self, results, complete)
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(Progress, "save", save_then_sigterm)  # stopped at its first new record, before it reaches full
+    code, out, err = run(capsys, *command, "--methods", "streamingllm,full", "--budgets", "0.5", "--samples", "2")
+    assert code == 2 and "resuming: 2 records" in out and err.startswith("error: interrupted;")
+    assert cells() == [("full", 0), ("full", 1), ("streamingllm", 0)]
+    monkeypatch.setattr(Progress, "save", save)
+    code, out, _ = run(capsys, *command, "--methods", "full", "--samples", "1")  # asks for fewer: the rest stays
+    assert code == 0 and "resuming: 3 records" in out
+    assert cells() == [("full", 0), ("full", 1), ("streamingllm", 0)] and json.loads(path.read_text())["complete"]
+
+
 def test_records_of_a_run_with_another_context_probe_or_backend_are_not_reused(tmp_path):
     """A record's cell does not name the probe that scored the context nor the backend that ran it:
     the run's identity does, so a --json file of another probe is not resumed: no mixing."""
