@@ -102,16 +102,15 @@ def paired_table(found: list[paired.Comparison], setting: str | None) -> Table:
                  "verdict"):
         table.add_column(name, justify="right" if name in ("budget", "kvc / it", "full cache") else "left")
     for c in found:
-        digits = 1 if c.measure == paired.FIRST_DIFFERENCE else 2
-        interval = "" if c.low is None else f" ({signed(c.low, digits)}, {signed(c.high, digits)})"
+        digits = digits_of(c)
         table.add_row(f"{c.budget:.0%}", PAIRED_MEASURES.get(c.measure, c.measure), c.baseline,
                       f"{c.kvc:.{digits}f} / {c.other:.{digits}f}", "-" if c.full is None else f"{c.full:.{digits}f}",
-                      signed(c.difference, digits) + interval, f"{c.ahead} / {c.behind} of {c.prompts}", c.verdict)
+                      signed(c.difference, digits) + interval_of(c), f"{c.ahead} / {c.behind} of {c.prompts}", c.verdict)
     return table
 
 
 def paired_tables(found: list[paired.Comparison]) -> list[PairedComparisons]:
-    """One table per setting the comparisons are in."""
+    """One table (or, in a narrow console, its comparisons in words) per setting the comparisons are in."""
     settings = list(dict.fromkeys(c.setting for c in found))
     return [PairedComparisons([c for c in found if c.setting == setting], setting) for setting in settings]
 
@@ -141,12 +140,21 @@ class PairedComparisons:
 def paired_line(c: paired.Comparison) -> str:
     """A comparison in words: 'kvc 0.90, snapkv 0.65, full cache 0.90; kvc − snapkv +0.25 (+0.10, +0.40), ahead on 5
     and behind on 0 of 10 prompts: kvc ahead'."""
-    digits = 1 if c.measure == paired.FIRST_DIFFERENCE else 2
+    digits = digits_of(c)
     full = "" if c.full is None else f", full cache {c.full:.{digits}f}"
-    interval = "" if c.low is None else f" ({signed(c.low, digits)}, {signed(c.high, digits)})"
     return (f"kvc {c.kvc:.{digits}f}, {c.baseline} {c.other:.{digits}f}{full}; kvc − {c.baseline} "
-            f"{signed(c.difference, digits)}{interval}, ahead on {c.ahead} and behind on {c.behind} of {c.prompts} "
+            f"{signed(c.difference, digits) + interval_of(c)}, ahead on {c.ahead} and behind on {c.behind} of {c.prompts} "
             f"prompts: {c.verdict}")
+
+
+def digits_of(c: paired.Comparison) -> int:
+    """Tokens to the first difference to a tenth, shares to a hundredth."""
+    return 1 if c.measure == paired.FIRST_DIFFERENCE else 2
+
+
+def interval_of(c: paired.Comparison) -> str:
+    """' (low, high)' of the difference's bootstrap interval; none below MIN_PROMPTS prompts."""
+    return "" if c.low is None else f" ({signed(c.low, digits_of(c))}, {signed(c.high, digits_of(c))})"
 
 
 def signed(value: float, digits: int) -> str:
