@@ -1,4 +1,5 @@
-"""What an evaluation shows: per setting a table of method x budget x task, the JSON of every record, a Pareto plot.
+"""What an evaluation shows: per setting a table of method x budget x task (in a console too narrow for it, its task
+columns folded into several tables, each starting with method, budget and cache), the JSON of every record, a Pareto plot.
 
 Scores are means over depths, lengths and samples (passkey: share right; niah: share of the needle's
 facts named; the RULER-style tasks: share of the expected strings named; fidelity: share of tokens
@@ -72,14 +73,15 @@ def summary(results: Results) -> list[dict]:
 def render(results: Results) -> Group:
     """One table per setting (tasks without a question repeat in each), then kvc against the best baseline in each."""
     rows = summary(results)
-    tables = [setting_table(results, [row for row in rows if row["setting"] == setting], setting)
+    tables = [SettingScores(results, [row for row in rows if row["setting"] == setting], setting)
               for setting in results.settings.setting if any(row["setting"] == setting for row in rows)]
     return Group(*tables, *paired_tables(paired.comparisons(results)))
 
 
-def setting_table(results: Results, rows: list[dict], setting: str) -> Table:
+def setting_table(results: Results, rows: list[dict], setting: str, names: list[str] | None = None) -> Table:
+    """The setting's scores in the columns `names` (default: every score column) beside method, budget and cache."""
     reference = next((row for row in rows if row["method"] == "full"), None)
-    names = columns(results)
+    names = columns(results) if names is None else names
     table = Table(title=f"kvc eval, {setting}: {', '.join(results.settings.tasks)} at lengths "
                         f"{', '.join(map(str, results.settings.lengths))} ({results.settings.dtype} cache, "
                         f"{results.seconds:.0f} s)")
@@ -92,6 +94,36 @@ def setting_table(results: Results, rows: list[dict], setting: str) -> Table:
         cells = [cell(row[name], reference and reference[name], name) for name in names]
         table.add_row(row["method"], f"{row['budget']:.0%}", human_bytes(row["cache_bytes"]), *cells)
     return table
+
+
+def natural_width(console: Console, options: ConsoleOptions, table: Table) -> int:
+    """The width a table takes when nothing clamps it."""
+    return Measurement.get(console, options.update_width(UNBOUNDED), table).maximum
+
+
+class SettingScores:
+    """One setting's scores: one table where the console is wide enough for it, else its score columns folded into as
+    many tables as it takes, each starting with method, budget and cache (every task's header cut to three letters
+    in an 80-column terminal: 'mul…' could be multikey or multivalue)."""
+
+    def __init__(self, results: Results, rows: list[dict], setting: str):
+        self.results, self.rows, self.setting = results, rows, setting
+        self.table = setting_table(results, rows, setting)
+        self.title = self.table.title
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        groups: list[list[str]] = [[]]
+        for name in columns(self.results):
+            wider = setting_table(self.results, self.rows, self.setting, groups[-1] + [name])
+            if groups[-1] and natural_width(console, options, wider) > options.max_width:
+                groups.append([name])
+            else:
+                groups[-1].append(name)
+        for index, group in enumerate(groups):
+            table = setting_table(self.results, self.rows, self.setting, group)
+            if index:
+                table.title = None  # the first part names the setting
+            yield table
 
 
 def paired_table(found: list[paired.Comparison], setting: str | None) -> Table:
@@ -124,8 +156,7 @@ class PairedComparisons:
         self.title = self.table.title
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
-        wanted = Measurement.get(console, options.update_width(UNBOUNDED), self.table).maximum  # measured unclamped
-        if wanted <= options.max_width:
+        if natural_width(console, options, self.table) <= options.max_width:
             yield self.table
             return
         lines = Table.grid(padding=(0, 2), pad_edge=True)

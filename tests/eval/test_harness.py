@@ -39,9 +39,9 @@ def test_every_sample_runs_through_every_method_at_its_bytes(results):
 
 
 def test_report_table_json_and_png(results, tmp_path):
-    (table,) = report.render(results).renderables  # one setting, one table
-    assert [column.header for column in table.columns] == ["method", "budget", "cache", "passkey"]
-    assert "query-aware" in table.title
+    (scores,) = report.render(results).renderables  # one setting, one table
+    assert [column.header for column in scores.table.columns] == ["method", "budget", "cache", "passkey"]
+    assert "query-aware" in scores.title
     data = json.loads(report.write_json(results, tmp_path / "eval.json").read_text())
     assert data["settings"]["lengths"] == [400] and len(data["records"]) == 8
     assert {row["method"] for row in data["summary"]} == {"full", "streamingllm"}
@@ -117,5 +117,5 @@ def test_fidelity_summary_counts_the_loops_the_full_cache_does_not_have():
     results = Results(settings, records, 1.0)
     rows = {row["method"]: row for row in report.summary(results)}
     assert rows["snapkv"]["fidelity_new_loop"] == 0.5 and rows["full"]["fidelity_new_loop"] == 0.0
-    (table,) = report.render(results).renderables
-    assert [column.header for column in table.columns][-1] == "new loops"
+    (scores,) = report.render(results).renderables
+    assert [column.header for column in scores.table.columns][-1] == "new loops"
