@@ -5,7 +5,8 @@ over several runs (ten samples, then twenty more) are compared here, their recor
 prompt evaluated twice for the same method keeps its first file's record (the files in the order
 given). `FILE:kvc-merge=kvc,kvc=kvc-drop` renames that file's methods first (what an earlier run
 called the plan kvc now compiles by default, and kvc's plan of then); `--tasks` and `--budgets`
-keep a part of the records. Prints the table and writes the comparisons as JSON.
+keep a part of the records (the full cache's stay with any budget: the table shows them beside each
+comparison). Prints the table and writes the comparisons as JSON.
 
     .venv/bin/python benchmarks/paired_results.py benchmarks/results/eval_aware_ten_1024.json \\
         benchmarks/results/eval_aware_more_1024.json --tasks fwe --budgets 0.5 --out paired.json
@@ -22,6 +23,7 @@ from rich.console import Console
 
 from kvc.eval import paired, report
 from kvc.eval.harness import Results, read_record
+from kvc.eval.paired import FULL
 from kvc.files import atomic_write_text
 
 
@@ -39,7 +41,7 @@ def pooled(sources: list[tuple[Path, dict[str, str]]], tasks: set[str] | None, b
         first = first or data
         for record in map(read_record, data["records"]):
             record.method = rename.get(record.method, record.method)
-            if (tasks and record.task not in tasks) or (budgets and record.budget not in budgets):
+            if (tasks and record.task not in tasks) or (budgets and record.method != FULL and record.budget not in budgets):
                 continue
             if record.cell() not in seen:
                 seen.add(record.cell())

@@ -163,17 +163,20 @@ def test_the_benchmark_pools_runs_renames_their_methods_and_keeps_a_repeated_pro
     from pathlib import Path
 
     first = [record(m, s, v) for s in range(6) for m, v in (("kvc", 1.0 if s < 4 else 0.5), ("h2o", 0.0))]
+    first += [record("full", s, 0.75, budget=1.0) for s in range(10)]
     later = [record(m, s, v) for s in range(4, 10) for m, v in (("kvc-merge", 1.0), ("kvc", 0.0), ("h2o", 0.0))]
     report.write_json(results_of(first), tmp_path / "a.json")
     report.write_json(results_of(later), tmp_path / "b.json")
     script = Path(__file__).parents[2] / "benchmarks" / "paired_results.py"
     run = subprocess.run([sys.executable, str(script), str(tmp_path / "a.json"),
-                          f"{tmp_path / 'b.json'}:kvc-merge=kvc,kvc=kvc-drop", "--out", str(tmp_path / "p.json")],
+                          f"{tmp_path / 'b.json'}:kvc-merge=kvc,kvc=kvc-drop", "--budgets", "0.1",
+                          "--out", str(tmp_path / "p.json")],
                          capture_output=True, text=True, check=True)
     assert "kvc ahead" in run.stdout
     (row,) = json.loads((tmp_path / "p.json").read_text())["paired"]
     # samples 0-9 once each: 4 and 5 (0.5) from a.json, the first file, b.json's kvc-merge (1.0) as kvc for 6-9
     assert (row["prompts"], row["kvc"], row["other"], row["verdict"]) == (10, pytest.approx(0.9), 0.0, "kvc ahead")
+    assert row["full"] == pytest.approx(0.75)  # the full cache's records (budget 100%) survive --budgets
     empty = subprocess.run([sys.executable, str(script), str(tmp_path / "b.json"), "--tasks", "fwe"],
                            capture_output=True, text=True)
     assert empty.returncode == 2 and empty.stderr.strip() == (
