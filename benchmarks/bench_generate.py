@@ -5,9 +5,11 @@ keys, values and observation-window queries); every cache is then built from tha
 configuration decodes from the same state. Rounds interleave the configurations (their order
 rotates) and restore each cache before decoding --new-tokens greedily, timing wall seconds and
 process CPU seconds (one thread by default: steadier on a shared machine). Ratios to DynamicCache
-are taken per round. Also: the peak transient allocation and total allocations of one decode step
-(torch profiler) against the cache's bytes, and with --compile the same step under
-`torch.compile(fullgraph=True)` (kvc and StaticCache; compiling takes minutes per plan on a CPU).
+are taken per round, beside each round's minor page faults per token (memory the kernel maps afresh: a
+step that frees and reallocates its whole cache pays for that or not as the allocator's state has it).
+Also: the peak transient allocation and total allocations of one decode step (torch profiler) against
+the cache's bytes, and with --compile the same step under `torch.compile(fullgraph=True)` (kvc and
+StaticCache; compiling takes minutes per plan on a CPU).
 The "model alone" rows decode with a cache holding only the prompt's first FLOOR_TOKENS tokens (a
 DynamicCache; compiled, a StaticCache that short): the step's cost without any cache to read, the
 floor no cache can go under, so DynamicCache's time over it bounds every cache's ratio.
@@ -16,6 +18,7 @@ floor no cache can go under, so DynamicCache's time over it bounds every cache's
 import argparse
 import json
 import platform
+import resource
 import statistics
 import time
 from pathlib import Path
@@ -159,15 +162,19 @@ class HfCase:
         return logits
 
 
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def decode(case, first, new_tokens):
-    """Greedy tokens from the restored state: (tokens, wall seconds, CPU seconds)."""
+    """Greedy tokens from the restored state: (tokens, wall seconds, CPU seconds, minor page faults)."""
     case.restore()
     token, tokens = first, []
-    wall, cpu = time.perf_counter(), time.process_time()
+    wall, cpu, faults = time.perf_counter(), time.process_time(), minor_faults()
     for _ in range(new_tokens):
         token = case(token)[:, -1].argmax(-1)[:, None]
         tokens.append(int(token))
-    return tokens, time.perf_counter() - wall, time.process_time() - cpu
+    return tokens, time.perf_counter() - wall, time.process_time() - cpu, minor_faults() - faults
 
 
 def step_memory(case, first):
@@ -223,8 +230,8 @@ def main():
             reference = measured["DynamicCache"]
             rounds.append({name: {"tokens_per_second": args.new_tokens / wall, "tokens_per_cpu_second": args.new_tokens / cpu,
                                   "cpu_ratio_to_dynamic": reference[2] / cpu, "wall_ratio_to_dynamic": reference[1] / wall,
-                                  "same_tokens": tokens == reference[0]}
-                           for name, (tokens, wall, cpu) in measured.items()})
+                                  "faults_per_token": faults / args.new_tokens, "same_tokens": tokens == reference[0]}
+                           for name, (tokens, wall, cpu, faults) in measured.items()})
         rows = {}
         for name, case in cases.items():
             peak, allocated = step_memory(case, first)
@@ -235,6 +242,7 @@ def main():
                           "tokens_per_second": statistics.median(r["tokens_per_second"] for r in per_round),
                           "cpu_ratio_per_round": [round(r["cpu_ratio_to_dynamic"], 3) for r in per_round],
                           "wall_ratio_per_round": [round(r["wall_ratio_to_dynamic"], 3) for r in per_round],
+                          "minor_faults_per_token": [round(r["faults_per_token"]) for r in per_round],
                           "same_tokens_as_dynamic": all(r["same_tokens"] for r in per_round)
                           if case.comparable else None}
         for case in cases.values():
@@ -244,11 +252,12 @@ def main():
         print(f"\n{loaded.source.name}: prompt {length} tokens, {args.new_tokens} new, {args.threads} thread(s), "
               f"{args.rounds} rounds (prefill {prefill_seconds:.0f} s)")
         print(f"{'cache':<31}{'bytes':>11}{'tok/CPU s':>10}{'x Dynamic per round (CPU)':>28}{'peak step':>11}"
-              f"{'allocs':>10}  same")
+              f"{'allocs':>11}{'faults/token':>13}  same")
         for name, row in rows.items():
             ratios = " ".join(f"{r:.2f}" for r in row["cpu_ratio_per_round"])
             print(f"{name:<31}{human_bytes(row['cache_bytes']):>11}{row['tokens_per_cpu_second']:>10.1f}{ratios:>28}"
-                  f"{human_bytes(row['peak_step_allocation']):>11}{human_bytes(row['step_allocations']):>10}  "
+                  f"{human_bytes(row['peak_step_allocation']):>11}{human_bytes(row['step_allocations']):>11}"
+                  f"{statistics.median(row['minor_faults_per_token']):>13.0f}  "
                   f"{ {True: 'yes', False: 'no', None: '-'}[row['same_tokens_as_dynamic']]}")
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))  # after every length: a long run keeps what it measured
