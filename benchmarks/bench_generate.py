@@ -163,6 +163,7 @@ class HfCase:
 
 
 def minor_faults() -> int:
+    """Page faults this process has taken so far that needed no disk (fresh or reclaimed pages)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 

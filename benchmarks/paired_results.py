@@ -23,7 +23,6 @@ from rich.console import Console
 
 from kvc.eval import paired, report
 from kvc.eval.harness import Results, read_record
-from kvc.eval.paired import FULL
 from kvc.files import atomic_write_text
 
 
@@ -41,7 +40,7 @@ def pooled(sources: list[tuple[Path, dict[str, str]]], tasks: set[str] | None, b
         first = first or data
         for record in map(read_record, data["records"]):
             record.method = rename.get(record.method, record.method)
-            if (tasks and record.task not in tasks) or (budgets and record.method != FULL and record.budget not in budgets):
+            if (tasks and record.task not in tasks) or (budgets and record.method != paired.FULL and record.budget not in budgets):
                 continue
             if record.cell() not in seen:
                 seen.add(record.cell())
