@@ -6,7 +6,8 @@ prompt evaluated twice for the same method keeps its first file's record (the fi
 given). `FILE:kvc-merge=kvc,kvc=kvc-drop` renames that file's methods first (what an earlier run
 called the plan kvc now compiles by default, and kvc's plan of then); `--tasks` and `--budgets`
 keep a part of the records (the full cache's stay with any budget: the table shows them beside each
-comparison). Prints the table and writes the comparisons as JSON.
+comparison); `--against kvc-merge` compares kvc with that method (a variant of its plan) instead of
+the best baseline. Prints the table and writes the comparisons as JSON.
 
     .venv/bin/python benchmarks/paired_results.py benchmarks/results/eval_aware_ten_1024.json \\
         benchmarks/results/eval_aware_more_1024.json --tasks fwe --budgets 0.5 --out paired.json
@@ -55,19 +56,23 @@ def main() -> None:
     parser.add_argument("files", nargs="+", help="kvc eval JSON files, each FILE or FILE:OLD=NEW,... to rename methods")
     parser.add_argument("--tasks", default="", help="comma-separated tasks to keep (default: all)")
     parser.add_argument("--budgets", default="", help="comma-separated budgets to keep (default: all)")
+    parser.add_argument("--against", default="", help="comma-separated methods to compare kvc with instead of the "
+                        "published baselines (the best of them by mean)")
     parser.add_argument("--out", type=Path, help="write the comparisons here as JSON")
     args = parser.parse_args()
     sources = [source(argument) for argument in args.files]
     tasks = {task for task in args.tasks.split(",") if task} or None
     budgets = {float(budget) for budget in args.budgets.split(",") if budget} or None
-    found = paired.comparisons(pooled(sources, tasks, budgets))
+    rivals = tuple(method for method in args.against.split(",") if method) or paired.PUBLISHED
+    found = paired.comparisons(pooled(sources, tasks, budgets), rivals)
     if not found:
-        print("no prompt answered by both kvc and a published baseline in these records", file=sys.stderr)
+        print(f"no prompt answered by both kvc and one of {', '.join(rivals)} in these records", file=sys.stderr)
         raise SystemExit(2)
-    for table in report.paired_tables(found):
+    for table in report.paired_tables(found, ", ".join(rivals) if args.against else report.BEST_BASELINE):
         Console(width=200).print(table)
     if args.out:
-        atomic_write_text(args.out, json.dumps({"files": args.files, "paired": [c.to_dict() for c in found]},
+        atomic_write_text(args.out, json.dumps({"files": args.files, "against": list(rivals),
+                                                "paired": [c.to_dict() for c in found]},
                                                indent=1) + "\n")
         print(f"wrote {args.out}")
 

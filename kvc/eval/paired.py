@@ -97,11 +97,12 @@ def higher_is_better(measure: str) -> bool:
     return FIDELITY_MEASURES[measure] if measure in FIDELITY_MEASURES else TASKS[measure].higher_is_better
 
 
-def comparisons(results: Results) -> list[Comparison]:
-    """One comparison per setting, budget and measure where kvc and at least one published baseline share prompts."""
+def comparisons(results: Results, rivals: tuple[str, ...] = PUBLISHED) -> list[Comparison]:
+    """One comparison per setting, budget and measure where kvc and at least one of `rivals` (the published
+    baselines, or e.g. a variant of kvc's plan) share prompts."""
     values = defaultdict(dict)  # (setting, budget, measure, method) -> {prompt: value}
     for record in results.records:
-        if record.method not in (KVC, FULL, *PUBLISHED):
+        if record.method not in (KVC, FULL, *rivals):
             continue
         prompt = (record.length, record.depth, record.sample)
         for measure, value in measures(record).items():
@@ -111,7 +112,7 @@ def comparisons(results: Results) -> list[Comparison]:
         if method != KVC:
             continue
         rivals = {name: sorted(set(mine) & set(values[(setting, budget, measure, name)]), key=str)
-                  for name in PUBLISHED if (setting, budget, measure, name) in values}
+                  for name in rivals if (setting, budget, measure, name) in values}
         rivals = {name: prompts for name, prompts in rivals.items() if prompts}
         if not rivals:
             continue

@@ -126,9 +126,12 @@ class SettingScores:
             yield table
 
 
-def paired_table(found: list[paired.Comparison], setting: str | None) -> Table:
-    """kvc against the best baseline in one setting (None: the tasks without a question)."""
-    table = Table(title=f"kvc against the best published baseline, {setting or 'no question'}, prompt by prompt "
+BEST_BASELINE = "the best published baseline"
+
+
+def paired_table(found: list[paired.Comparison], setting: str | None, opponent: str = BEST_BASELINE) -> Table:
+    """kvc against the best baseline (or `opponent`) in one setting (None: the tasks without a question)."""
+    table = Table(title=f"kvc against {opponent}, {setting or 'no question'}, prompt by prompt "
                         f"({paired.LEVEL:.0%} bootstrap interval)")
     for name in ("budget", "measure", "baseline", "kvc / it", "full cache", "kvc − it (interval)", "ahead / behind",
                  "verdict"):
@@ -141,18 +144,18 @@ def paired_table(found: list[paired.Comparison], setting: str | None) -> Table:
     return table
 
 
-def paired_tables(found: list[paired.Comparison]) -> list[PairedComparisons]:
+def paired_tables(found: list[paired.Comparison], opponent: str = BEST_BASELINE) -> list[PairedComparisons]:
     """One table (or, in a narrow console, its comparisons in words) per setting the comparisons are in."""
     settings = list(dict.fromkeys(c.setting for c in found))
-    return [PairedComparisons([c for c in found if c.setting == setting], setting) for setting in settings]
+    return [PairedComparisons([c for c in found if c.setting == setting], setting, opponent) for setting in settings]
 
 
 class PairedComparisons:
     """One setting's comparisons: the table where the console is wide enough for it, else each comparison in words
     (the table's eight columns wrap every cell in an 80-column terminal)."""
 
-    def __init__(self, found: list[paired.Comparison], setting: str | None):
-        self.found, self.table = found, paired_table(found, setting)
+    def __init__(self, found: list[paired.Comparison], setting: str | None, opponent: str = BEST_BASELINE):
+        self.found, self.table = found, paired_table(found, setting, opponent)
         self.title = self.table.title
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:

@@ -179,5 +179,20 @@ def test_the_benchmark_pools_runs_renames_their_methods_and_keeps_a_repeated_pro
     assert row["full"] == pytest.approx(0.75)  # the full cache's records (budget 100%) survive --budgets
     empty = subprocess.run([sys.executable, str(script), str(tmp_path / "b.json"), "--tasks", "fwe"],
                            capture_output=True, text=True)
-    assert empty.returncode == 2 and empty.stderr.strip() == (
-        "no prompt answered by both kvc and a published baseline in these records")
+    assert empty.returncode == 2 and empty.stderr.strip().startswith(
+        "no prompt answered by both kvc and one of streamingllm, h2o")
+    against = subprocess.run([sys.executable, str(script), str(tmp_path / "b.json"), "--against", "kvc-merge",
+                              "--out", str(tmp_path / "v.json")], capture_output=True, text=True, check=True)
+    assert "kvc against kvc-merge, query-agnostic" in against.stdout  # kvc 0.0 against its variant's 1.0 on 4-9
+    (row,) = json.loads((tmp_path / "v.json").read_text())["paired"]
+    assert (row["baseline"], row["prompts"], row["kvc"], row["other"]) == ("kvc-merge", 6, 0.0, 1.0)
+
+
+def test_a_variant_of_kvc_s_plan_can_be_the_opponent_instead_of_the_baselines():
+    records = [record("kvc", s, 0.5) for s in range(12)]
+    records += [record("h2o", s, 0.9) for s in range(12)] + [record("kvc-merge", s, 0.4 + s % 3 * 0.1) for s in range(12)]
+    (found,) = paired.comparisons(results_of(records), rivals=("kvc-merge",))
+    assert (found.baseline, found.other, found.difference) == ("kvc-merge", pytest.approx(0.5), pytest.approx(0.0))
+    assert (found.ahead, found.behind, found.verdict) == (4, 4, "within noise")
+    (published,) = paired.comparisons(results_of(records))
+    assert published.baseline == "h2o"  # by default only the published baselines are opponents
