@@ -30,6 +30,7 @@ import sys
 import torch
 
 from kvc.plan import Plan, slot_bytes
+from kvc.policies.errors import KvcError
 from kvc.runtime import quantize, store
 
 HEADS = ("whole", "snap", "snap-prompt")
@@ -131,8 +132,8 @@ def make_plan(args) -> None:
     print(f"{whole} heads whole, {int(plan.capacity[~plan.has('full')].sum())} SnapKV-style slots; "
           f"4-bit {args.heads}: {needed} bytes, {needed / full:.2%} of a bf16 cache ({allowed} allowed)")
     if needed > allowed:
-        sys.exit(f"--compile-target {args.compile_target}: the mixed plan needs {needed} bytes, more than "
-                 f"--target {args.target} allows ({allowed}); lower it")
+        raise KvcError(f"--compile-target {args.compile_target}: the mixed plan needs {needed} bytes, more than "
+                       f"--target {args.target} allows ({allowed}); lower it")
     plan.notes[NOTE] = args.heads
     plan.save(args.out)
     print(f"wrote {args.out}")
@@ -148,16 +149,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(required=True)
     plan = commands.add_parser("plan", help="compile an 8-bit stand-in for a mixed-width plan")
-    plan.add_argument("policy")
+    plan.add_argument("policy", help="a policy file from kvc profile")
     plan.add_argument("--target", type=float, required=True, help="the mixed plan's share of a bf16 cache")
     plan.add_argument("--compile-target", type=float, required=True, help="the 8-bit stand-in's kvc compile --target")
-    plan.add_argument("--heads", choices=HEADS, required=True)
-    plan.add_argument("--max-len", type=int, required=True)
-    plan.add_argument("--retrieval-threshold", type=float)
+    plan.add_argument("--heads", choices=HEADS, required=True, help="which heads hold 4-bit rows (the docstring)")
+    plan.add_argument("--max-len", type=int, required=True, help="kvc compile's")
+    plan.add_argument("--retrieval-threshold", type=float, help="kvc compile's; pick it so the stand-in keeps "
+                      "whole the heads the mixed plan would")
     plan.add_argument("--merge-similarity", default="0.5", help="kvc compile's; 0.5 as its default at 10%% or less")
-    plan.add_argument("--out", required=True)
+    plan.add_argument("--out", required=True, help="where to write the marked 8-bit stand-in")
     commands.add_parser("eval", help="kvc eval with the stand-in's rounding (arguments as kvc eval's)")
-    make_plan(parser.parse_args())
+    try:
+        make_plan(parser.parse_args())
+    except KvcError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
