@@ -111,14 +111,14 @@ def comparisons(results: Results, rivals: tuple[str, ...] = PUBLISHED) -> list[C
     for (setting, budget, measure, method), mine in values.items():
         if method != KVC:
             continue
-        rivals = {name: sorted(set(mine) & set(values[(setting, budget, measure, name)]), key=str)
+        shared = {name: sorted(set(mine) & set(values[(setting, budget, measure, name)]), key=str)
                   for name in rivals if (setting, budget, measure, name) in values}
-        rivals = {name: prompts for name, prompts in rivals.items() if prompts}
-        if not rivals:
+        shared = {name: prompts for name, prompts in shared.items() if prompts}
+        if not shared:
             continue
         sign = 1 if higher_is_better(measure) else -1
-        name = max(rivals, key=lambda n: sign * column(values[(setting, budget, measure, n)], rivals[n]).mean())
-        prompts, full = rivals[name], values.get((setting, 1.0, measure, FULL), {})
+        name = max(shared, key=lambda n: sign * column(values[(setting, budget, measure, n)], shared[n]).mean())
+        prompts, full = shared[name], values.get((setting, 1.0, measure, FULL), {})
         found.append(compare(setting, budget, measure, name, column(mine, prompts),
                              column(values[(setting, budget, measure, name)], prompts),
                              float(column(full, prompts).mean()) if set(prompts) <= set(full) else None))

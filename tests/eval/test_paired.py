@@ -196,3 +196,11 @@ def test_a_variant_of_kvc_s_plan_can_be_the_opponent_instead_of_the_baselines():
     assert (found.ahead, found.behind, found.verdict) == (4, 4, "within noise")
     (published,) = paired.comparisons(results_of(records))
     assert published.baseline == "h2o"  # by default only the published baselines are opponents
+
+
+def test_each_budget_meets_its_own_best_baseline_whoever_the_others_met():
+    records = [record("kvc", s, 0.5, budget=b) for s in range(10) for b in (0.1, 0.25)]
+    records += [record("h2o", s, 0.4, budget=0.1) for s in range(10)]  # only H2O ran at 10%
+    records += [record("snapkv", s, 0.6, budget=0.25) for s in range(10)]  # only SnapKV at 25%
+    found = {c.budget: c for c in paired.comparisons(results_of(records))}
+    assert (found[0.1].baseline, found[0.25].baseline) == ("h2o", "snapkv")
