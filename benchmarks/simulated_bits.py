@@ -105,18 +105,12 @@ def install() -> None:
 
 
 def mixed_bytes(plan: Plan, heads: str) -> int:
-    """What the plan would take with its chosen heads' slots in 4-bit rows."""
-    whole, frequency = plan.has("full").bool(), plan.has("frequency").to(torch.int64)
-    slot = {bits: slot_bytes(plan.head_dim, plan.target.dtype, bits, frequency) for bits in (LOW, HIGH)}
-    capacity = plan.capacity.to(torch.int64)
-    if heads == "whole":
-        per_head = torch.where(whole, capacity * slot[LOW], capacity * slot[HIGH])
-    elif heads == "snap":
-        per_head = torch.where(whole, capacity * slot[HIGH], capacity * slot[LOW])
-    else:
-        window = plan.window.to(torch.int64)
-        per_head = torch.where(whole, capacity * slot[HIGH], (capacity - window) * slot[LOW] + window * slot[HIGH])
-    return int(per_head.sum()) * plan.target.batch + plan.overhead_bytes
+    """What the plan would take with its chosen heads' slots in 4-bit rows (snap-prompt: all but their windows)."""
+    whole, capacity = plan.has("full").bool(), plan.capacity.to(torch.int64)
+    low_slots = {"whole": torch.where(whole, capacity, 0), "snap": torch.where(whole, 0, capacity),
+                 "snap-prompt": torch.where(whole, 0, capacity - plan.window.to(torch.int64))}[heads]
+    saved = slot_bytes(plan.head_dim, plan.target.dtype, HIGH) - slot_bytes(plan.head_dim, plan.target.dtype, LOW)
+    return plan.cache_bytes - int(low_slots.sum()) * saved * plan.target.batch
 
 
 def make_plan(args) -> None:
