@@ -63,12 +63,13 @@ def main() -> None:
     sources = [source(argument) for argument in args.files]
     tasks = {task for task in args.tasks.split(",") if task} or None
     budgets = {float(budget) for budget in args.budgets.split(",") if budget} or None
-    rivals = tuple(method for method in args.against.split(",") if method) or paired.PUBLISHED
+    against = tuple(method for method in args.against.split(",") if method)
+    rivals, opponent = against or paired.PUBLISHED, ", ".join(against) or report.BEST_BASELINE
     found = paired.comparisons(pooled(sources, tasks, budgets), rivals)
     if not found:
         print(f"no prompt answered by both kvc and one of {', '.join(rivals)} in these records", file=sys.stderr)
         raise SystemExit(2)
-    for table in report.paired_tables(found, ", ".join(rivals) if args.against else report.BEST_BASELINE):
+    for table in report.paired_tables(found, opponent):
         Console(width=200).print(table)
     if args.out:
         atomic_write_text(args.out, json.dumps({"files": args.files, "against": list(rivals),
