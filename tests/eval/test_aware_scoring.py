@@ -1,6 +1,6 @@
-"""benchmarks/aware_scoring.py, the measurement of expected attention with the question in the prompt: a
-marked plan keeps the top of the window's and expected attention's shares summed (or of expected
-attention alone); an unmarked plan is scored as kvc scores it."""
+"""benchmarks/aware_scoring.py, the measurement of other scores with the question in the prompt: a marked
+plan keeps the top of the window's and expected attention's shares summed, of expected attention
+alone, or of every prompt query's attention summed (H2O's score); an unmarked plan keeps what kvc keeps."""
 
 import importlib.util
 from pathlib import Path
