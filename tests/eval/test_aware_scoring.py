@@ -74,9 +74,7 @@ def test_a_marked_plan_keeps_the_top_of_its_scores(smollm, monkeypatch, scoring,
 
     scored = scoring.prompt_scores
     monkeypatch.setattr(scoring, "prompt_scores", recorded)
-    with torch.no_grad(), kvc.apply(loaded, plan) as applied:
-        compressed = applied.cache()
-        model(input_ids=torch.tensor([prompt]), **{cache_keyword(model): compressed})
+    kept_positions = kept_after_prompt(loaded, plan, prompt)
     assert len(seen) == 2
     length = len(prompt)
     frequencies = model.model.rotary_emb.inv_freq.float()
@@ -91,7 +89,7 @@ def test_a_marked_plan_keeps_the_top_of_its_scores(smollm, monkeypatch, scoring,
         for head in range(2):
             order = torch.sort(pooled[head, :length - WINDOW], descending=True, stable=True).indices
             kept = sorted(list(range(length - WINDOW, length)) + order[:HEAVY].tolist())
-            assert compressed.kept_positions(layer)[head].tolist() == kept
+            assert kept_positions[layer][head] == kept
 
 
 def test_an_unmarked_plan_keeps_what_it_kept_before_the_script_was_installed(smollm, monkeypatch, script):
