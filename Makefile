@@ -26,8 +26,10 @@ $(VLLM_STAMP): pyproject.toml scripts/install.sh
 demo: $(STAMP)
 	$(PY) -m kvc.demo
 
+# The suite in one worker per core (up to 4), a test module's tests in one worker (its module
+# fixtures built once), the `long` tests started first.
 test: $(STAMP) $(VLLM_STAMP)
-	$(PY) -m pytest -q -m "not vllm"
+	$(PY) -m pytest -q -m "not vllm" -n auto --maxprocesses 4 --dist loadscope --no-loadscope-reorder
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm
 
 clean:

@@ -13,7 +13,17 @@ from kvc.policies.schema import Curve, HeadProfile, LayerProfile, ModelInfo, Pol
 POINTS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
 
 
+# Under pytest-xdist (`make test` runs `pytest -n`) each worker takes its share of the cores: two
+# workers each running torch on every core would only take turns.
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
+
+
 def pytest_collection_modifyitems(config, items):
+    # The `long` tests first: their workers start them at once and the other workers run the rest
+    # beside them, rather than everyone waiting for them at the end (the sort keeps the order otherwise).
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
     if torch.cuda.is_available():
         return
     deselected = [item for item in items if "gpu" in item.keywords]

@@ -123,7 +123,7 @@ def _export_graph(graph: CacheGraph, example):
     input_names = [*INPUTS[name], *([f"past.{tensor.name}" for tensor in state] if stepping else [])]
     output_names = ["logits", *[f"present.{tensor.name}" for tensor in state]]
     try:
-        with _quiet(), torch.no_grad():
+        with _quiet(), _without_stack_traces(), torch.no_grad():
             program = torch.onnx.export(
                 graph, inputs, dynamo=True, opset_version=OPSET, input_names=input_names,
                 output_names=output_names, dynamic_shapes=dynamic, optimize=False, verbose=False,
@@ -135,6 +135,20 @@ def _export_graph(graph: CacheGraph, example):
     finally:
         graph.close()
     return program.model, state
+
+
+@contextmanager
+def _without_stack_traces() -> Iterator[None]:
+    """The tracer records no Python stack per node: the saved graphs drop them anyway (see
+    `_save_sharing_weights`), so collecting them is work for nothing."""
+    import torch.fx.config
+
+    before = torch.fx.config.do_not_emit_stack_traces
+    torch.fx.config.do_not_emit_stack_traces = True
+    try:
+        yield
+    finally:
+        torch.fx.config.do_not_emit_stack_traces = before
 
 
 @contextmanager

@@ -178,13 +178,14 @@ class LayerStore:
             for source, buffer in zip(self._as_rows(vectors), self._buffers(self._side(side))):
                 self.kernels.gather_slots(source, index, layout.segments, buffer, layout.table)
         self.scores.zero_()
+        positions = index.to(torch.int32)
+        if scores is not None:  # every slot's prompt score, 0 in empty slots
+            kept = torch.where(index >= 0, scores.gather(-1, index.clamp(min=0)), 0.0)
         for head, (offset, capacity) in enumerate(layout.segments):
-            slot_index = index[:, head, :capacity]
-            self.positions[:, offset:offset + capacity] = slot_index.to(torch.int32)
+            self.positions[:, offset:offset + capacity] = positions[:, head, :capacity]
             if scores is not None and layout.heads[head]["frequency"]:
                 first = layout.heads[head]["score_offset"]
-                kept = scores[:, head].gather(-1, slot_index.clamp(min=0))
-                self.scores[:, first:first + capacity] = torch.where(slot_index >= 0, kept, 0.0)
+                self.scores[:, first:first + capacity] = kept[:, head, :capacity]
         self.counts.copy_(counts)
         self.seen.fill_(length)
         self.start.copy_(start)

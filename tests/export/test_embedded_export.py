@@ -13,6 +13,7 @@ from kvc.export.onnx import OnnxGenerator
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_the_embedded_model_exports_and_decodes_a_passkey_as_the_torch_runtime(smollm, passkey_policy, tmp_path):
     plan = compile_policy(passkey_policy, 0.25, max_len=1040)
     assert plan.kv_bits == 8 and plan.has("full").any() and plan.has("frequency").any()

@@ -156,6 +156,20 @@ def test_the_folder_holds_graphs_weights_once_plan_tokenizer_and_manifest(llama)
     assert sorted(os.listdir(folder.parent)) == ["onnx", "tiny.plan"]  # no staging folder left behind
 
 
+def test_the_tracer_records_no_stack_traces_only_while_the_exporter_traces(llama):
+    """The exporter turns the tracer's per-node stack traces off while it traces (the saved graphs
+    drop them) and gives the setting back as it was, also when tracing fails."""
+    import torch.fx.config
+
+    from kvc.export.exporter import _without_stack_traces
+
+    assert torch.fx.config.do_not_emit_stack_traces is False  # after the module's exports
+    with pytest.raises(RuntimeError), _without_stack_traces():
+        assert torch.fx.config.do_not_emit_stack_traces is True
+        raise RuntimeError("the trace failed")
+    assert torch.fx.config.do_not_emit_stack_traces is False
+
+
 def test_generate_onnx_greedy_equals_the_torch_runtime_and_samples_reproducibly(llama, capsys):
     loaded, plan, _, folder = llama
     expected = generate(loaded, PROMPT, plan, max_new_tokens=12).texts[0]

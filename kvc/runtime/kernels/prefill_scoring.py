@@ -277,12 +277,17 @@ def _check_gather_inputs(source, index, segments, out):
 
 
 def gather_slots_reference(source, index, segments, out, table=None):
-    """Plain-PyTorch gather: out[b, offset_h + j] = source[b, h, index[b, h, j]], zeros where index < 0."""
+    """Plain-PyTorch gather: out[b, offset_h + j] = source[b, h, index[b, h, j]], zeros where index < 0.
+
+    Every head's rows in one gather, up to the longest segment, then one copy per head: a traced
+    prefill (an exported graph, a compiled one) holds a few operations per head, not a dozen."""
     _check_gather_inputs(source, index, segments, out)
+    longest = max((capacity for _, capacity in segments), default=0)
+    slot_index = index[..., :longest]  # (batch, kv_heads, longest)
+    rows = source.gather(2, slot_index.clamp(min=0)[..., None].expand(-1, -1, -1, source.shape[3]))
+    rows = torch.where(slot_index[..., None] >= 0, rows, torch.zeros_like(rows))
     for kv_head, (offset, capacity) in enumerate(segments):
-        slot_index = index[:, kv_head, :capacity]  # (batch, capacity)
-        rows = source[:, kv_head].gather(1, slot_index.clamp(min=0)[..., None].expand(-1, -1, source.shape[3]))
-        out[:, offset:offset + capacity] = torch.where(slot_index[..., None] >= 0, rows, torch.zeros_like(rows))
+        out[:, offset:offset + capacity] = rows[:, kv_head, :capacity]
 
 
 def gather_slots_triton(source, index, segments, out, table=None):
