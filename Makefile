@@ -27,9 +27,11 @@ demo: $(STAMP)
 	$(PY) -m kvc.demo
 
 # The suite in one worker per core (up to 4), a test module's tests in one worker (its module
-# fixtures built once), the `long` tests started first.
+# fixtures built once), the `long` tests started first; then the vLLM tests. Both runs share a
+# folder (KVC_TEST_SHARED) where the first to need the embedded model's real profile leaves it for the others.
 test: $(STAMP) $(VLLM_STAMP)
-	$(PY) -m pytest -q -m "not vllm" -n auto --maxprocesses 4 --dist loadscope --no-loadscope-reorder
+	shared=$$(mktemp -d) && trap 'rm -rf "$$shared"' EXIT && export KVC_TEST_SHARED=$$shared && \
+	$(PY) -m pytest -q -m "not vllm" -n auto --maxprocesses 4 --dist loadscope --no-loadscope-reorder && \
 	$(VLLM_VENV)/bin/python -m pytest -q -m vllm
 
 clean:

@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded model (loaded once per session), a small hand-made policy; the `gpu` marker."""
+"""Shared fixtures: the embedded model (loaded once per session), a small hand-made policy, a real
+profile computed once per test run; the `gpu` marker."""
 
 import os
 
@@ -8,7 +9,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from kvc.policies.schema import Curve, HeadProfile, LayerProfile, ModelInfo, Policy, ProfileInfo, QueryHeadProfile, TokenSets
+from run_once import computed_once  # noqa: E402
+
+from kvc.policies.schema import (Curve, HeadProfile, LayerProfile, ModelInfo, Policy, ProfileInfo,  # noqa: E402
+                                QueryHeadProfile, TokenSets, load_policy, save_policy)
 
 POINTS = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0]
 
@@ -84,15 +88,19 @@ QUARTER_PROFILED = ("document-lighthouse-story", "code-python-review", "table-in
 
 
 @pytest.fixture(scope="session")
-def passkey_policy(smollm):
+def passkey_policy(smollm, tmp_path_factory):
     """A real profile of the embedded model on three built-in prompts: its plans at 25% answer passkeys."""
     from kvc.profiler import load_prompts, profile_model
     from kvc.profiler.prompts import PromptSet
 
-    builtin = load_prompts("builtin")
-    prompts = PromptSet("builtin-3", tuple(p for p in builtin.prompts if p.name in QUARTER_PROFILED))
-    with torch.inference_mode():
-        return profile_model(smollm, prompts)
+    def profile():
+        builtin = load_prompts("builtin")
+        prompts = PromptSet("builtin-3", tuple(p for p in builtin.prompts if p.name in QUARTER_PROFILED))
+        with torch.inference_mode():
+            return profile_model(smollm, prompts)
+
+    return computed_once(tmp_path_factory, "passkey-policy.yaml", profile, save_policy, load_policy)
+
 
 
 @pytest.fixture(scope="session")
