@@ -151,3 +151,4 @@ def test_kvc_serve_reads_the_users_budget_from_the_vllm_options():
     assert user_budget(["--max-num-batched-tokens=2048", "--max-model-len", "900", "--no-enable-chunked-prefill"]) == \
         {"max_num_batched_tokens": 2048, "max_model_len": 900, "enable_chunked_prefill": False}
     assert user_budget(["--enable-chunked-prefill", "--max-num-seqs", "4"]) == {"enable_chunked_prefill": True}
+    assert user_budget(["--kv-cache-dtype", "fp8"]) == user_budget(["--kv-cache-dtype=fp8"]) == {"kv_cache_dtype": "fp8"}

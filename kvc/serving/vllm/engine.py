@@ -3,10 +3,10 @@
 vLLM reads a transformers folder whose config names its architecture; kvc's converted GGUF folders
 do not, so the served folder is then a copy in the kvc cache (links to the weights and tokenizer,
 a config with `architectures`). `engine_settings` fills the engine arguments a plan needs (kvc's
-backend, no prefix caching, eager mode, the plan's max length) and refuses the ones it cannot
-serve; `check_engine` (run by kvc's platform when vLLM builds its config, whoever started it)
-refuses a plan of another model, longer sequences than the plan was compiled for, or another
-cache dtype, each as one line.
+backend, no prefix caching, eager mode, the plan's max length) and refuses, before vLLM is even
+imported, a plan of another model, longer sequences than the plan was compiled for, or another
+cache dtype (`check_fit`), each as one line; `check_engine` (run by kvc's platform when vLLM
+builds its config, whoever started it) checks the engine vLLM actually built the same way.
 """
 
 from __future__ import annotations
@@ -89,10 +89,11 @@ def engine_settings(model: str | None, plan: Plan | str | Path, engine_args: dic
             raise KvcError(f"kvc does not support {reason}")
     folder = served_folder(model)
     plan, path = plan_file(plan)
-    os.environ[PLAN_ENV] = str(path)
-    general_plugin()  # vLLM may have loaded its plugins in this process before the plan was named
     settings = {"attention_backend": "CUSTOM", "enable_prefix_caching": False, "enforce_eager": True,
                 "max_model_len": plan.target.max_len, "max_num_batched_tokens": plan.target.max_len, **engine_args}
+    check_fit(plan, _folder_fingerprint(folder), settings["max_model_len"], settings.get("kv_cache_dtype", "auto"))
+    os.environ[PLAN_ENV] = str(path)
+    general_plugin()  # vLLM may have loaded its plugins in this process before the plan was named
     # Every prompt that fits a step's token budget prefills whole, as in kvc's own runtime: with chunked
     # prefill vLLM would split whichever prompt the budget runs out in, and its rest would be admitted
     # token by token through `extend`, with the keep-sets chosen from its first chunk. A budget below
@@ -101,21 +102,32 @@ def engine_settings(model: str | None, plan: Plan | str | Path, engine_args: dic
     return folder, settings
 
 
+def _folder_fingerprint(folder: Path) -> str:
+    from transformers import AutoConfig, AutoTokenizer
+
+    return fingerprint(AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
+
+
+def check_fit(plan: Plan, model_fingerprint: str, max_model_len: int, cache_dtype: str = "auto") -> None:
+    """Refuse, in one line each, a plan of another model, longer sequences than the plan was compiled
+    for, or a cache dtype other than the plan's."""
+    plan.check_model(model_fingerprint)
+    if max_model_len > plan.target.max_len:
+        raise KvcError(f"the engine serves sequences of up to {max_model_len} tokens but the plan was compiled "
+                       f"for --max-len {plan.target.max_len}; pass --max-model-len {plan.target.max_len} or recompile "
+                       f"with `kvc compile POLICY --max-len {max_model_len}`")
+    if cache_dtype not in ("auto", plan.target.dtype):
+        raise KvcError(f"--kv-cache-dtype {cache_dtype}: the plan stores its cache as {plan.target.dtype}; leave "
+                       "--kv-cache-dtype at auto or recompile with `kvc compile POLICY --dtype ...`")
+
+
 def check_engine(plan: Plan, vllm_config) -> None:
     """Refuse, in one line each, an engine the plan does not fit."""
     from transformers import AutoTokenizer
 
     model = vllm_config.model_config
     tokenizer = AutoTokenizer.from_pretrained(model.tokenizer)
-    plan.check_model(fingerprint(model.hf_config, tokenizer))
-    if model.max_model_len > plan.target.max_len:
-        raise KvcError(f"the engine serves sequences of up to {model.max_model_len} tokens but the plan was compiled "
-                       f"for --max-len {plan.target.max_len}; pass --max-model-len {plan.target.max_len} or recompile "
-                       f"with `kvc compile POLICY --max-len {model.max_model_len}`")
-    cache_dtype = vllm_config.cache_config.cache_dtype
-    if cache_dtype not in ("auto", plan.target.dtype):
-        raise KvcError(f"--kv-cache-dtype {cache_dtype}: the plan stores its cache as {plan.target.dtype}; leave "
-                       "--kv-cache-dtype at auto or recompile with `kvc compile POLICY --dtype ...`")
+    check_fit(plan, fingerprint(model.hf_config, tokenizer), model.max_model_len, vllm_config.cache_config.cache_dtype)
     tensor_parallel = vllm_config.parallel_config.tensor_parallel_size
     if plan.num_kv_heads % tensor_parallel:
         raise KvcError(f"--tensor-parallel-size {tensor_parallel} does not divide the plan's "

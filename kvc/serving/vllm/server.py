@@ -1,8 +1,9 @@
 """`kvc serve`: vLLM's OpenAI-compatible server with a plan loaded, run in this process.
 
-kvc prepares the folder and the plan (`engine.engine_settings`), turns the settings into vLLM's
-command-line options, appends the user's own vLLM options (which win, and are checked by kvc's
-platform like any other setting) and hands over to `vllm serve`.
+kvc prepares the folder and the plan (`engine.engine_settings`, which refuses what the plan cannot
+serve before vLLM is imported), turns the settings into vLLM's command-line options, appends the
+user's own vLLM options (which win, and are checked again by kvc's platform like any other
+setting) and hands over to `vllm serve`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ def option(name: str) -> str:
 
 
 def user_budget(vllm_args: list[str]) -> dict:
-    """The user's options among `vllm_args` that kvc's chunked-prefill default depends on, as engine
-    arguments: the step's token budget, the longest sequence and chunked prefill itself."""
+    """The user's options among `vllm_args` that kvc's settings and checks depend on, as engine
+    arguments: the step's token budget, the longest sequence, chunked prefill, the cache dtype."""
     found = {}
     for index, arg in enumerate(vllm_args):
         name, given, value = arg.partition("=")
+        value = value if given else "".join(vllm_args[index + 1:index + 2])
         if name in (option("max_num_batched_tokens"), option("max_model_len")):
-            value = value if given else "".join(vllm_args[index + 1:index + 2])
             if value.isdigit():
                 found[name[2:].replace("-", "_")] = int(value)
+        elif name == option("kv_cache_dtype") and value:
+            found["kv_cache_dtype"] = value
         elif name in ("--enable-chunked-prefill", "--no-enable-chunked-prefill"):
             found["enable_chunked_prefill"] = name == "--enable-chunked-prefill"
     return found

@@ -1,0 +1,42 @@
+"""What a plan cannot serve is refused before vLLM is imported (this module runs where vLLM is not
+installed): `kvc serve` and `llm()` answer a wrong setting in a second, not after vLLM's start."""
+
+import subprocess
+import sys
+
+import pytest
+
+from kvc.policies.errors import KvcError
+from kvc.serving.vllm.engine import engine_settings
+from kvc.serving.vllm.plans import PLAN_ENV
+
+
+@pytest.mark.parametrize("engine_args, message", [
+    ({"max_model_len": 2048}, "the engine serves sequences of up to 2048 tokens but the plan was compiled for "
+                              "--max-len 1040; pass --max-model-len 1040"),
+    ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype fp8: the plan stores its cache as bfloat16"),
+])
+def test_settings_the_plan_cannot_serve_are_refused_before_vllm_starts(served_plan_file, monkeypatch, engine_args,
+                                                                      message):
+    monkeypatch.setenv(PLAN_ENV, "")
+    with pytest.raises(KvcError) as refused:
+        engine_settings(None, served_plan_file, engine_args)
+    assert str(refused.value).startswith(message)
+
+
+def test_a_plan_of_another_model_is_refused_before_vllm_starts(policy_factory, tmp_path, monkeypatch):
+    from kvc.compiler import compile_policy
+
+    monkeypatch.setenv(PLAN_ENV, "")
+    plan = compile_policy(policy_factory(), 0.5, max_len=256, strategy="knapsack")
+    with pytest.raises(KvcError, match="this plan was compiled for tiny"):
+        engine_settings(None, plan, {})
+
+
+def test_kvc_serve_refuses_a_cache_dtype_in_one_line_without_vllm(served_plan_file):
+    result = subprocess.run([sys.executable, "-m", "kvc.cli", "serve", "--plan", str(served_plan_file),
+                             "--kv-cache-dtype=fp8"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --kv-cache-dtype fp8: the plan stores its cache as bfloat16; leave --kv-cache-dtype at auto or "
+        "recompile with `kvc compile POLICY --dtype ...`"], result.stderr
