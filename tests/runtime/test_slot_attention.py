@@ -13,7 +13,7 @@ import torch
 from kvc.runtime.kernels import slot_attention, slot_attention_reference, slot_attention_triton, use_triton
 
 slot_module = importlib.import_module("kvc.runtime.kernels.slot_attention")
-from kvc.runtime.quantize import decode_turned, encode_turned
+from kvc.runtime.quantize import Rows, decode_turned, encode_turned
 
 # (batch, group, chunk, head_dim, capacities, bits, dtype)
 CASES = [
@@ -170,6 +170,70 @@ def test_head_runs_join_adjacent_heads_of_one_capacity():
     assert slot_module.head_runs([(0, 5), (5, 5), (10, 3), (13, 3), (16, 5)]) == [(0, 2), (2, 2), (4, 1)]
     assert slot_module.head_runs([(0, 4), (8, 4)]) == [(0, 1), (1, 1)]  # a gap between them
     assert slot_module.head_runs([(0, 0), (0, 0), (0, 6)]) == [(0, 2), (2, 1)]
+
+
+# A layer's heads as one padded run (how an exported graph reads heads of several capacities): the
+# decode-sized cases, and a layout with slots of no head between the segments.
+PADDED_CASES = [case for case in CASES if case[1] * case[2] <= slot_module.RUN_ROWS]
+
+
+@pytest.mark.parametrize("case", PADDED_CASES, ids=case_id)
+@pytest.mark.parametrize("with_table", [False, True])
+def test_one_padded_run_matches_dense_attention(generator, case, with_table):
+    batch, group, chunk, head_dim, capacities, bits, dtype = case
+    query, keys, values, positions, segments = make_cache(generator, *case)
+    extra = torch.randn(batch, query.shape[1], chunk, generator=generator)
+    scale = head_dim ** -0.5
+    table = torch.tensor(segments, dtype=torch.int64).reshape(len(segments), 2) if with_table else None
+    output, lse, probs = slot_module._attend_padded(query, keys, values, positions, segments, scale, bits, extra,
+                                                    True, table)
+    expected = dense_per_head(query, keys, values, positions, segments, scale, bits, extra)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for got, want in zip((output, lse, probs), expected):
+        torch.testing.assert_close(got, want, atol=tolerance, rtol=tolerance)
+    no_probs = slot_module._attend_padded(query, keys, values, positions, segments, scale, bits, None, False, table)
+    assert len(no_probs) == 2
+
+
+def test_one_padded_run_leaves_slots_of_no_head_at_zero(generator):
+    query, keys, values, positions, _ = make_cache(generator, 2, 3, 1, 64, [6, 11, 3], 8, torch.float32)
+    segments = [(0, 5), (7, 9), (16, 2)]  # slots 5, 6 and 18, 19 belong to no head
+    positions[:, [5, 6, 18, 19]] = 7  # filled, yet no head reads them
+    output, lse, probs = slot_module._attend_padded(query, keys, values, positions, segments, 0.125, 8, None, True)
+    expected = dense_per_head(query, keys, values, positions, segments, 0.125, 8, None)
+    for got, want in zip((output, lse, probs), expected):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert bool((probs[:, [5, 6, 18, 19]] == 0).all())
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self, segments, scale, bits):
+        super().__init__()
+        self.segments, self.scale, self.bits = segments, scale, bits
+
+    def forward(self, query, key_codes, key_params, value_codes, value_params, positions, extra):
+        keys, values = Rows(key_codes, key_params), Rows(value_codes, value_params)
+        return slot_attention_reference(query, keys, values, positions, self.segments, self.scale, self.bits,
+                                        extra, True)
+
+
+@pytest.mark.parametrize("capacities, runs", [([40, 30, 0], 1), ([40, 40, 7], 1), ([40, 3, 3], 2)])
+def test_an_exported_layer_reads_heads_of_several_capacities_in_one_run(generator, capacities, runs):
+    """torch.export reads the heads as one padded run (one product of queries and keys) while that
+    reads at most PADDED_WASTE times their slots (3 x 40 against 70 and 87 slots); past that (3 x 40
+    against 46), one run per capacity as eagerly. Either way the exported program gives eager
+    attention's numbers."""
+    case = (2, 3, 1, 64, capacities, 8, torch.float32)
+    query, keys, values, positions, segments = make_cache(generator, *case)
+    extra = torch.randn(2, query.shape[1], 1, generator=generator)
+    inputs = (query, *keys, *values, positions, extra)
+    module = _Attention(segments, 0.125, 8)
+    program = torch.export.export(module, inputs)
+    products = [node for node in program.graph.nodes if node.op == "call_function"
+                and node.target in (torch.ops.aten.bmm.default, torch.ops.aten.mm.default, torch.ops.aten.matmul.default)]
+    assert len(products) == 3 * runs  # queries by keys, weights by values, probabilities summed
+    for got, want in zip(program.module()(*inputs), module(*inputs)):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 def _matmuls(graphs):

@@ -79,11 +79,15 @@ def slot_attention_reference(query, keys, values, positions, segments, scale, bi
 
     A few query rows per head (decode) read the heads in runs: consecutive heads of one capacity
     (most layers' heads are one run) are one batched product over their segments, so each head
-    reads only its own slots with no Python loop over heads. Longer chunks go head by head, which
-    bounds their (rows, slots) scores to one head's.
+    reads only its own slots with no Python loop over heads. In an exported graph a layer whose
+    heads have different capacities is one padded run (`_attend_padded`) rather than one run per
+    capacity: a third of the nodes, for up to PADDED_WASTE times the slots read. Longer chunks go
+    head by head, which bounds their (rows, slots) scores to one head's.
     """
     group = _check(query, keys, values, positions, segments, bits)
     batch, q_heads, chunk, head_dim = query.shape
+    if group * chunk <= RUN_ROWS and _pads(segments):
+        return _attend_padded(query, keys, values, positions, segments, scale, bits, extra_lse, return_probs, table)
     output = torch.zeros(batch, q_heads, chunk, head_dim, dtype=torch.float32, device=query.device)
     lse = torch.full((batch, q_heads, chunk), float("-inf"), dtype=torch.float32, device=query.device)
     pieces, filled = [], 0  # the probabilities of the runs in slot order, zeros between them
@@ -210,13 +214,61 @@ def _weighted(weights, values, capacity: int, bits: int, fused: bool) -> torch.T
 
 def _attend_run(query, keys, values, positions, offset, heads, capacity, scale, bits, extra_lse, return_probs):
     """The query heads of a run of KV heads, each over its own segment: (output, lse[, probs of the run's slots])."""
-    batch, q_heads, chunk, head_dim = query.shape
-    rows = q_heads // heads * chunk  # a KV head's query rows, head-major: one product serves its group
     keys, values = (_split_heads(buffer, offset, heads, capacity) for buffer in (keys, values))
+    empty = _split_heads(positions, offset, heads, capacity) < 0  # (batch, heads, capacity)
+    return _attend_heads(query, keys, values, empty, scale, bits, extra_lse, return_probs)
+
+
+PADDED_WASTE = 2.0  # an exported layer's heads are one padded run while that reads at most this many times their slots
+
+
+def _pads(segments) -> bool:
+    """Whether the heads are read as one padded run: while torch.export traces (not eagerly, where
+    a run reads its slots in place, nor under torch.compile, whose fused sums read them per run), on
+    heads of more than one capacity, within PADDED_WASTE."""
+    capacities = [capacity for _, capacity in segments]
+    if not torch.compiler.is_exporting() or len({*capacities} - {0}) < 2:
+        return False
+    return len(capacities) * max(capacities) <= PADDED_WASTE * sum(capacities)
+
+
+def _attend_padded(query, keys, values, positions, segments, scale, bits, extra_lse, return_probs, table=None):
+    """Every KV head over its own segment as one run of the longest capacity: each head's rows are
+    gathered to that length (past its end it repeats its last slot, read as empty), and its slots'
+    probabilities are scattered back to their places in the layer (zeros in slots of no head)."""
+    if table is None:
+        table = torch.tensor(segments, dtype=torch.int64, device=query.device).reshape(len(segments), 2)
+    heads, slots = len(segments), positions.shape[1]
+    longest = max(capacity for _, capacity in segments)
+    offset, capacity = table[:, 0:1], table[:, 1:2]  # (heads, 1): the layout table's first two columns
+    place = torch.arange(longest, device=query.device)
+    real = place < capacity  # (heads, longest)
+    source = torch.where(real, offset + place, offset + capacity - 1).clamp(min=0).flatten()  # an empty head: slot 0
+
+    def padded(rows):
+        if isinstance(rows, Rows):
+            return Rows(*(padded(part) for part in rows))
+        return rows.index_select(1, source).unflatten(1, (heads, longest))
+
+    empty = (padded(positions) < 0) | ~real
+    parts = _attend_heads(query, padded(keys), padded(values), empty, scale, bits, extra_lse, return_probs)
+    if not return_probs:
+        return parts
+    target = torch.where(real, source.view(heads, longest), slots).flatten()  # past an end: one spare slot
+    batch = query.shape[0]
+    spread = _zeros(batch, slots + 1, query.device).index_copy(1, target, parts[2])
+    return parts[0], parts[1], spread[:, :slots]
+
+
+def _attend_heads(query, keys, values, empty, scale, bits, extra_lse, return_probs):
+    """The query heads of KV heads whose slots are (batch, heads, capacity, ...), `empty` where a slot
+    holds no token: (output, lse[, probs of the slots, flattened])."""
+    batch, q_heads, chunk, head_dim = query.shape
+    heads, capacity = empty.shape[1:]
+    rows = q_heads // heads * chunk  # a KV head's query rows, head-major: one product serves its group
     flat = query.float().reshape(batch, heads, rows, head_dim)
     fused = rows <= FUSED_ROWS and bits in FUSED_BITS and _compiling()
     scores = _products(flat, keys, capacity, bits, fused).mul_(scale)  # in place on fresh scores: no copy
-    empty = _split_heads(positions, offset, heads, capacity) < 0  # (batch, heads, capacity)
     weights, lse = softmax_with_lse(scores.masked_fill_(empty[:, :, None], float("-inf")))
     output = _weighted(weights, values, capacity, bits, fused)
     output, lse = output.reshape(batch, q_heads, chunk, head_dim), lse.reshape(batch, q_heads, chunk)
