@@ -81,8 +81,9 @@ def slot_attention_reference(query, keys, values, positions, segments, scale, bi
     (most layers' heads are one run) are one batched product over their segments, so each head
     reads only its own slots with no Python loop over heads. In an exported graph a layer whose
     heads have different capacities is one padded run (`_attend_padded`) rather than one run per
-    capacity: a third of the nodes, for up to PADDED_WASTE times the slots read. Longer chunks go
-    head by head, which bounds their (rows, slots) scores to one head's.
+    capacity: fewer nodes (onnxruntime's step time follows their count), for up to PADDED_WASTE
+    times the slots read. Longer chunks go head by head, which bounds their (rows, slots) scores to
+    one head's.
     """
     group = _check(query, keys, values, positions, segments, bits)
     batch, q_heads, chunk, head_dim = query.shape
