@@ -227,10 +227,10 @@ def _pads(segments) -> bool:
     """Whether the heads are read as one padded run: while torch.export traces (not eagerly, where
     a run reads its slots in place, nor under torch.compile, whose fused sums read them per run), on
     heads of more than one capacity, within PADDED_WASTE."""
-    capacities = [capacity for _, capacity in segments]
-    if not torch.compiler.is_exporting() or len({*capacities} - {0}) < 2:
+    if not torch.compiler.is_exporting():  # eager decode returns here, before any work per head
         return False
-    return len(capacities) * max(capacities) <= PADDED_WASTE * sum(capacities)
+    capacities = [capacity for _, capacity in segments]
+    return len({*capacities} - {0}) >= 2 and len(capacities) * max(capacities) <= PADDED_WASTE * sum(capacities)
 
 
 def _attend_padded(query, keys, values, positions, segments, scale, bits, extra_lse, return_probs, table=None):
