@@ -84,6 +84,24 @@ def test_console_script_without_and_with_debug(tmp_path):
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+def test_help_loads_neither_torch_nor_transformers():
+    """`kvc --help` answers at once: kvc's names load on first use, the CLI imports them inside its commands."""
+    code = ("import sys\nfrom kvc.cli import main\ntry:\n    main(['compile', '--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted({'torch', 'transformers', 'triton'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "Compile a policy" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-300:]
+
+
+def test_every_name_kvc_exports_loads():
+    import kvc
+
+    assert all(getattr(kvc, name) is not None for name in kvc.__all__)
+    assert kvc.compile_policy is __import__("kvc.compiler", fromlist=["compile_policy"]).compile_policy
+    with pytest.raises(AttributeError, match="no attribute 'compile'"):
+        kvc.compile
+
+
 def test_defaults_named_in_help_texts_are_the_code_defaults():
     """The help texts spell out defaults the CLI module does not import (start-up stays light)."""
     import typer

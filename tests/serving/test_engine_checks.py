@@ -1,13 +1,14 @@
 """What a plan cannot serve is refused before vLLM is imported (this module runs where vLLM is not
 installed): `kvc serve` and `llm()` answer a wrong setting in a second, not after vLLM's start."""
 
+import json
 import subprocess
 import sys
 
 import pytest
 
 from kvc.policies.errors import KvcError
-from kvc.serving.vllm.engine import engine_settings
+from kvc.serving.vllm.engine import engine_settings, served_folder
 from kvc.serving.vllm.plans import PLAN_ENV
 
 
@@ -21,6 +22,9 @@ def test_settings_the_plan_cannot_serve_are_refused_before_vllm_starts(served_pl
     monkeypatch.setenv(PLAN_ENV, "")
     with pytest.raises(KvcError) as refused:
         engine_settings(None, served_plan_file, engine_args)
+    assert str(refused.value).startswith(message)
+    with pytest.raises(KvcError) as refused:  # before the model too: an unknown one is not even looked up
+        engine_settings("no-such-model", served_plan_file, engine_args)
     assert str(refused.value).startswith(message)
 
 
@@ -40,3 +44,24 @@ def test_kvc_serve_refuses_a_cache_dtype_in_one_line_without_vllm(served_plan_fi
     assert result.stderr.strip().splitlines() == [
         "error: --kv-cache-dtype fp8: the plan stores its cache as bfloat16; leave --kv-cache-dtype at auto or "
         "recompile with `kvc compile POLICY --dtype ...`"], result.stderr
+
+
+def test_the_served_copy_of_a_folder_without_architectures_is_made_once(tmp_path, monkeypatch):
+    """A folder whose config names no architecture is served from a copy that does; a later serve
+    finds that copy without importing transformers' model table (seconds), a changed config remakes it."""
+    monkeypatch.setenv("KVC_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    config = {"model_type": "llama", "num_hidden_layers": 2, "vocab_size": 64}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"weights")
+    served = served_folder(str(folder))
+    assert json.loads((served / "config.json").read_text()) == {**config, "architectures": ["LlamaForCausalLM"]}
+    assert (served / "model.safetensors").resolve() == (folder / "model.safetensors").resolve()
+    with monkeypatch.context() as no_table:
+        no_table.setitem(sys.modules, "transformers.models.auto.modeling_auto", None)  # importing it now fails
+        assert served_folder(str(folder)) == served
+        (folder / "config.json").write_text(json.dumps({**config, "vocab_size": 128}))
+        with pytest.raises(ImportError):
+            served_folder(str(folder))
+    assert json.loads((served_folder(str(folder)) / "config.json").read_text())["vocab_size"] == 128

@@ -43,23 +43,34 @@ def served_folder(model: str | None) -> Path:
 
 
 def _with_architectures(folder: Path, config: dict) -> Path:
-    """A copy of `folder` in the kvc cache whose config names the causal-LM class of its model type."""
+    """A copy of `folder` in the kvc cache whose config names the causal-LM class of its model type.
+
+    The copy made for an earlier serve is used again when its config is this one plus that name,
+    without importing transformers' model table (seconds) to look the name up."""
+    target = cache_folder("served") / f"{folder.name}-{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]}"
+    made = _served_config(target)
+    if made.get("architectures") and {**made, "architectures": None} == {**config, "architectures": None}:
+        return target
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
     if name is None:
         raise KvcError(f"{folder}: its config names no architecture and model type {config.get('model_type')!r} "
                        "has no causal-LM class; add `architectures` to its config.json")
-    text = json.dumps({**config, "architectures": [name]}, indent=2) + "\n"
-    target = cache_folder("served") / f"{folder.name}-{hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:8]}"
-    if (target / "config.json").is_file() and (target / "config.json").read_text() == text:
-        return target
     with atomic_folder(target) as staging:
         for path in folder.iterdir():
             if path.is_file() and path.name != "config.json":
                 os.symlink(path.resolve(), staging / path.name)
-        atomic_write_text(staging / "config.json", text)
+        atomic_write_text(staging / "config.json", json.dumps({**config, "architectures": [name]}, indent=2) + "\n")
     return target
+
+
+def _served_config(folder: Path) -> dict:
+    """The config of an earlier served copy, {} where there is none (or it cannot be read)."""
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def plan_file(plan: Plan | str | Path) -> tuple[Plan, Path]:
@@ -87,11 +98,12 @@ def engine_settings(model: str | None, plan: Plan | str | Path, engine_args: dic
     for name, reason in REFUSED.items():
         if engine_args.get(name):
             raise KvcError(f"kvc does not support {reason}")
-    folder = served_folder(model)
     plan, path = plan_file(plan)
     settings = {"attention_backend": "CUSTOM", "enable_prefix_caching": False, "enforce_eager": True,
                 "max_model_len": plan.target.max_len, "max_num_batched_tokens": plan.target.max_len, **engine_args}
-    check_fit(plan, _folder_fingerprint(folder), settings["max_model_len"], settings.get("kv_cache_dtype", "auto"))
+    check_settings(plan, settings["max_model_len"], settings.get("kv_cache_dtype", "auto"))  # before the model: quick
+    folder = served_folder(model)
+    plan.check_model(_folder_fingerprint(folder))
     os.environ[PLAN_ENV] = str(path)
     general_plugin()  # vLLM may have loaded its plugins in this process before the plan was named
     # Every prompt that fits a step's token budget prefills whole, as in kvc's own runtime: with chunked
@@ -111,7 +123,12 @@ def _folder_fingerprint(folder: Path) -> str:
 def check_fit(plan: Plan, model_fingerprint: str, max_model_len: int, cache_dtype: str = "auto") -> None:
     """Refuse, in one line each, a plan of another model, longer sequences than the plan was compiled
     for, or a cache dtype other than the plan's."""
+    check_settings(plan, max_model_len, cache_dtype)
     plan.check_model(model_fingerprint)
+
+
+def check_settings(plan: Plan, max_model_len: int, cache_dtype: str) -> None:
+    """The engine settings `check_fit` refuses, checked without the model (it takes seconds to load)."""
     if max_model_len > plan.target.max_len:
         raise KvcError(f"the engine serves sequences of up to {max_model_len} tokens but the plan was compiled "
                        f"for --max-len {plan.target.max_len}; pass --max-model-len {plan.target.max_len} or recompile "
