@@ -145,11 +145,8 @@ def generate_command(
     context_probe: str = typer.Option("window", "--context-probe", help="With --plan in a conversation whose first turn is a document the later turns ask about: what picks the tokens of the plan's SnapKV-style heads in it: window (the turn's last 32 queries), generic (a short fixed question), reconstruct (the model reads the turn again after a request to repeat it: 2.6-4.7 times its prefill on a CPU), expected (the attention the queries to come are expected to give each token, from the turn's own queries: no extra reading) or reconstruct+expected (both; best on the query-agnostic evaluation)."),
 ):
     """Continue a prompt greedily through a plan's compressed cache (or the full cache) and show the bytes."""
-    from kvc.models import load
-    from kvc.plan import Plan
-    from kvc.runtime.conversation import split_turns
-    from kvc.runtime.generate import generate, read_prompt
-    from kvc.runtime.probe import check_probe
+    from kvc.policies.probes import check_probe
+    from kvc.runtime.prompts import read_prompt, split_turns
 
     if interactive and not chat:
         raise KvcError("--interactive is a chat: add --chat")
@@ -169,7 +166,12 @@ def generate_command(
     if context_probe != "window" and not (interactive or len(turns) > 1):
         raise KvcError("--context-probe scores a first turn compressed before later ones: give a conversation "
                        "(--chat with turns separated by ---, or --interactive)")
+    from kvc.plan import Plan  # torch (seconds): only once the options and the prompt are checked
+
     compiled = Plan.load(plan) if plan is not None else None
+    from kvc.models import load
+    from kvc.runtime.generate import generate  # transformers (seconds more): once the plan is read
+
     loaded = load(model, dtype=dtype, device=device)
     if interactive or len(turns) > 1:
         converse(loaded, compiled, turns, interactive, max_new_tokens, context_probe, compile_step)
@@ -182,7 +184,7 @@ def generate_command(
 def generate_onnx(folder, model, plan, text, interactive, max_new_tokens, chat, device, temperature, top_p, seed):
     """`kvc generate --onnx DIR`: the export's graphs in onnxruntime."""
     from kvc.export.onnx import OnnxGenerator
-    from kvc.runtime.conversation import split_turns
+    from kvc.runtime.prompts import split_turns
 
     if model is not None or plan is not None:
         raise KvcError("--onnx runs the export's own model and plan: leave out MODEL and --plan")
@@ -233,13 +235,16 @@ def export_command(
 
     prefill.onnx and step.onnx take and return the compressed cache's tensors; weights, plan, tokenizer and a manifest lie beside them.
     """
-    from kvc.export.exporter import check_exportable, check_out_folder, export
-    from kvc.models import load
-    from kvc.plan import Plan
-    from kvc.report import human_bytes
+    from kvc.export.folder import check_out_folder
 
     check_out_folder(out)
+    from kvc.plan import Plan  # torch (seconds): only once the destination is checked
+
     compiled = Plan.load(plan)
+    from kvc.export.exporter import check_exportable, export  # transformers (seconds more): once the plan is read
+    from kvc.models import load
+    from kvc.report import human_bytes
+
     loaded = load(model, dtype="float32", device="cpu")
     check_exportable(loaded, compiled, batch, chunk)
     with console.status("exporting") as status:
@@ -363,10 +368,9 @@ def eval_command(
     Records are saved as the run goes (to --json, or the kvc cache); the same command resumes a stopped run."""
     from kvc.compiler.sizes import parse_dtype
     from kvc.eval.baselines import METHODS
-    from kvc.eval.harness import TASKS, check_backend
-    from kvc.eval.settings import parse_settings, question_settings
+    from kvc.eval.settings import TASK_NAMES, check_backend, parse_settings, question_settings
 
-    settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASKS, known_methods=METHODS,
+    settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASK_NAMES, known_methods=METHODS,
                               answer_tokens=answer_tokens, samples=samples, first_sample=first_sample,
                               dtype=parse_dtype(cache_dtype, "--cache-dtype"), policy=recorded_path(policy),
                               plan=recorded_path(plan), setting=question_settings(setting), backend=backend,
@@ -379,7 +383,7 @@ def eval_command(
 
 def eval_probe(probe: str | None, backend: str) -> str:
     """The evaluation's context probe: reconstruct+expected by default; the exported graphs run none (window)."""
-    from kvc.runtime.probe import DEFAULT_PROBE, check_probe
+    from kvc.policies.probes import DEFAULT_PROBE, check_probe
 
     if backend != "onnxruntime":
         return check_probe(probe or DEFAULT_PROBE)

@@ -93,6 +93,31 @@ def test_help_loads_neither_torch_nor_transformers():
     assert result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-300:]
 
 
+HEAVY = {"torch", "transformers"}
+
+
+@pytest.mark.parametrize("args, message, unloaded", [
+    (["generate", "--plan", "{plan}"], "give the prompt with exactly one of --prompt", HEAVY),
+    (["generate", "--prompt", "hi", "--context-probe", "bogus"], "--context-probe: unknown probe 'bogus'", HEAVY),
+    (["export", "--plan", "{plan}", "--out", "{file}"], "is a file; give a folder name", HEAVY),
+    (["generate", "--plan", "{plan}", "--prompt", "hi"], "no such plan file", {"transformers"}),
+    (["export", "--plan", "{plan}", "--out", "{folder}"], "no such plan file", {"transformers"}),
+    (["eval", "--tasks", "passkey,nosuch"], "--tasks: unknown name 'nosuch'", {"transformers"}),
+    (["eval", "--tasks", "ppl", "--backend", "onnxruntime"], "runs the tasks passkey, niah, not ppl", {"transformers"}),
+], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
+def test_wrong_input_is_refused_before_the_libraries_it_does_not_need_load(tmp_path, args, message, unloaded):
+    """What the command line alone shows wrong is refused before torch (seconds) or transformers
+    (seconds more) is imported; a plan file to read needs torch, still not transformers."""
+    (tmp_path / "a-file").write_text("")
+    values = {"plan": str(tmp_path / "missing.plan"), "file": str(tmp_path / "a-file"), "folder": str(tmp_path / "new")}
+    argv = [arg.format(**values) for arg in args]
+    code = (f"import sys\nfrom kvc.cli import main\ntry:\n    main({argv!r})\nexcept SystemExit as done:\n"
+            f"    print(done.code, sorted(set({sorted(unloaded)!r}) & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "2 []", result.stdout
+
+
 def test_every_name_kvc_exports_loads():
     import kvc
 

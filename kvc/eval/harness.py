@@ -38,7 +38,7 @@ from kvc.eval.passkey import passkey_correct, passkey_sample
 from kvc.eval.perplexity import perplexity, perplexity_sample, teacher_forced
 from kvc.eval.questions import QUERY_AWARE, Prompt, answer_all
 from kvc.eval.recovery import attention_recovery
-from kvc.eval.settings import Settings
+from kvc.eval.settings import Settings, check_backend
 from kvc.models import LoadedModel
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
@@ -199,18 +199,6 @@ TASKS: dict[str, Task] = {
     "ppl": Task(perplexity_samples, run_perplexity, higher_is_better=False),
     "recovery": Task(perplexity_samples, run_recovery),
 }
-
-
-BACKENDS = ("torch", "onnxruntime")
-ONNX_TASKS = ("passkey", "niah")  # the tasks the exported graphs run
-
-
-def check_backend(task: str, backend: str) -> None:
-    """Refuse, before any work, a backend kvc does not have or a task it does not run."""
-    if backend not in BACKENDS:
-        raise KvcError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
-    if backend == "onnxruntime" and task not in ONNX_TASKS:
-        raise KvcError(f"--backend onnxruntime runs the tasks {', '.join(ONNX_TASKS)}, not {task}")
 
 
 def new_tokens(task: str, settings: Settings) -> int:

@@ -14,6 +14,11 @@ from kvc.policies.errors import KvcError
 from kvc.policies.probes import DEFAULT_PROBE
 
 
+# The tasks `kvc eval` runs (`kvc.eval.harness.TASKS` holds them, in this order) and the back-ends it
+# runs them in: named here, torch-free, so the CLI refuses a wrong name before any model or library loads.
+TASK_NAMES = ("passkey", "niah", "multikey", "multivalue", "vartrack", "fwe", "fidelity", "ppl", "recovery")
+BACKENDS = ("torch", "onnxruntime")
+ONNX_TASKS = ("passkey", "niah")  # the tasks the exported graphs run
 SETTINGS = ("query-aware", "query-agnostic")  # where a question is asked: before compression, or after it
 
 
@@ -107,3 +112,11 @@ def check_lengths(settings: Settings, model_limit: int, asks: bool = True) -> No
         raise KvcError(f"--lengths: the reconstruction probe rereads a context of {longest} tokens in parts after "
                        f"it, at least {SHORTEST_PART} tokens each, past the model's {model_limit} positions; "
                        f"use --context-probe window, generic or expected")
+
+
+def check_backend(task: str, backend: str) -> None:
+    """Refuse, before any work, a backend kvc does not have or a task it does not run."""
+    if backend not in BACKENDS:
+        raise KvcError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
+    if backend == "onnxruntime" and task not in ONNX_TASKS:
+        raise KvcError(f"--backend onnxruntime runs the tasks {', '.join(ONNX_TASKS)}, not {task}")

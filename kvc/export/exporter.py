@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from kvc import __version__
+from kvc.export.folder import check_out_folder
 from kvc.export.graphs import INPUTS, CacheGraph, PrefillGraph, StepGraph
 from kvc.files import atomic_folder
 from kvc.models import LoadedModel
@@ -63,18 +64,6 @@ def check_exportable(loaded: LoadedModel, plan: Plan, batch: int, chunk: int) ->
         raise KvcError("--chunk: a model with sliding-window layers is exported with one token per step")
     if loaded.model.device.type != "cpu":
         raise KvcError("export runs on the CPU: load the model with --device cpu")
-
-
-def check_out_folder(out) -> None:
-    """Refuse, before any work, a destination that is not a new folder or an earlier export (which is
-    replaced whole): an unrelated folder is never deleted."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise KvcError(f"--out {out}: is a file; give a folder name (it is created)")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise KvcError(f"--out {out}: the folder exists and is not an earlier export; give a new folder name")
-    if not out.parent.is_dir():
-        raise KvcError(f"--out {out}: the folder {out.parent} does not exist")
 
 
 def export(loaded: LoadedModel, plan: Plan, out, chunk: int = 1, batch: int = 1,

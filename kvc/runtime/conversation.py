@@ -28,7 +28,6 @@ from kvc.runtime.generate import dense_cache_bytes
 from kvc.runtime.probe import check_probe, make_probe, prefill_context
 from kvc.runtime.step import Step, greedy, stop_ids
 
-TURN_SEPARATOR = "---"  # a line of its own between the user turns of a conversation file
 
 
 @dataclass
@@ -40,22 +39,6 @@ class Turn:
     cached_tokens: int  # tokens the conversation holds after the reply
     cache_bytes: int
     seconds: float
-
-
-def split_turns(text: str) -> list[str]:
-    """User turns of a conversation file: blocks separated by a line that is only `---`."""
-    turns, block = [], []
-    for line in text.splitlines():
-        if line.strip() == TURN_SEPARATOR:
-            turns.append("\n".join(block).strip())
-            block = []
-        else:
-            block.append(line)
-    turns.append("\n".join(block).strip())
-    turns = [turn for turn in turns if turn]
-    if not turns:
-        raise KvcError("the conversation has no user turn")
-    return turns
 
 
 class Conversation:

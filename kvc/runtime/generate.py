@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
@@ -69,21 +68,6 @@ class _StepClock(LogitsProcessor):
     def __call__(self, input_ids, scores):
         self.times.append(time.perf_counter())
         return scores
-
-
-def read_prompt(prompt: str | None, prompt_file=None) -> str:
-    """The prompt text from exactly one of a string and a file."""
-    if (prompt is None) == (prompt_file is None):
-        raise KvcError("give the prompt with exactly one of --prompt TEXT and --prompt-file FILE")
-    if prompt_file is not None:
-        try:
-            prompt = Path(prompt_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            reason = getattr(error, "strerror", None) or str(error)
-            raise KvcError(f"{prompt_file}: cannot read the prompt file ({reason})") from None
-    if not prompt.strip():
-        raise KvcError("the prompt is empty")
-    return prompt
 
 
 def encode_prompts(tokenizer, prompts: list[str], chat: bool = False) -> list[list[int]]:

@@ -28,25 +28,17 @@ from dataclasses import dataclass
 import torch
 from kvc.models import architecture
 from kvc.policies.errors import KvcError
-from kvc.policies.probes import DEFAULT_PROBE, RECONSTRUCT_PROMPT
+from kvc.policies.probes import DEFAULT_PROBE, PROBES, RECONSTRUCT_PROMPT, check_probe  # noqa: F401 (PROBES re-exported)
 from kvc.runtime.apply import cache_keyword
 from kvc.runtime.expected_attention import expected_attention, rotary_frequencies
 from kvc.runtime.kernels import pool_scores
 from kvc.runtime.shared_prefill import SharedLayer, SharedPrefill
 
-PROBES = ("window", "generic", "reconstruct", "expected", DEFAULT_PROBE)
 REREADING = ("reconstruct", "reconstruct+expected")  # probes that read the context again after it
 GENERIC_PROBE = "\n\nQuestion: What does the text above say?\nAnswer:"
 PART_TOKENS = 2048  # the longest part of the context one reconstruction forward repeats (KVzip's chunk)
 SHORTEST_PART = 64  # fewer positions left after the context than the request and this: refused
 QUERY_BLOCK = 256  # probe queries per block of `probe_attention`
-
-
-def check_probe(probe: str, option: str = "--context-probe") -> str:
-    """The probe's name, or one line refusing it."""
-    if probe not in PROBES:
-        raise KvcError(f"{option}: unknown probe {probe!r} (expected one of {', '.join(PROBES)})")
-    return probe
 
 
 @dataclass(frozen=True)

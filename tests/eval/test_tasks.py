@@ -3,6 +3,7 @@
 import pytest
 
 from kvc.eval.harness import (
+    TASKS,
     needle_samples,
     new_tokens,
     passkey_samples,
@@ -13,7 +14,7 @@ from kvc.eval.passkey import INTRO, PasskeySample, passkey_correct, passkey_samp
 from kvc.eval.passkey import QUESTION as PASSKEY_QUESTION
 from kvc.eval.passkey import needle as passkey_needle
 from kvc.eval.perplexity import perplexity_sample
-from kvc.eval.settings import Settings
+from kvc.eval.settings import TASK_NAMES, Settings
 from kvc.policies.errors import KvcError
 
 
@@ -78,6 +79,10 @@ def test_each_task_decodes_its_own_answer_length_unless_told():
     assert (new_tokens("passkey", own), new_tokens("niah", own), new_tokens("ppl", own)) == (12, ANSWER_TOKENS, 32)
     told = Settings(tasks=[], methods=[], budgets=[], lengths=[], depths=[], answer_tokens=5, continuation=32)
     assert (new_tokens("passkey", told), new_tokens("niah", told), new_tokens("ppl", told)) == (5, 5, 32)
+
+
+def test_the_names_the_cli_checks_are_the_tasks_the_harness_runs():
+    assert tuple(TASKS) == TASK_NAMES
 
 
 def test_samples_are_other_haystacks_and_passages(smollm):

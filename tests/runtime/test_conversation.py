@@ -12,7 +12,8 @@ from transformers import DynamicCache
 from kvc.cli import main
 from kvc.policies.errors import KvcError
 from kvc.runtime.apply import cache_keyword
-from kvc.runtime.conversation import Conversation, split_turns
+from kvc.runtime.conversation import Conversation
+from kvc.runtime.prompts import split_turns
 from kvc.runtime.handmade import handmade_plan
 
 TURNS = ["Name one colour of the French flag.", "Now name a fruit of that colour."]
