@@ -40,11 +40,12 @@ from kvc.eval.baselines import method_plan
 from kvc.eval.questions import Prompt
 from kvc.models import load
 from kvc.plan import Plan
+from kvc.policies.probes import DEFAULT_PROBE, PROBES
 from kvc.policies.schema import atomic_write_text
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import CompressedCache
 from kvc.runtime.handmade import handmade_plan
-from kvc.runtime.probe import DEFAULT_PROBE, PROBES, make_probe, prefill_context
+from kvc.runtime.probe import make_probe, prefill_context
 from kvc.runtime.shared_prefill import SharedPrefill
 
 ROOT = Path(__file__).resolve().parent.parent

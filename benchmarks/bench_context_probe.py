@@ -31,7 +31,8 @@ from kvc.eval.questions import Prompt
 from kvc.models import load
 from kvc.policies.schema import atomic_write_text
 from kvc.runtime.apply import apply
-from kvc.runtime.probe import PROBES, make_probe, prefill_context
+from kvc.policies.probes import PROBES
+from kvc.runtime.probe import make_probe, prefill_context
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -25,9 +25,9 @@ from kvc.policies.errors import KvcError
 from kvc.runtime.apply import apply, cache_keyword
 from kvc.runtime.cache import GENERATE_OPTIONS
 from kvc.runtime.generate import dense_cache_bytes
-from kvc.runtime.probe import check_probe, make_probe, prefill_context
+from kvc.policies.probes import check_probe
+from kvc.runtime.probe import make_probe, prefill_context
 from kvc.runtime.step import Step, greedy, stop_ids
-
 
 
 @dataclass

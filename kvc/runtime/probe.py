@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from kvc.models import architecture
 from kvc.policies.errors import KvcError
-from kvc.policies.probes import DEFAULT_PROBE, PROBES, RECONSTRUCT_PROMPT, check_probe  # noqa: F401 (PROBES re-exported)
+from kvc.policies.probes import DEFAULT_PROBE, RECONSTRUCT_PROMPT, check_probe
 from kvc.runtime.apply import cache_keyword
 from kvc.runtime.expected_attention import expected_attention, rotary_frequencies
 from kvc.runtime.kernels import pool_scores

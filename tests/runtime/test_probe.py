@@ -18,7 +18,8 @@ from kvc.runtime.cache import CompressedCache
 from kvc.runtime.handmade import handmade_plan
 from kvc.runtime.kernels import observation_scores_reference
 from kvc.runtime import probe as probe_module
-from kvc.runtime.probe import PROBES, check_probe, make_probe, prefill_context
+from kvc.policies.probes import PROBES, check_probe
+from kvc.runtime.probe import make_probe, prefill_context
 from kvc.runtime.shared_prefill import SharedPrefill
 from tests.runtime.test_step import tiny_llama
 
