@@ -166,10 +166,12 @@ def generate_command(
     if context_probe != "window" and not (interactive or len(turns) > 1):
         raise KvcError("--context-probe scores a first turn compressed before later ones: give a conversation "
                        "(--chat with turns separated by ---, or --interactive)")
-    from kvc.plan import Plan  # torch (seconds): only once the options and the prompt are checked
+    from kvc.models import load, resolve
+
+    resolve(model)
+    from kvc.plan import Plan  # torch (seconds): only once the options, the prompt and the model are checked
 
     compiled = Plan.load(plan) if plan is not None else None
-    from kvc.models import load
     from kvc.runtime.generate import generate  # transformers (seconds more): once the plan is read
 
     loaded = load(model, dtype=dtype, device=device)
@@ -236,13 +238,14 @@ def export_command(
     prefill.onnx and step.onnx take and return the compressed cache's tensors; weights, plan, tokenizer and a manifest lie beside them.
     """
     from kvc.export.folder import check_out_folder
+    from kvc.models import load, resolve
 
     check_out_folder(out)
-    from kvc.plan import Plan  # torch (seconds): only once the destination is checked
+    resolve(model)
+    from kvc.plan import Plan  # torch (seconds): only once the destination and the model are checked
 
     compiled = Plan.load(plan)
     from kvc.export.exporter import check_exportable, export  # transformers (seconds more): once the plan is read
-    from kvc.models import load
     from kvc.report import human_bytes
 
     loaded = load(model, dtype="float32", device="cpu")
@@ -314,12 +317,14 @@ def profile_command(
     """Profile a model's attention heads on prompts and write the policy: FastGen kinds, recovery curves, funnel."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from kvc.models import architecture
+    from kvc.models import architecture, resolve
+
+    check_files({"--out": out}, {"model": model, "prompt file": prompts})
+    resolve(model)  # an unknown model is named before torch and transformers load (seconds)
     from kvc.profiler import profile as profiler
     from kvc.profiler.prompts import load_prompts
 
     profiler.check_threshold(threshold)
-    check_files({"--out": out}, {"model": model, "prompt file": prompts})
     prompt_set = load_prompts(prompts)
     loaded = profiler.load_model(model, device=device, dtype=dtype)
     steps = profiler.progress_steps(len(prompt_set.prompts), architecture(loaded.model.config).num_layers)
@@ -369,6 +374,7 @@ def eval_command(
     from kvc.compiler.sizes import parse_dtype
     from kvc.eval.baselines import METHODS
     from kvc.eval.settings import TASK_NAMES, check_backend, parse_settings, question_settings
+    from kvc.models import resolve
 
     settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASK_NAMES, known_methods=METHODS,
                               answer_tokens=answer_tokens, samples=samples, first_sample=first_sample,
@@ -378,6 +384,7 @@ def eval_command(
     for task in settings.tasks:
         check_backend(task, backend)  # refuse a task the backend does not run before any work
     check_files({"--json": json_out, "--png": png}, {"model": model, "policy file": policy, "plan file": plan})
+    resolve(model)  # an unknown model is named before transformers loads (seconds)
     run_evaluation(model, settings, policy, plan, json_out, png, device)
 
 

@@ -104,10 +104,15 @@ HEAVY = {"torch", "transformers"}
     (["export", "--plan", "{plan}", "--out", "{folder}"], "no such plan file", {"transformers"}),
     (["eval", "--tasks", "passkey,nosuch"], "--tasks: unknown name 'nosuch'", {"transformers"}),
     (["eval", "--tasks", "ppl", "--backend", "onnxruntime"], "runs the tasks passkey, niah, not ppl", {"transformers"}),
+    (["generate", "smollm-135m", "--prompt", "hi"], "unknown model 'smollm-135m'; did you mean smollm2-135m", HEAVY),
+    (["export", "llama-3-8b", "--plan", "{plan}", "--out", "{folder}"], "llama-3-8b: meta-llama/", HEAVY),
+    (["profile", "no-such-model", "--out", "{folder}.yaml"], "unknown model 'no-such-model'", HEAVY),
+    (["eval", "no-such-model", "--tasks", "passkey"], "unknown model 'no-such-model'", {"transformers"}),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_wrong_input_is_refused_before_the_libraries_it_does_not_need_load(tmp_path, args, message, unloaded):
-    """What the command line alone shows wrong is refused before torch (seconds) or transformers
-    (seconds more) is imported; a plan file to read needs torch, still not transformers."""
+    """What the command line alone shows wrong (an unknown model or one not downloaded included) is
+    refused before torch (seconds) or transformers (seconds more) is imported; a plan file to read
+    needs torch, still not transformers."""
     (tmp_path / "a-file").write_text("")
     values = {"plan": str(tmp_path / "missing.plan"), "file": str(tmp_path / "a-file"), "folder": str(tmp_path / "new")}
     argv = [arg.format(**values) for arg in args]
