@@ -259,11 +259,11 @@ def resolve_dtype(dtype: str, device: str):
 
 def load(name: str | None = None, dtype: str = "auto", device: str = "auto", device_map=None) -> LoadedModel:
     """Load (model, tokenizer) for a model argument, in eval mode, with its fingerprint."""
+    source = resolve(name)  # an unknown model is named before transformers is imported (seconds)
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    source = resolve(name)
     device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, device)
     folder = converted_gguf_dir(Path(source.location)) if source.kind == "gguf" else source.location

@@ -1,5 +1,7 @@
 """Resolving and loading models: the embedded GGUF, local folders, and one clear error per mistake."""
 
+import sys
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -58,9 +60,12 @@ def test_local_folder_round_trip(smollm, tmp_path):
         ("missing.gguf", "no such GGUF file"),
     ],
 )
-def test_resolution_errors(name, message):
+def test_resolution_errors(name, message, monkeypatch):
     with pytest.raises(KvcError, match=message.replace("?", r"\?")):
         models.resolve(name)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `load` names it before importing transformers
+    with pytest.raises(KvcError, match=message.replace("?", r"\?")):
+        models.load(name)
 
 
 def test_files_that_are_not_models(tmp_path, monkeypatch):

@@ -2,7 +2,7 @@
 
 vLLM reads a transformers folder whose config names its architecture; kvc's converted GGUF folders
 do not, so the served folder is then a copy in the kvc cache (links to the weights and tokenizer,
-a config with `architectures`; made once, found again without transformers). `engine_settings`
+a config with `architectures`; made once, then found without transformers' model table). `engine_settings`
 fills the engine arguments a plan needs (kvc's backend, no prefix caching, eager mode, the plan's
 max length) and refuses, before vLLM is even imported, longer sequences than the plan was compiled
 for or another cache dtype (`check_settings`, before the model is read) and a plan of another
