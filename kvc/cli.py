@@ -20,7 +20,7 @@ from rich.table import Table
 from kvc import __version__
 from kvc.files import os_reason
 from kvc.interrupts import Interrupted, signals_interrupt
-from kvc.outputs import check_files, recorded_path
+from kvc.outputs import check_files, check_inputs, recorded_path
 from kvc.policies.errors import KvcError
 
 # The help's panels: build a plan, run it, deploy it; inspect artifacts.
@@ -169,7 +169,8 @@ def generate_command(
     from kvc.models import load, resolve
 
     resolve(model)
-    from kvc.plan import Plan  # torch (seconds): only once the options, the prompt and the model are checked
+    check_inputs({"plan file": plan})
+    from kvc.plan import Plan  # torch (seconds): only once the options, the prompt, the model and the plan file are checked
 
     compiled = Plan.load(plan) if plan is not None else None
     from kvc.runtime.generate import generate  # transformers (seconds more): once the plan is read
@@ -242,7 +243,8 @@ def export_command(
 
     check_out_folder(out)
     resolve(model)
-    from kvc.plan import Plan  # torch (seconds): only once the destination and the model are checked
+    check_inputs({"plan file": plan})
+    from kvc.plan import Plan  # torch (seconds): only once the destination, the model and the plan file are checked
 
     compiled = Plan.load(plan)
     from kvc.export.exporter import check_exportable, export  # transformers (seconds more): once the plan is read
@@ -282,13 +284,15 @@ def compile_command(
     """Compile a policy into a static KV-cache plan for a memory target and show what it costs and recovers."""
     import time
 
-    from kvc.compiler import compile_policy, plan_report, summary_lines
     from kvc.compiler.outputs import plan_path, write_outputs
-    from kvc.policies.schema import load_policy
-    from kvc.report import render_plan
 
     out = plan_path(policy, out)
     check_files({"--out": out, "--json": json_report}, {"policy file": policy})
+    check_inputs({"policy file": policy})
+    from kvc.compiler import compile_policy, plan_report, summary_lines  # torch (seconds): once the files are checked
+    from kvc.policies.schema import load_policy
+    from kvc.report import render_plan
+
     loaded = load_policy(policy)
     started = time.perf_counter()
     plan = compile_policy(loaded, target, memory=memory, max_len=max_len, batch=batch, dtype=dtype, strategy=strategy,
@@ -319,13 +323,14 @@ def profile_command(
 
     from kvc.models import architecture, resolve
 
-    check_files({"--out": out}, {"model": model, "prompt file": prompts})
-    resolve(model)  # an unknown model is named before torch and transformers load (seconds)
-    from kvc.profiler import profile as profiler
     from kvc.profiler.prompts import load_prompts
+    from kvc.profiler.settings import check_threshold
 
-    profiler.check_threshold(threshold)
+    check_files({"--out": out}, {"model": model, "prompt file": prompts})
+    resolve(model)  # an unknown model, a wrong threshold or prompt file are named before torch loads (seconds)
+    check_threshold(threshold)
     prompt_set = load_prompts(prompts)
+    from kvc.profiler import profile as profiler
     loaded = profiler.load_model(model, device=device, dtype=dtype)
     steps = profiler.progress_steps(len(prompt_set.prompts), architecture(loaded.model.config).num_layers)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
@@ -372,11 +377,10 @@ def eval_command(
 
     Records are saved as the run goes (to --json, or the kvc cache); the same command resumes a stopped run."""
     from kvc.compiler.sizes import parse_dtype
-    from kvc.eval.baselines import METHODS
-    from kvc.eval.settings import TASK_NAMES, check_backend, parse_settings, question_settings
+    from kvc.eval.settings import METHOD_NAMES, TASK_NAMES, check_backend, parse_settings, question_settings
     from kvc.models import resolve
 
-    settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASK_NAMES, known_methods=METHODS,
+    settings = parse_settings(tasks, methods, budgets, lengths, depths, known_tasks=TASK_NAMES, known_methods=METHOD_NAMES,
                               answer_tokens=answer_tokens, samples=samples, first_sample=first_sample,
                               dtype=parse_dtype(cache_dtype, "--cache-dtype"), policy=recorded_path(policy),
                               plan=recorded_path(plan), setting=question_settings(setting), backend=backend,
@@ -384,7 +388,8 @@ def eval_command(
     for task in settings.tasks:
         check_backend(task, backend)  # refuse a task the backend does not run before any work
     check_files({"--json": json_out, "--png": png}, {"model": model, "policy file": policy, "plan file": plan})
-    resolve(model)  # an unknown model is named before transformers loads (seconds)
+    check_inputs({"policy file": policy, "plan file": plan})
+    resolve(model)  # an unknown model is named before torch and transformers load (seconds)
     run_evaluation(model, settings, policy, plan, json_out, png, device)
 
 

@@ -3,8 +3,8 @@
 `check_files` refuses, in one line naming the option, an output that is one of the command's
 inputs (symlinks and hard links followed; an existing file inside an input folder counts as
 read), that another output names too, that is a folder or not a plain file, that is read-only,
-or whose folder is missing or cannot be written in (tried with a real file). Commands call it
-before any slow step, so a refused command has done nothing; `kvc.files.all_or_none` then makes
+or whose folder is missing or cannot be written in (tried with a real file); `check_inputs`
+refuses a file to read that is missing or not a file. Commands call them before any slow step, so a refused command has done nothing; `kvc.files.all_or_none` then makes
 their outputs appear together or not at all.
 """
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 from kvc.files import os_reason, temporary_path
 from kvc.policies.errors import KvcError
+from kvc.policies.structured import input_file
 
 _CHECKOUT = Path(__file__).resolve().parents[1]
 REPOSITORY = _CHECKOUT if (_CHECKOUT / "pyproject.toml").is_file() else None  # kvc's source checkout, if it runs from one
@@ -80,6 +81,14 @@ def check_files(outputs: dict[str, object], inputs: dict[str, object] | None = N
             raise KvcError(f"{option} {path}: {seen[identity]} writes that file too; give each output its own name")
         seen[identity] = option
         check_writable(option, path)
+
+
+def check_inputs(inputs: dict[str, object]) -> None:
+    """Check that each input ({what: path or None}) is a file kvc would read, before any library loads:
+    a missing plan or policy is named at once, with the words its reader would use."""
+    for what, path in inputs.items():
+        if path is not None:
+            input_file(path, what)
 
 
 def recorded_path(path) -> str | None:

@@ -100,19 +100,25 @@ HEAVY = {"torch", "transformers"}
     (["generate", "--plan", "{plan}"], "give the prompt with exactly one of --prompt", HEAVY),
     (["generate", "--prompt", "hi", "--context-probe", "bogus"], "--context-probe: unknown probe 'bogus'", HEAVY),
     (["export", "--plan", "{plan}", "--out", "{file}"], "is a file; give a folder name", HEAVY),
-    (["generate", "--plan", "{plan}", "--prompt", "hi"], "no such plan file", {"transformers"}),
-    (["export", "--plan", "{plan}", "--out", "{folder}"], "no such plan file", {"transformers"}),
-    (["eval", "--tasks", "passkey,nosuch"], "--tasks: unknown name 'nosuch'", {"transformers"}),
-    (["eval", "--tasks", "ppl", "--backend", "onnxruntime"], "runs the tasks passkey, niah, not ppl", {"transformers"}),
+    (["generate", "--plan", "{plan}", "--prompt", "hi"], "no such plan file", HEAVY),
+    (["export", "--plan", "{plan}", "--out", "{folder}"], "no such plan file", HEAVY),
+    (["generate", "--plan", "{file}", "--prompt", "hi"], "a-file: not a readable plan", {"transformers"}),
+    (["eval", "--tasks", "passkey,nosuch"], "--tasks: unknown name 'nosuch'", HEAVY),
+    (["eval", "--methods", "kvc,snapkvv"], "unknown name 'snapkvv' (expected some of kvc, kvc-drop", HEAVY),
+    (["eval", "--tasks", "ppl", "--backend", "onnxruntime"], "runs the tasks passkey, niah, not ppl", HEAVY),
+    (["eval", "--policy", "{folder}.yaml"], "no such policy file", HEAVY),
+    (["compile", "{folder}.yaml"], "no such policy file", HEAVY),
+    (["profile", "--prompts", "{folder}.jsonl", "--out", "{folder}.yaml"], "no such prompt file", HEAVY),
+    (["profile", "--threshold", "1.5", "--out", "{folder}.yaml"], "--threshold 1.5: must be in (0, 1]", HEAVY),
     (["generate", "smollm-135m", "--prompt", "hi"], "unknown model 'smollm-135m'; did you mean smollm2-135m", HEAVY),
     (["export", "llama-3-8b", "--plan", "{plan}", "--out", "{folder}"], "llama-3-8b: meta-llama/", HEAVY),
     (["profile", "no-such-model", "--out", "{folder}.yaml"], "unknown model 'no-such-model'", HEAVY),
-    (["eval", "no-such-model", "--tasks", "passkey"], "unknown model 'no-such-model'", {"transformers"}),
+    (["eval", "no-such-model", "--tasks", "passkey"], "unknown model 'no-such-model'", HEAVY),
 ], ids=lambda value: " ".join(value) if isinstance(value, list) else None)
 def test_wrong_input_is_refused_before_the_libraries_it_does_not_need_load(tmp_path, args, message, unloaded):
-    """What the command line alone shows wrong (an unknown model or one not downloaded included) is
-    refused before torch (seconds) or transformers (seconds more) is imported; a plan file to read
-    needs torch, still not transformers."""
+    """What the command line alone shows wrong (an unknown model or one not downloaded included, a
+    missing input file) is refused before torch (seconds) or transformers (seconds more) is imported;
+    a plan file to read needs torch, still not transformers."""
     (tmp_path / "a-file").write_text("")
     values = {"plan": str(tmp_path / "missing.plan"), "file": str(tmp_path / "a-file"), "folder": str(tmp_path / "new")}
     argv = [arg.format(**values) for arg in args]
@@ -125,8 +131,11 @@ def test_wrong_input_is_refused_before_the_libraries_it_does_not_need_load(tmp_p
 
 def test_every_name_kvc_exports_loads():
     import kvc
+    import kvc.compiler
+    import kvc.profiler
 
-    assert all(getattr(kvc, name) is not None for name in kvc.__all__)
+    for package in (kvc, kvc.compiler, kvc.profiler):
+        assert all(getattr(package, name) is not None for name in package.__all__), package.__name__
     assert kvc.compile_policy is __import__("kvc.compiler", fromlist=["compile_policy"]).compile_policy
     with pytest.raises(AttributeError, match="no attribute 'compile'"):
         kvc.compile

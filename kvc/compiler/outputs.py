@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from kvc.files import all_or_none, atomic_write_text
-from kvc.plan import Plan
+
+if TYPE_CHECKING:  # torch: `kvc compile` finds its destination before it loads
+    from kvc.plan import Plan
 
 
 def plan_path(policy: Path, out: Path | None) -> Path:

@@ -14,9 +14,12 @@ from kvc.policies.errors import KvcError
 from kvc.policies.probes import DEFAULT_PROBE
 
 
-# The tasks `kvc eval` runs (`kvc.eval.harness.TASKS` holds them, in this order) and the back-ends it
-# runs them in: named here, torch-free, so the CLI refuses a wrong name before any model or library loads.
+# The tasks `kvc eval` runs (`kvc.eval.harness.TASKS` holds them, in this order), the methods it compares
+# (`kvc.eval.baselines.METHODS`, in this order) and the back-ends it runs them in: named here, torch-free,
+# so the CLI refuses a wrong name before any model or library loads.
 TASK_NAMES = ("passkey", "niah", "multikey", "multivalue", "vartrack", "fwe", "fidelity", "ppl", "recovery")
+METHOD_NAMES = ("kvc", "kvc-drop", "kvc-plain", "kvc-4bit", "kvc-merge", "kvc-knapsack", "kvc-fastgen", "full",
+                "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv")
 BACKENDS = ("torch", "onnxruntime")
 ONNX_TASKS = ("passkey", "niah")  # the tasks the exported graphs run
 SETTINGS = ("query-aware", "query-agnostic")  # where a question is asked: before compression, or after it

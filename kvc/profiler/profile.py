@@ -35,15 +35,10 @@ from kvc.profiler.measures import (
     probe_positions,
 )
 from kvc.profiler.prompts import PromptSet, load_prompts, prompt_token_ids
+from kvc.profiler.settings import check_threshold
 from kvc.profiler.statistics import measured_attention
 
 DEFAULT_MAX_TOKENS = 4096
-
-
-def check_threshold(threshold: float) -> float:
-    if not 0.0 < threshold <= 1.0:
-        raise KvcError(f"--threshold {threshold}: must be in (0, 1] (FastGen's paper uses 0.91 to 0.98)")
-    return float(threshold)
 
 
 def load_model(name: str | None, device: str = "auto", dtype: str = "auto") -> LoadedModel:

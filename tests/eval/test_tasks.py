@@ -2,6 +2,7 @@
 
 import pytest
 
+from kvc.eval.baselines import METHODS
 from kvc.eval.harness import (
     TASKS,
     needle_samples,
@@ -14,7 +15,7 @@ from kvc.eval.passkey import INTRO, PasskeySample, passkey_correct, passkey_samp
 from kvc.eval.passkey import QUESTION as PASSKEY_QUESTION
 from kvc.eval.passkey import needle as passkey_needle
 from kvc.eval.perplexity import perplexity_sample
-from kvc.eval.settings import TASK_NAMES, Settings
+from kvc.eval.settings import METHOD_NAMES, TASK_NAMES, Settings
 from kvc.policies.errors import KvcError
 
 
@@ -81,8 +82,9 @@ def test_each_task_decodes_its_own_answer_length_unless_told():
     assert (new_tokens("passkey", told), new_tokens("niah", told), new_tokens("ppl", told)) == (5, 5, 32)
 
 
-def test_the_names_the_cli_checks_are_the_tasks_the_harness_runs():
+def test_the_names_the_cli_checks_are_the_tasks_and_methods_the_harness_runs():
     assert tuple(TASKS) == TASK_NAMES
+    assert tuple(METHODS) == METHOD_NAMES
 
 
 def test_samples_are_other_haystacks_and_passages(smollm):
