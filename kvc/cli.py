@@ -463,6 +463,7 @@ def serve_command(
 
     Every prompt prefills whole (chunked prefill off) unless --max-num-batched-tokens is below the plan's max length.
     """
+    check_inputs({"plan file": plan})  # before torch and vLLM load (seconds)
     from kvc.serving.vllm.server import serve
 
     extra = list(ctx.args)
