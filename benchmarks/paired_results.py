@@ -23,7 +23,7 @@ from pathlib import Path
 from rich.console import Console
 
 from kvc.eval import paired, report
-from kvc.eval.harness import Results, read_record
+from kvc.eval.records import Results, read_record
 from kvc.files import atomic_write_text
 
 

@@ -189,7 +189,6 @@ METHODS: dict[str, Baseline] = {
     "pyramidkv": Baseline(compiled("pyramid", kv_bits=0), True, "PyramidKV 2406.02069"),
     "adakv": Baseline(adakv_plan, True, "Ada-KV 2407.11550"),
 }
-PUBLISHED = ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv")  # the methods of other papers kvc is held against
 
 
 def method_plan(method: str, loaded: LoadedModel, policy: Policy | None, max_len: int, fraction: float,

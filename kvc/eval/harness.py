@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -36,7 +36,8 @@ from kvc.eval.niah import needle_sample, needle_score
 from kvc.eval.passkey import ANSWER_TOKENS as PASSKEY_ANSWER_TOKENS
 from kvc.eval.passkey import passkey_correct, passkey_sample
 from kvc.eval.perplexity import perplexity, perplexity_sample, teacher_forced
-from kvc.eval.questions import QUERY_AWARE, Prompt, answer_all
+from kvc.eval.questions import Prompt, answer_all
+from kvc.eval.records import Record, Results, cell_key
 from kvc.eval.recovery import attention_recovery
 from kvc.eval.settings import Settings, check_backend
 from kvc.models import LoadedModel
@@ -74,59 +75,6 @@ class Task:
     def asks(self) -> bool:
         """A context and a question: evaluated in the query-aware and query-agnostic settings."""
         return self.run is None
-
-
-@dataclass
-class Record:
-    task: str
-    method: str
-    budget: float
-    length: int
-    depth: float | None
-    score: float
-    cache_bytes: int
-    full_bytes: int
-    max_len: int
-    completion: str
-    sample: int = 0
-    setting: str | None = None  # query-aware or query-agnostic; None: a task without a question
-    metrics: dict | None = None  # generation fidelity: first_difference, identical, repetition, new_loop
-
-    def cell(self) -> tuple:
-        return cell_key(self.task, self.method, self.budget, self.length, self.depth, self.sample, self.setting)
-
-
-def cell_key(task: str, method: str, budget: float, length: int, depth: float | None, sample: int,
-             setting: str | None = None) -> tuple:
-    """What a record is the score of: one sample of one task, method, budget, length, depth and setting."""
-    return (task, method, float(budget), int(length), None if depth is None else float(depth), int(sample), setting)
-
-
-@dataclass
-class Results:
-    settings: Settings
-    records: list[Record] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return {"settings": asdict(self.settings), "seconds": round(self.seconds, 1),
-                "records": [asdict(record) for record in self.records]}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Results:
-        """Results read back from `to_dict` (the JSON report), to render or plot them again."""
-        settings = dict(data["settings"])
-        settings.setdefault("first_sample", settings.pop("seed", 0))  # reports written before --first-sample
-        settings.setdefault("setting", [QUERY_AWARE])  # ... and before the query-agnostic setting
-        settings.setdefault("context_probe", "window")  # ... and before probes
-        return cls(Settings(**settings), [read_record(record) for record in data["records"]], data["seconds"])
-
-
-def read_record(data: dict) -> Record:
-    """A record from JSON; one written before settings existed was asked query-aware, if it asked at all."""
-    if "setting" not in data and TASKS[data["task"]].asks:
-        data = data | {"setting": QUERY_AWARE}
-    return Record(**data)
 
 
 def sample_numbers(settings: Settings) -> range:

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from kvc.eval.baselines import PUBLISHED
-from kvc.eval.harness import TASKS, Record, Results
+from kvc.eval.records import Record, Results
+from kvc.eval.settings import LOWER_IS_BETTER, PUBLISHED
 
 KVC = "kvc"
 FULL = "full"
@@ -94,7 +94,7 @@ def measures(record: Record) -> dict[str, float]:
 
 
 def higher_is_better(measure: str) -> bool:
-    return FIDELITY_MEASURES[measure] if measure in FIDELITY_MEASURES else TASKS[measure].higher_is_better
+    return FIDELITY_MEASURES[measure] if measure in FIDELITY_MEASURES else measure not in LOWER_IS_BETTER
 
 
 def comparisons(results: Results, rivals: tuple[str, ...] = PUBLISHED) -> list[Comparison]:

@@ -24,7 +24,7 @@ import torch
 
 from kvc import __version__
 from kvc.eval import report
-from kvc.eval.harness import Record, Results, read_record
+from kvc.eval.records import Record, Results, read_record
 from kvc.models import cache_folder
 
 

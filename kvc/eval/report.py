@@ -26,7 +26,8 @@ from rich.table import Table
 
 from kvc.compiler.sizes import format_size as human_bytes
 from kvc.eval import paired
-from kvc.eval.harness import TASKS, Results
+from kvc.eval.records import Results
+from kvc.eval.settings import LOWER_IS_BETTER
 from kvc.files import atomic_write_bytes, atomic_write_text
 
 
@@ -207,7 +208,7 @@ def cell(score: float | None, reference: float | None, column: str) -> str:
         return "-"
     if column == "fidelity_first_difference":
         return f"{score:.1f}"
-    if column in TASKS and not TASKS[column].higher_is_better:
+    if column in LOWER_IS_BETTER:
         return f"{score:.2f} ({score / reference:.2f}x)" if reference else f"{score:.2f}"
     return f"{score:.2f}"
 
@@ -242,9 +243,9 @@ def draw(results: Results, path) -> Path:
                     axis.plot(*zip(*points), color=f"C{index}", marker=markers[index % len(markers)], alpha=0.8,
                               label=method)
             axis.set_xlabel("cache (MiB)")
-            if not TASKS[task].higher_is_better:
+            if task in LOWER_IS_BETTER:
                 axis.set_yscale("log")
-            axis.set_ylabel("perplexity (lower is better)" if not TASKS[task].higher_is_better else "score")
+            axis.set_ylabel("perplexity (lower is better)" if task in LOWER_IS_BETTER else "score")
             axis.set_title(f"{task}, {setting}")
             axis.grid(alpha=0.3)
     labelled = {label: handle for axis in axes.flat for handle, label in zip(*axis.get_legend_handles_labels())}

@@ -20,6 +20,9 @@ from kvc.policies.probes import DEFAULT_PROBE
 TASK_NAMES = ("passkey", "niah", "multikey", "multivalue", "vartrack", "fwe", "fidelity", "ppl", "recovery")
 METHOD_NAMES = ("kvc", "kvc-drop", "kvc-plain", "kvc-4bit", "kvc-merge", "kvc-knapsack", "kvc-fastgen", "full",
                 "streamingllm", "h2o", "snapkv", "pyramidkv", "adakv")
+PUBLISHED = ("streamingllm", "h2o", "snapkv", "pyramidkv", "adakv")  # the methods of other papers kvc is held against
+UNASKED_TASKS = ("ppl", "recovery")  # teacher-forced over a passage: no question, no setting
+LOWER_IS_BETTER = ("ppl",)
 BACKENDS = ("torch", "onnxruntime")
 ONNX_TASKS = ("passkey", "niah")  # the tasks the exported graphs run
 SETTINGS = ("query-aware", "query-agnostic")  # where a question is asked: before compression, or after it

@@ -11,7 +11,7 @@ import torch
 from dataclasses import replace
 
 from kvc.cli import main
-from kvc.eval.harness import Record, Results
+from kvc.eval.records import Record, Results
 from kvc.eval.progress import Progress, run_identity
 from kvc.eval.settings import Settings
 

@@ -10,7 +10,8 @@ from kvc.cli import main
 from kvc.eval import report
 from kvc.eval.baselines import method_plan
 from kvc.eval.fidelity import fidelity_metrics
-from kvc.eval.harness import Record, Results, Sample, evaluate, given_plan, run_perplexity
+from kvc.eval.harness import Sample, evaluate, given_plan, run_perplexity
+from kvc.eval.records import Record, Results
 from kvc.eval.perplexity import perplexity_sample
 from kvc.eval.settings import Settings
 from kvc.policies.errors import KvcError

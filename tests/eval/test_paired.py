@@ -10,7 +10,7 @@ from rich.console import Console
 
 from kvc.eval import paired, report
 from kvc.eval.fidelity import fidelity_metrics
-from kvc.eval.harness import Record, Results
+from kvc.eval.records import Record, Results
 from kvc.eval.settings import Settings
 
 SETTING = "query-agnostic"
@@ -155,6 +155,17 @@ def test_a_console_too_narrow_for_the_table_gets_each_comparison_in_words():
                                                  (-0.04, 1, "0.0"), (2.06, 1, "+2.1")])
 def test_signed_differences_never_read_minus_zero(value, digits, text):
     assert report.signed(value, digits) == text
+
+
+def test_reports_read_and_compare_results_without_torch():
+    """Rendering and pairing saved results (`kvc.eval.report`, `benchmarks/paired_results.py`) loads no model library."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nimport kvc.eval.paired, kvc.eval.records, kvc.eval.report\n"
+            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 def test_the_benchmark_pools_runs_renames_their_methods_and_keeps_a_repeated_prompt_once(tmp_path):

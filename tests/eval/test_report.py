@@ -6,7 +6,7 @@ import io
 from rich.console import Console
 
 from kvc.eval import report
-from kvc.eval.harness import Record, Results
+from kvc.eval.records import Record, Results
 from kvc.eval.settings import Settings
 
 TASKS = ["passkey", "niah", "multikey", "multivalue", "vartrack", "fwe"]

@@ -15,7 +15,7 @@ from kvc.eval.passkey import INTRO, PasskeySample, passkey_correct, passkey_samp
 from kvc.eval.passkey import QUESTION as PASSKEY_QUESTION
 from kvc.eval.passkey import needle as passkey_needle
 from kvc.eval.perplexity import perplexity_sample
-from kvc.eval.settings import METHOD_NAMES, TASK_NAMES, Settings
+from kvc.eval.settings import LOWER_IS_BETTER, METHOD_NAMES, PUBLISHED, TASK_NAMES, UNASKED_TASKS, Settings
 from kvc.policies.errors import KvcError
 
 
@@ -82,9 +82,12 @@ def test_each_task_decodes_its_own_answer_length_unless_told():
     assert (new_tokens("passkey", told), new_tokens("niah", told), new_tokens("ppl", told)) == (5, 5, 32)
 
 
-def test_the_names_the_cli_checks_are_the_tasks_and_methods_the_harness_runs():
+def test_the_names_the_cli_and_reports_read_are_the_tasks_and_methods_the_harness_runs():
     assert tuple(TASKS) == TASK_NAMES
     assert tuple(METHODS) == METHOD_NAMES
+    assert set(PUBLISHED) < set(METHOD_NAMES)
+    assert tuple(name for name, task in TASKS.items() if not task.asks) == UNASKED_TASKS
+    assert tuple(name for name, task in TASKS.items() if not task.higher_is_better) == LOWER_IS_BETTER
 
 
 def test_samples_are_other_haystacks_and_passages(smollm):
