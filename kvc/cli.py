@@ -96,6 +96,7 @@ def models():
 @app.command(rich_help_panel=INSPECT)
 def validate(file: Path = typer.Argument(..., help="A policy (.yaml/.json) or a plan file.")):
     """Check a policy or plan file; print what is wrong, with its path inside the file."""
+    check_inputs({"policy or plan file": file})  # before torch loads (seconds)
     from kvc.report import load_artifact
 
     artifact = load_artifact(file)
@@ -113,9 +114,10 @@ def show(
     png: Optional[Path] = typer.Option(None, "--png", help="Also draw the kinds heatmap (and funnel) to this PNG."),
 ):
     """Summarise a policy or a plan: per layer, the kinds of its KV heads and what they recover."""
+    check_files({"--png": png}, {"file": file})
+    check_inputs({"policy or plan file": file})  # before torch loads (seconds)
     from kvc import report
 
-    check_files({"--png": png}, {"file": file})
     artifact = report.load_artifact(file)
     report.render(artifact, console)
     if png is not None:

@@ -104,6 +104,8 @@ HEAVY = {"torch", "transformers"}
     (["export", "--plan", "{plan}", "--out", "{folder}"], "no such plan file", HEAVY),
     (["generate", "--plan", "{file}", "--prompt", "hi"], "a-file: not a readable plan", {"transformers"}),
     (["serve", "--plan", "{plan}"], "no such plan file", HEAVY),
+    (["show", "{plan}"], "no such policy or plan file", HEAVY),
+    (["validate", "{folder}"], "no such policy or plan file", HEAVY),
     (["eval", "--tasks", "passkey,nosuch"], "--tasks: unknown name 'nosuch'", HEAVY),
     (["eval", "--methods", "kvc,snapkvv"], "unknown name 'snapkvv' (expected some of kvc, kvc-drop", HEAVY),
     (["eval", "--tasks", "ppl", "--backend", "onnxruntime"], "runs the tasks passkey, niah, not ppl", HEAVY),
