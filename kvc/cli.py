@@ -290,12 +290,12 @@ def compile_command(
 
     out = plan_path(policy, out)
     check_files({"--out": out, "--json": json_report}, {"policy file": policy})
-    check_inputs({"policy file": policy})
-    from kvc.compiler import compile_policy, plan_report, summary_lines  # torch (seconds): once the files are checked
     from kvc.policies.schema import load_policy
-    from kvc.report import render_plan
 
     loaded = load_policy(policy)
+    from kvc.compiler import compile_policy, plan_report, summary_lines  # torch (seconds): once the policy is read
+    from kvc.report import render_plan
+
     started = time.perf_counter()
     plan = compile_policy(loaded, target, memory=memory, max_len=max_len, batch=batch, dtype=dtype, strategy=strategy,
                           retrieval_threshold=retrieval_threshold, kv_bits=kv_bits,

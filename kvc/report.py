@@ -1,20 +1,23 @@
 """Show policies and plans to people: rich tables in the terminal, heatmaps in PNG files.
 
-`load_artifact` tells a plan (safetensors) from a policy (YAML/JSON) by its first bytes.
+`load_artifact` tells a plan (safetensors) from a policy (YAML/JSON) by its first bytes. Plans
+(torch tensors) are read and shown with torch, policies without it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kvc.compiler.report import plan_report
 from kvc.compiler.sizes import format_size as human_bytes
-from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import FASTGEN_POLICIES
 from kvc.files import atomic_write_bytes
 from kvc.policies.schema import Policy, load_policy
 from kvc.policies.structured import input_file
+
+if TYPE_CHECKING:
+    from kvc.plan import Plan
 
 KIND_COLOURS = {
     "special": "#4c72b0", "special+punct": "#64b5cd", "special+punct+frequency": "#55a868",
@@ -34,15 +37,19 @@ def is_plan_file(path: Path) -> bool:
 
 def load_artifact(path) -> Policy | Plan:
     path = input_file(path, "policy or plan file")
-    return Plan.load(path) if is_plan_file(path) else load_policy(path)
+    if not is_plan_file(path):
+        return load_policy(path)
+    from kvc.plan import Plan  # torch
+
+    return Plan.load(path)
 
 
 def render(artifact, console) -> None:
-    (render_plan if isinstance(artifact, Plan) else render_policy)(artifact, console)
+    (render_policy if isinstance(artifact, Policy) else render_plan)(artifact, console)
 
 
 def draw(artifact, png) -> Path:
-    return (draw_plan if isinstance(artifact, Plan) else draw_policy)(artifact, png)
+    return (draw_policy if isinstance(artifact, Policy) else draw_plan)(artifact, png)
 
 
 # ------------------------------------------------------------------ policies
@@ -139,6 +146,8 @@ def short_kind(kind: str) -> str:
 def render_plan(plan: Plan, console) -> None:
     from rich.table import Table
 
+    from kvc.compiler.report import plan_report
+
     report, target = plan_report(plan), plan.target
     console.print(
         f"[bold]{plan.model_name}[/] plan · strategy {plan.strategy or '-'} · max len {target.max_len} · "
@@ -174,6 +183,8 @@ def draw_plan(plan: Plan, png) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
+
+    from kvc.compiler.report import plan_report
 
     report, max_len = plan_report(plan), plan.target.max_len
     share = (plan.capacity.float() / max_len).clamp(min=1 / max_len).numpy()

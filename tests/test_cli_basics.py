@@ -105,6 +105,8 @@ HEAVY = {"torch", "transformers"}
     (["generate", "--plan", "{file}", "--prompt", "hi"], "a-file: not a readable plan", {"transformers"}),
     (["serve", "--plan", "{plan}"], "no such plan file", HEAVY),
     (["show", "{plan}"], "no such policy or plan file", HEAVY),
+    (["validate", "{file}"], "a-file: the policy file is empty", HEAVY),
+    (["compile", "{file}"], "a-file: the policy file is empty", HEAVY),
     (["validate", "{folder}"], "no such policy or plan file", HEAVY),
     (["eval", "--tasks", "passkey,nosuch"], "--tasks: unknown name 'nosuch'", HEAVY),
     (["eval", "--methods", "kvc,snapkvv"], "unknown name 'snapkvv' (expected some of kvc, kvc-drop", HEAVY),
@@ -130,6 +132,17 @@ def test_wrong_input_is_refused_before_the_libraries_it_does_not_need_load(tmp_p
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "2 []", result.stdout
+
+
+def test_a_policy_is_shown_without_torch(tmp_path, policy):
+    """`kvc show` and `validate` read, check and render a policy torch-free (plans need torch: tensors)."""
+    path = policy.save(tmp_path / "tiny.yaml")
+    code = (f"import sys\nfrom kvc.cli import main\nfor command in ('show', 'validate'):\n    try:\n"
+            f"        main([command, {str(path)!r}])\n    except SystemExit as done:\n        print('exit', done.code)\n"
+            f"print(sorted({{'torch', 'transformers'}} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "tiny policy" in result.stdout and "valid policy for tiny" in result.stdout, result.stdout + result.stderr
+    assert result.stdout.count("exit 0") == 2 and result.stdout.strip().splitlines()[-1] == "[]", result.stdout[-300:]
 
 
 def test_every_name_kvc_exports_loads():

@@ -1,7 +1,7 @@
 """The exact eager reference for one layer: its output and statistics, by the definitions.
 
 It materialises the whole attention matrix in float64 (O(n²) memory, short prompts only), takes
-accumulated scores as its running sum over queries, and asks `kinds.keep_set` for every keep-set,
+accumulated scores as its running sum over queries, and asks `keep.keep_set` for every keep-set,
 probe by probe. The blockwise attention must agree with it; tests check they do.
 """
 
@@ -11,7 +11,8 @@ from dataclasses import replace
 
 import torch
 
-from kvc.policies.kinds import FASTGEN_POLICIES, keep_set, special_keep
+from kvc.policies.keep import keep_set, special_keep
+from kvc.policies.kinds import FASTGEN_POLICIES
 from kvc.profiler.measures import (
     CURVE_KINDS,
     CURVE_POINTS,

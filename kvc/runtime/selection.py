@@ -3,7 +3,7 @@
 A head keeps its first `sinks` tokens, its special/punctuation tokens (the most recent ones when
 more than its class slots), the recent window, and, for frequency heads, the best remaining
 tokens by SnapKV observation scores (SnapKV: the top (budget - window) plus the window). This is
-`kinds.keep_set` within static quotas: each token is stored once, in the first group that keeps it,
+`keep.keep_set` within static quotas: each token is stored once, in the first group that keeps it,
 and each group's tokens fill its region of the head's segment in position order.
 """
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from kvc.policies.errors import KvcError
-from kvc.policies.kinds import FASTGEN_POLICIES, Budget, canonical_kind, keep_set, kind_code, kind_components
+from kvc.policies.keep import keep_set
+from kvc.policies.kinds import FASTGEN_POLICIES, Budget, canonical_kind, kind_code, kind_components
 
 # positions:      0  1  2  3  4  5  6  7  8  9
 SPECIAL = torch.tensor([1, 0, 0, 0, 0, 1, 0, 0, 0, 0], dtype=torch.bool)

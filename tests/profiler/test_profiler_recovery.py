@@ -1,9 +1,9 @@
-"""Keep-set recovery from probe rows: every config against `kinds.keep_set`, with and without ties."""
+"""Keep-set recovery from probe rows: every config against `keep.keep_set`, with and without ties."""
 
 import pytest
 import torch
 
-from kvc.policies.kinds import frequency_keep, keep_set
+from kvc.policies.keep import frequency_keep, keep_set
 from kvc.profiler.measures import Ratios
 from kvc.profiler.recovery import (
     funnel_fractions,

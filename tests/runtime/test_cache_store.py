@@ -1,4 +1,4 @@
-"""The layer store on synthetic K/V: prefill keep-sets follow `kinds.keep_set`; new tokens follow
+"""The layer store on synthetic K/V: prefill keep-sets follow `keep.keep_set`; new tokens follow
 each kind's rule (ring, append-if-member, evict-the-lowest) one at a time or in chunks; a chunk
 attends to exactly the kept slots and causally to itself (floats and low-bit rows); memory is every
 tensor the cache holds and exactly the plan's; no step decodes a layer into floats; and the Triton
@@ -12,7 +12,8 @@ import torch
 from kvc.plan import Plan, Target
 from kvc.plan import class_members as plan_class_ids
 from kvc.policies.errors import KvcError
-from kvc.policies.kinds import Budget, frequency_keep, keep_set, kind_components
+from kvc.policies.keep import frequency_keep, keep_set
+from kvc.policies.kinds import Budget, kind_components
 from kvc.policies.tokens import PUNCT_BIT, SPECIAL_BIT
 from kvc.runtime.handmade import head_tables
 from kvc.runtime.kernels import observation_scores_reference
