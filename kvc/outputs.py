@@ -4,8 +4,9 @@
 inputs (symlinks and hard links followed; an existing file inside an input folder counts as
 read), that another output names too, that is a folder or not a plain file, that is read-only,
 or whose folder is missing or cannot be written in (tried with a real file); `check_inputs`
-refuses a file to read that is missing or not a file. Commands call them before any slow step, so a refused command has done nothing; `kvc.files.all_or_none` then makes
-their outputs appear together or not at all.
+refuses a file to read that is missing or not a file. Commands call them before any slow step,
+so a refused command has done nothing; `kvc.files.all_or_none` then makes their outputs appear
+together or not at all.
 """
 
 from __future__ import annotations
