@@ -5,7 +5,8 @@
     DIR/weights.bin    every large initializer of both graphs, stored once (external data)
     DIR/model.plan     the plan; the tokenizer's files; DIR/manifest.json (what the graphs take and give)
 
-The graphs are `graphs.PrefillGraph` and `graphs.StepGraph` through `torch.onnx.export(dynamo=True)`;
+The graphs are `graphs.PrefillGraph` and `graphs.StepGraph` through `torch.onnx.export(dynamo=True)`,
+with what they compute from constants alone folded and each repeated expression computed once;
 the prompt length is dynamic (from one token up to the plan's max length), batch and
 chunk are fixed at export. The folder appears whole or not at all (`kvc.files.atomic_folder`).
 """
@@ -123,7 +124,20 @@ def _export_graph(graph: CacheGraph, example):
         raise KvcError(f"{type(graph.model).__name__}: the {name} graph does not export ({first})") from None
     finally:
         graph.close()
+    _simplify(program.model)
     return program.model, state
+
+
+def _simplify(model) -> None:
+    """Fold what the graph computes from constants alone (the plan's tables, shapes) and compute each
+    repeated expression once, in place. onnxruntime folds constants too when it opens a graph, but
+    not through `CastLike`, of which the translation writes many."""
+    import onnx_ir as ir
+    from onnx_ir.passes.common import CommonSubexpressionEliminationPass, RemoveUnusedNodesPass
+    from onnxscript.optimizer import fold_constants
+
+    fold_constants(model)
+    ir.passes.Sequential(RemoveUnusedNodesPass(), CommonSubexpressionEliminationPass(), RemoveUnusedNodesPass())(model)
 
 
 @contextmanager

@@ -156,6 +156,35 @@ def test_the_folder_holds_graphs_weights_once_plan_tokenizer_and_manifest(llama)
     assert sorted(os.listdir(folder.parent)) == ["onnx", "tiny.plan"]  # no staging folder left behind
 
 
+def test_the_graphs_compute_nothing_from_small_constants_alone_nor_twice(llama):
+    """The exporter folds what a graph computes from its constants alone (the plan's tables, shapes),
+    leaving only work on constants too large to copy aside (the tied embedding's transpose), and
+    computes each repeated expression once: no two nodes take the same inputs the same way."""
+    import collections
+
+    import numpy
+    import onnx
+    from onnx.helper import get_attribute_value
+    from onnx.numpy_helper import to_array
+
+    def size(value):  # a Constant's tensor or list of numbers
+        return to_array(value).size if isinstance(value, onnx.TensorProto) else numpy.size(value)
+
+    folder = llama[3]
+    for name in ("prefill", "step"):
+        graph = onnx.load(folder / f"{name}.onnx", load_external_data=False).graph
+        sizes = {tensor.name: int(torch.Size(tensor.dims).numel()) for tensor in graph.initializer}
+        sizes |= {node.output[0]: size(get_attribute_value(node.attribute[0])) for node in graph.node
+                  if node.op_type == "Constant"}
+        of_constants = [(node.op_type, max(sizes[given] for given in node.input if given)) for node in graph.node
+                        if node.op_type != "Constant" and node.input and all(given in sizes for given in node.input if given)]
+        embedding = llama[0].model.get_output_embeddings().weight.numel()
+        assert of_constants == [("Transpose", embedding)], (name, of_constants)
+        expressions = collections.Counter((node.op_type, node.domain, tuple(node.input),
+                                           tuple(a.SerializeToString() for a in node.attribute)) for node in graph.node)
+        assert [key[0] for key, count in expressions.items() if count > 1] == [], name
+
+
 def test_the_tracer_records_no_stack_traces_only_while_the_exporter_traces(llama):
     """The exporter turns the tracer's per-node stack traces off while it traces (the saved graphs
     drop them) and gives the setting back as it was, also when tracing fails."""
