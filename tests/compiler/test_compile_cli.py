@@ -36,6 +36,18 @@ def test_compile_writes_the_plan_and_the_report(tmp_path, policy_file, capsys):
     assert chosen and f"retrieval: {len(chosen)} KV heads" in printed
 
 
+def test_the_paths_written_are_printed_whole_however_long(tmp_path, policy_file, capsys):
+    """A path longer than the console is wide (80 columns in a narrow terminal, 200 in a pipe) is
+    printed on one line, not folded into pieces a user cannot paste back."""
+    folder = tmp_path / ("long-folder-name-" * 12)
+    folder.mkdir()
+    plan_path, report_path = folder / "out.plan", folder / "report.json"
+    assert len(str(plan_path)) > 200
+    code = run("compile", str(policy_file), "--target", "0.2", "--out", str(plan_path), "--json", str(report_path))
+    assert code == 0
+    assert f"wrote {plan_path} and {report_path}\n" in capsys.readouterr().out
+
+
 def test_compile_low_bit_rows(tmp_path, policy_file, capsys):
     plan_path, report_path = tmp_path / "low.plan", tmp_path / "low.json"
     assert run("compile", str(policy_file), "--kv-bits", "4", "--out", str(plan_path), "--json", str(report_path)) == 0
