@@ -99,8 +99,8 @@ def validate(file: Path = typer.Argument(..., help="A policy (.yaml/.json) or a 
     from kvc.report import load_artifact  # torch only for a plan
 
     artifact = load_artifact(file)
-    console.print(f"[green]ok[/]: {file} is a valid {artifact.__class__.__name__.lower()} "
-                  f"for {artifact_model_name(artifact)}", soft_wrap=True)
+    console.print(f"[green]ok[/]: {escape(str(file))} is a valid {artifact.__class__.__name__.lower()} "
+                  f"for {escape(artifact_model_name(artifact))}", soft_wrap=True)
 
 
 def artifact_model_name(artifact) -> str:
@@ -120,7 +120,7 @@ def show(
     report.render(artifact, console)
     if png is not None:
         report.draw(artifact, png)
-        console.print(f"wrote {png}", soft_wrap=True)
+        console.print(f"wrote {png}", soft_wrap=True, markup=False)
 
 
 @app.command("generate", rich_help_panel=RUN)
@@ -263,7 +263,7 @@ def export_command(
     console.print(f"cache state: {len(manifest['state'])} tensors, {human_bytes(manifest['state_bytes'])} per call "
                   f"+ {human_bytes(manifest['plan']['table_bytes'])} of plan tables in the graphs = the plan's "
                   f"{human_bytes(manifest['plan']['cache_bytes'])}", highlight=False)
-    console.print(f"exported in {exported.seconds:.0f} s; wrote {out}", soft_wrap=True)
+    console.print(f"exported in {exported.seconds:.0f} s; wrote {out}", soft_wrap=True, markup=False)
 
 
 @app.command("compile", rich_help_panel=BUILD)
@@ -305,7 +305,7 @@ def compile_command(
     for line in summary_lines(report):
         console.print(line, highlight=False)
     console.print(f"compiled in {1000 * seconds:.0f} ms; wrote {out}" + (f" and {json_report}" if json_report else ""),
-                  soft_wrap=True)
+                  soft_wrap=True, markup=False)
 
 
 @app.command("profile", rich_help_panel=BUILD)
@@ -339,8 +339,8 @@ def profile_command(
         try:
             policy = profiler.profile_model(
                 loaded, prompt_set, threshold, max_tokens=max_tokens, strict=strict,
-                progress=lambda name: bar.update(task, advance=1, description=f"profiling {name}"),
-                warn=lambda message: bar.console.print(f"[yellow]warning:[/] {message}", highlight=False),
+                progress=lambda name: bar.update(task, advance=1, description=f"profiling {escape(name)}"),
+                warn=lambda message: bar.console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False),
             )
         except (KeyboardInterrupt, Interrupted):
             raise Interrupted(f"nothing was written to {out}") from None
@@ -348,7 +348,7 @@ def profile_command(
     for line in profiler.summary_lines(profiler.summarise(policy)):
         console.print(line, highlight=False)
     console.print(f"profiled {policy.profile.prompt_count} prompts ({sum(policy.profile.token_counts)} tokens) "
-                  f"in {policy.profile.seconds:.0f} s; wrote {out}", soft_wrap=True)
+                  f"in {policy.profile.seconds:.0f} s; wrote {out}", soft_wrap=True, markup=False)
 
 
 @app.command("eval", rich_help_panel=RUN)
@@ -432,7 +432,7 @@ def run_evaluation(model, settings, policy_path, plan_path, json_out, png, devic
     done, seconds = progress.earlier()
     if done:
         console.print(f"resuming: {len(done)} record{'s' * (len(done) != 1)} of an earlier run read from {progress.path}",
-                      soft_wrap=True)
+                      soft_wrap=True, markup=False)
     elif differences := progress.differences():  # its records would be lost: the user decides
         raise KvcError(f"--json {progress.path} holds the records of another run ({'; '.join(differences)}); "
                        "run that one's command to resume it, or give another --json (or remove the file) to start afresh")
@@ -447,7 +447,7 @@ def run_evaluation(model, settings, policy_path, plan_path, json_out, png, devic
             report.draw(results, png)
     for path in (json_out, png):
         if path is not None:
-            console.print(f"wrote {path}", soft_wrap=True)
+            console.print(f"wrote {path}", soft_wrap=True, markup=False)
 
 
 @app.command("serve", rich_help_panel=DEPLOY, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -479,7 +479,7 @@ def default_policy(loaded):
     from kvc.demo import cached_policy, cached_policy_path
 
     console.print(f"no --policy given: using the policy of {loaded.source.name} on the built-in prompts "
-                  "(as `make demo` does)", highlight=False)
+                  "(as `make demo` does)", highlight=False, markup=False)
     return cached_policy(loaded, console), recorded_path(cached_policy_path(loaded))
 
 

@@ -49,7 +49,7 @@ def cached_policy(loaded, console: Console) -> Policy:
         current = (policy.profile.retrieval_scheme, policy.profile.context_probe_scheme) == (RETRIEVAL_SCHEME,
                                                                                               CONTEXT_PROBE_SCHEME)
         if current:  # else profiled by an older kvc: profile again
-            console.print(f"reusing the policy profiled earlier: {path}")
+            console.print(f"reusing the policy profiled earlier: {path}", soft_wrap=True, markup=False)
             return policy
     layers = loaded.model.config.num_hidden_layers
     columns = (TextColumn("profiling {task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} layers"),
@@ -58,7 +58,7 @@ def cached_policy(loaded, console: Console) -> Policy:
         task = progress.add_task("", total=progress_steps(len(prompts.prompts), layers))
         policy = profile_model(loaded, prompts, progress=lambda name: progress.update(task, advance=1, description=name))
     save_policy(policy, path)
-    console.print(f"profiled {len(prompts.prompts)} prompts in {policy.profile.seconds:.0f} s; policy saved to {path}")
+    console.print(f"profiled {len(prompts.prompts)} prompts in {policy.profile.seconds:.0f} s; policy saved to {path}", soft_wrap=True, markup=False)
     return load_policy(path)  # as every later run reads it (whole numbers read back as floats): one run identity
 
 

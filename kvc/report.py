@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from rich.markup import escape
+
 from kvc.compiler.sizes import format_size as human_bytes
 from kvc.policies.errors import KvcError
 from kvc.policies.kinds import FASTGEN_POLICIES
@@ -67,12 +69,12 @@ def render_policy(policy: Policy, console) -> None:
 
     model, profile = policy.model, policy.profile
     console.print(
-        f"[bold]{model.name}[/] policy · {model.num_layers} layers × {model.num_kv_heads} KV heads "
+        f"[bold]{escape(model.name)}[/] policy · {model.num_layers} layers × {model.num_kv_heads} KV heads "
         f"({model.num_attention_heads} query heads, head dim {model.head_dim}) · fingerprint {model.fingerprint}"
     )
     if profile.prompt_count:
         console.print(
-            f"profiled on {profile.prompt_count} prompts of '{profile.prompt_set}' "
+            f"profiled on {profile.prompt_count} prompts of '{escape(profile.prompt_set)}' "
             f"({sum(profile.token_counts)} tokens) at threshold {profile.threshold} in {profile.seconds:.0f} s"
         )
     table = Table()
@@ -150,7 +152,7 @@ def render_plan(plan: Plan, console) -> None:
 
     report, target = plan_report(plan), plan.target
     console.print(
-        f"[bold]{plan.model_name}[/] plan · strategy {plan.strategy or '-'} · max len {target.max_len} · "
+        f"[bold]{escape(plan.model_name)}[/] plan · strategy {plan.strategy or '-'} · max len {target.max_len} · "
         f"batch {target.batch} · {target.dtype}{f' · K/V {plan.kv_bits}-bit' if plan.kv_bits else ''} · "
         f"fingerprint {plan.fingerprint}"
     )

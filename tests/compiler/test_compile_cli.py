@@ -1,5 +1,6 @@
 """`kvc compile` and `kvc show PLAN` from the command line: outputs, and one-line errors that write nothing."""
 
+import dataclasses
 import json
 
 import pytest
@@ -46,6 +47,24 @@ def test_the_paths_written_are_printed_whole_however_long(tmp_path, policy_file,
     code = run("compile", str(policy_file), "--target", "0.2", "--out", str(plan_path), "--json", str(report_path))
     assert code == 0
     assert f"wrote {plan_path} and {report_path}\n" in capsys.readouterr().out
+
+
+def test_paths_and_names_with_brackets_are_printed_as_written(tmp_path, small_policy, capsys):
+    """rich reads `[bold]` or `[v2]` as markup: a path or a model name holding one would lose it in what
+    kvc prints (or, with a stray closing tag, fail after the file was written)."""
+    folder = tmp_path / "runs[v2]"
+    folder.mkdir()
+    named = dataclasses.replace(small_policy, model=dataclasses.replace(small_policy.model, name="tuned[bold]model"))
+    policy_path, plan_path, png = named.save(folder / "p[red].yaml"), folder / "out[bold].plan", folder / "plan[i].png"
+    assert run("compile", str(policy_path), "--out", str(plan_path)) == 0
+    assert f"wrote {plan_path}\n" in capsys.readouterr().out
+    assert run("validate", str(plan_path)) == 0
+    assert f"ok: {plan_path} is a valid plan for tuned[bold]model\n" in capsys.readouterr().out
+    assert run("show", str(plan_path), "--png", str(png)) == 0
+    printed = capsys.readouterr().out
+    assert "tuned[bold]model plan · " in printed and f"wrote {png}\n" in printed
+    assert run("show", str(policy_path)) == 0
+    assert "tuned[bold]model policy · " in capsys.readouterr().out
 
 
 def test_compile_low_bit_rows(tmp_path, policy_file, capsys):
