@@ -6,6 +6,7 @@ User errors (`KvcError`, bad options) print one line and exit with code 2, no tr
 
 from __future__ import annotations
 
+import importlib
 import os
 import sys
 from pathlib import Path
@@ -486,11 +487,22 @@ def default_policy(loaded):
 def main(argv=None):
     """Entry point: run the app, turning user errors into one line and exit code 2.
 
-    Typer's standalone mode already turns usage errors into exit code 2; Ctrl-C and SIGTERM end any
-    command the same way, "error: interrupted" and exit code 2, after its temporary files are removed."""
+    A usage error (an unknown option, a missing argument, a value out of its range) is one line too,
+    naming the help to read; Ctrl-C and SIGTERM end any command the same way, "error: interrupted"
+    and exit code 2, after its temporary files are removed."""
+    usage = importlib.import_module(typer.BadParameter.__module__)  # click's exceptions, or typer's copy of them
+    no_args = getattr(usage, "NoArgsIsHelpError", ())  # click >= 8.2
     try:
         with signals_interrupt():
-            app(args=argv)
+            code = app(args=argv, prog_name="kvc", standalone_mode=False)  # usage errors come here, not as a panel
+    except no_args as error:  # `kvc` alone: the help
+        error.show()
+        sys.exit(error.exit_code)
+    except usage.UsageError as error:
+        where = error.ctx.command_path if error.ctx is not None else "kvc"
+        fail(f"{error.format_message().rstrip('.')} (see '{where} --help')")
+    except typer.Abort:  # end of input at a prompt
+        fail("aborted")
     except KvcError as error:
         if _state["debug"]:
             raise
@@ -501,6 +513,7 @@ def main(argv=None):
         if _state["debug"]:
             raise
         fail((f"{error.filename}: " if error.filename else "") + os_reason(error))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 def fail(message: str):

@@ -70,7 +70,27 @@ def test_missing_file_and_bad_option(capsys, tmp_path):
     code, _, err = run(capsys, "show", str(tmp_path / "absent.yaml"))
     assert code == 2 and "absent.yaml: no such policy or plan file" in err
     code, _, err = run(capsys, "models", "--bogus")
-    assert code == 2 and "No such option" in err
+    assert code == 2 and err == "error: No such option: --bogus (see 'kvc models --help')\n"
+
+
+@pytest.mark.parametrize("args, line", [
+    (["eval", "--samples", "0"], "Invalid value for '--samples': Input should be greater than or equal to 1 (see "
+                                 "'kvc eval --help')"),
+    (["compile"], "Missing argument 'policy' (see 'kvc compile --help')"),
+    (["gen", "--prompt", "x"], "No such command 'gen' (see 'kvc --help')"),
+    (["serve", "--port", "abc"], "Invalid value for '--port': Input should be a valid integer, unable to parse string "
+                                 "as an integer (see 'kvc serve --help')"),
+])
+def test_usage_errors_are_one_line_naming_the_help(capsys, args, line):
+    """A mistyped command line gets the same one `error:` line as any other bad input, not a usage
+    block and a framed panel."""
+    code, out, err = run(capsys, *args)
+    assert (code, out, err) == (2, "", f"error: {line}\n")
+
+
+def test_kvc_alone_prints_the_help(capsys):
+    code, out, err = run(capsys)
+    assert code == 2 and "Usage: kvc [OPTIONS] COMMAND" in out + err and "Compile a policy" in out + err
 
 
 def test_console_script_without_and_with_debug(tmp_path):
