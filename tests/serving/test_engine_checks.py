@@ -28,6 +28,20 @@ def test_settings_the_plan_cannot_serve_are_refused_before_vllm_starts(served_pl
     assert str(refused.value).startswith(message)
 
 
+def test_what_a_kvc_cache_cannot_do_is_refused_before_vllm_starts(served_plan_file, monkeypatch):
+    """Speculative decoding would leave the drafts the model rejects in the cache (its tokens are
+    admitted, and evict others, as they are attended); prefix caching would share pages that hold
+    one sequence's keep-sets."""
+    monkeypatch.setenv(PLAN_ENV, "")
+    cases = [({"speculative_config": {"method": "ngram", "num_speculative_tokens": 2}},
+              "kvc does not support speculative decoding: a kvc cache admits every token it attends"),
+             ({"enable_prefix_caching": True}, "kvc does not support prefix caching")]
+    for engine_args, message in cases:
+        with pytest.raises(KvcError) as refused:
+            engine_settings(None, served_plan_file, engine_args)
+        assert str(refused.value).startswith(message) and "\n" not in str(refused.value)
+
+
 def test_a_plan_of_another_model_is_refused_before_vllm_starts(policy_factory, tmp_path, monkeypatch):
     from kvc.compiler import compile_policy
 
@@ -37,13 +51,18 @@ def test_a_plan_of_another_model_is_refused_before_vllm_starts(policy_factory, t
         engine_settings(None, plan, {})
 
 
-def test_kvc_serve_refuses_a_cache_dtype_in_one_line_without_vllm(served_plan_file):
-    result = subprocess.run([sys.executable, "-m", "kvc.cli", "serve", "--plan", str(served_plan_file),
-                             "--kv-cache-dtype=fp8"], capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("options, line", [
+    (["--kv-cache-dtype=fp8"], "--kv-cache-dtype fp8: the plan stores its cache as bfloat16; leave --kv-cache-dtype "
+                               "at auto or recompile with `kvc compile POLICY --dtype ...`"),
+    (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'],
+     "kvc does not support speculative decoding: a kvc cache admits every token it attends (evicting for it), so "
+     "it cannot take back the draft tokens the model rejects; leave --speculative-config off"),
+])
+def test_kvc_serve_refuses_in_one_line_without_vllm(served_plan_file, options, line):
+    result = subprocess.run([sys.executable, "-m", "kvc.cli", "serve", "--plan", str(served_plan_file), *options],
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [
-        "error: --kv-cache-dtype fp8: the plan stores its cache as bfloat16; leave --kv-cache-dtype at auto or "
-        "recompile with `kvc compile POLICY --dtype ...`"], result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: {line}"], result.stderr
 
 
 def test_the_served_copy_of_a_folder_without_architectures_is_made_once(tmp_path, monkeypatch):

@@ -137,6 +137,19 @@ def test_a_longer_engine_than_the_plan_is_refused(served_plan_file, monkeypatch)
     assert "\n" not in str(refused.value)
 
 
+def test_an_engine_made_without_kvcs_front_doors_is_refused_speculative_decoding(served_plan_file, monkeypatch):
+    """`vllm.EngineArgs` with a plan named but not through `llm()` or `kvc serve`: kvc's platform
+    refuses the drafts when vLLM checks the configuration, before any engine starts."""
+    from vllm import EngineArgs
+
+    monkeypatch.setenv(PLAN_ENV, "")
+    folder, settings = engine_settings(None, served_plan_file, {"dtype": "float32"})
+    draft = {"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3}
+    with pytest.raises(KvcError, match="kvc does not support speculative decoding") as refused:
+        EngineArgs(model=str(folder), **settings, speculative_config=draft).create_engine_config()
+    assert "\n" not in str(refused.value)
+
+
 def test_prompts_prefill_whole_unless_the_budget_is_below_the_longest_sequence(served_plan_file, monkeypatch):
     monkeypatch.setenv(PLAN_ENV, "")  # engine_settings names the plan; restored after the test
     cases = [({}, 1040, False), ({"max_num_batched_tokens": CHUNK}, CHUNK, True),

@@ -25,7 +25,10 @@ from kvc.serving.vllm.plans import PLAN_ENV
 from kvc.serving.vllm.plugins import general_plugin
 
 REFUSED = {"enable_prefix_caching": "prefix caching: a kvc page holds a sequence's keep-sets, not a token range "
-                                    "another request could share; leave --enable-prefix-caching off"}
+                                    "another request could share; leave --enable-prefix-caching off",
+           "speculative_config": "speculative decoding: a kvc cache admits every token it attends (evicting for "
+                                 "it), so it cannot take back the draft tokens the model rejects; leave "
+                                 "--speculative-config off"}
 
 
 def served_folder(model: str | None) -> Path:
@@ -146,6 +149,8 @@ def check_engine(plan: Plan, vllm_config) -> None:
     model = vllm_config.model_config
     tokenizer = AutoTokenizer.from_pretrained(model.tokenizer)
     check_fit(plan, fingerprint(model.hf_config, tokenizer), model.max_model_len, vllm_config.cache_config.cache_dtype)
+    if vllm_config.speculative_config is not None:  # an engine made without `llm()` or `kvc serve`
+        raise KvcError(f"kvc does not support {REFUSED['speculative_config']}")
     tensor_parallel = vllm_config.parallel_config.tensor_parallel_size
     if plan.num_kv_heads % tensor_parallel:
         raise KvcError(f"--tensor-parallel-size {tensor_parallel} does not divide the plan's "
