@@ -2,13 +2,18 @@
 installed): `kvc serve` and `llm()` answer a wrong setting in a second, not after vLLM's start."""
 
 import json
+import os
+import re
+import shutil
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
 from kvc.policies.errors import KvcError
-from kvc.serving.vllm.engine import engine_settings, served_folder
+from kvc.serving.vllm.engine import RPC_ENV, SOCKET_PATH_MAX, engine_settings, served_folder
 from kvc.serving.vllm.plans import PLAN_ENV
 
 
@@ -63,6 +68,60 @@ def test_kvc_serve_refuses_in_one_line_without_vllm(served_plan_file, options, l
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: {line}"], result.stderr
+
+
+def run_python(script: str, **environment) -> str:
+    inherited = {key: value for key, value in os.environ.items() if key != RPC_ENV}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            env={**inherited, **environment})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture
+def short_tmp():
+    """A temporary folder with a short path, as TMPDIR usually is (pytest's are too long for sockets)."""
+    folder = Path(tempfile.mkdtemp(prefix="kvc-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_vllms_sockets_go_in_a_folder_of_the_process_removed_at_exit(short_tmp):
+    """vLLM leaves its socket files in the temporary folder; a kvc engine's process points them at a
+    folder of its own, gone when the process ends, and one a killed process left goes at the next start."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = short_tmp / f".vllm.{gone.pid}-0123abcd.kvc-tmp"
+    stale.mkdir()
+    (stale / "socket").touch()
+    printed = run_python("import os; from kvc.serving.vllm.engine import RPC_ENV, private_rpc_folder; "
+                         "folder = private_rpc_folder(); (folder / 'socket').touch(); "
+                         "print(folder, os.environ[RPC_ENV], os.listdir(folder), private_rpc_folder())",
+                         TMPDIR=str(short_tmp))
+    folder, named, listed, again = printed.split()
+    assert re.fullmatch(rf"{re.escape(str(short_tmp))}/\.vllm\.\d+-[0-9a-f]+\.kvc-tmp", folder)
+    assert (named, listed, again) == (folder, "['socket']", "None")  # one folder a process
+    assert list(short_tmp.iterdir()) == []  # this process's folder removed at exit, the stale one before
+
+
+def test_no_socket_folder_where_the_sockets_paths_would_be_too_long(tmp_path):
+    """A socket's path has at most 103 bytes (macOS; 107 on Linux): under a long TMPDIR the sockets
+    stay where vLLM puts them rather than fail to bind."""
+    deep = tmp_path / ("d" * (SOCKET_PATH_MAX - len(str(tmp_path))))
+    deep.mkdir()
+    printed = run_python("import os; from kvc.serving.vllm.engine import RPC_ENV, private_rpc_folder; "
+                         "print(private_rpc_folder(), RPC_ENV in os.environ)", TMPDIR=str(deep))
+    assert printed.split() == ["None", "False"] and list(deep.iterdir()) == []
+
+
+def test_a_socket_folder_the_user_chose_is_kept(tmp_path):
+    chosen = tmp_path / "sockets"
+    chosen.mkdir()
+    printed = run_python("import os; from kvc.serving.vllm.engine import RPC_ENV, private_rpc_folder; "
+                         "print(private_rpc_folder(), os.environ[RPC_ENV])", TMPDIR=str(tmp_path),
+                         **{RPC_ENV: str(chosen)})
+    assert printed.split() == ["None", str(chosen)]
+    assert list(tmp_path.iterdir()) == [chosen]
 
 
 def test_the_served_copy_of_a_folder_without_architectures_is_made_once(tmp_path, monkeypatch):

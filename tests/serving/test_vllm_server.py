@@ -1,11 +1,16 @@
 """`kvc serve` as a user runs it: vLLM's OpenAI server with the plan, started once for this module,
 answering HTTP completion requests as kvc's own runtime does; bad settings refused in one line."""
 
+import os
+import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -23,14 +28,25 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(served_plan_file, tmp_path_factory):
+def server_tmpdir():
+    """The server's temporary folder (TMPDIR), short as a usual one (socket paths are limited to
+    103 bytes): what the server leaves there is seen."""
+    folder = Path(tempfile.mkdtemp(prefix="kvc-serve-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def server(served_plan_file, server_tmpdir, tmp_path_factory):
     import httpx  # comes with vLLM (this module runs in its environment)
 
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "serve.log"
+    environment = {key: value for key, value in os.environ.items() if key != "VLLM_RPC_BASE_PATH"}
     with open(log, "w") as output:
         process = subprocess.Popen([*SERVE, "--plan", str(served_plan_file), "--port", str(port), "--dtype", "float32",
-                                    "--kv-cache-memory-bytes", str(64 << 20)], stdout=output, stderr=subprocess.STDOUT)
+                                    "--kv-cache-memory-bytes", str(64 << 20)], stdout=output, stderr=subprocess.STDOUT,
+                                   env={**environment, "TMPDIR": str(server_tmpdir)})
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 900
@@ -50,6 +66,20 @@ def server(served_plan_file, tmp_path_factory):
             process.wait(60)
         except subprocess.TimeoutExpired:
             process.kill()
+            raise
+    # stopped as a user stops it: vLLM's socket files went with the folder kvc gave them
+    assert process.returncode == 0, log.read_text()[-3000:]
+    assert not [*server_tmpdir.glob("*.kvc-tmp"), *(path for path in server_tmpdir.rglob("*") if path.is_socket())]
+
+
+def test_vllms_sockets_lie_in_a_folder_of_the_servers_own(server, server_tmpdir):
+    """While it runs, the server's temporary folder holds one kvc temporary folder (removed when the
+    server stops: see the fixture) with vLLM's socket files in it, and no socket beside it. (vLLM's
+    other leftovers there, a `vllm_dist_*` file and torch's compile cache, stay as vLLM leaves them.)"""
+    (folder,) = server_tmpdir.glob("*.kvc-tmp")
+    assert re.fullmatch(r"\.vllm\.\d+-[0-9a-f]+\.kvc-tmp", folder.name)
+    assert any(entry.is_socket() for entry in folder.iterdir())
+    assert not any(entry.is_socket() for entry in server_tmpdir.iterdir())
 
 
 def complete(url: str, prompt: str, tokens: int) -> str:

@@ -8,22 +8,30 @@ max length) and refuses, before vLLM is even imported, longer sequences than the
 for or another cache dtype (`check_settings`, before the model is read) and a plan of another
 model, each as one line; `check_engine` (run by kvc's platform when vLLM builds its config,
 whoever started it) checks the engine vLLM actually built the same way (`check_fit`: all three).
+vLLM's processes talk through socket files it leaves in the system's temporary folder; a kvc engine
+puts them in a folder of its own, removed when the process ends (`private_rpc_folder`).
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from kvc.files import atomic_folder, atomic_write_text
+from kvc.files import atomic_folder, atomic_write_text, remove_stale, temporary_path
 from kvc.models import cache_folder, converted_gguf_dir, fingerprint, resolve
 from kvc.plan import Plan
 from kvc.policies.errors import KvcError
 from kvc.serving.vllm.plans import PLAN_ENV
 from kvc.serving.vllm.plugins import general_plugin
 
+RPC_ENV = "VLLM_RPC_BASE_PATH"
+SOCKET_PATH_MAX = 103  # bytes in a unix socket's path (macOS; Linux allows 107)
+SOCKET_NAME = 36  # vLLM names each socket file by a uuid4
 REFUSED = {"enable_prefix_caching": "prefix caching: a kvc page holds a sequence's keep-sets, not a token range "
                                     "another request could share; leave --enable-prefix-caching off",
            "speculative_config": "speculative decoding: a kvc cache admits every token it attends (evicting for "
@@ -109,6 +117,7 @@ def engine_settings(model: str | None, plan: Plan | str | Path, engine_args: dic
     folder = served_folder(model)
     plan.check_model(_folder_fingerprint(folder))
     os.environ[PLAN_ENV] = str(path)
+    private_rpc_folder()
     general_plugin()  # vLLM may have loaded its plugins in this process before the plan was named
     # Every prompt that fits a step's token budget prefills whole, as in kvc's own runtime: with chunked
     # prefill vLLM would split whichever prompt the budget runs out in, and its rest would be admitted
@@ -116,6 +125,27 @@ def engine_settings(model: str | None, plan: Plan | str | Path, engine_args: dic
     # the longest sequence needs the chunks: then prompts longer than it go through `extend`.
     settings.setdefault("enable_chunked_prefill", settings["max_num_batched_tokens"] < settings["max_model_len"])
     return folder, settings
+
+
+def private_rpc_folder() -> Path | None:
+    """Point vLLM's inter-process sockets (RPC_ENV) at a folder of this process's own, removed at exit.
+
+    vLLM makes them in the system's temporary folder and leaves them there, a few per engine start;
+    the folder is a kvc temporary (`.vllm.PID-RANDOM.kvc-tmp`), so one that a killed process left
+    is removed by the next start. None when the variable is set already (by the user, or for an
+    earlier engine of this process), or when the sockets' paths in the folder would be too long
+    for a socket (a long TMPDIR): vLLM then uses the temporary folder itself, as it would anyway."""
+    if os.environ.get(RPC_ENV):
+        return None
+    base = Path(tempfile.gettempdir())
+    remove_stale(base)
+    folder = temporary_path(base / "vllm")
+    if len(os.fsencode(folder)) + 1 + SOCKET_NAME > SOCKET_PATH_MAX:
+        return None
+    folder.mkdir(mode=0o700)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ[RPC_ENV] = str(folder)
+    return folder
 
 
 def _folder_fingerprint(folder: Path) -> str:
