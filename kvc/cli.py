@@ -58,6 +58,14 @@ def output_console() -> Console:
 
 console = output_console()
 errors = Console(stderr=True)
+
+
+def say(line: str) -> None:
+    """A line naming files: printed on one line however long (a folded path cannot be pasted back)
+    and as written (a path may hold `[...]`, which rich would read as markup)."""
+    console.print(line, soft_wrap=True, markup=False)
+
+
 _state = {"debug": False}
 
 MODEL_ARGUMENT = typer.Argument(None, help="Alias, hub id, model folder or .gguf file \\[default: smollm2-135m].")
@@ -121,7 +129,7 @@ def show(
     report.render(artifact, console)
     if png is not None:
         report.draw(artifact, png)
-        console.print(f"wrote {png}", soft_wrap=True, markup=False)
+        say(f"wrote {png}")
 
 
 @app.command("generate", rich_help_panel=RUN)
@@ -264,7 +272,7 @@ def export_command(
     console.print(f"cache state: {len(manifest['state'])} tensors, {human_bytes(manifest['state_bytes'])} per call "
                   f"+ {human_bytes(manifest['plan']['table_bytes'])} of plan tables in the graphs = the plan's "
                   f"{human_bytes(manifest['plan']['cache_bytes'])}", highlight=False)
-    console.print(f"exported in {exported.seconds:.0f} s; wrote {out}", soft_wrap=True, markup=False)
+    say(f"exported in {exported.seconds:.0f} s; wrote {out}")
 
 
 @app.command("compile", rich_help_panel=BUILD)
@@ -305,8 +313,7 @@ def compile_command(
     render_plan(plan, console)
     for line in summary_lines(report):
         console.print(line, highlight=False)
-    console.print(f"compiled in {1000 * seconds:.0f} ms; wrote {out}" + (f" and {json_report}" if json_report else ""),
-                  soft_wrap=True, markup=False)
+    say(f"compiled in {1000 * seconds:.0f} ms; wrote {out}" + (f" and {json_report}" if json_report else ""))
 
 
 @app.command("profile", rich_help_panel=BUILD)
@@ -348,8 +355,8 @@ def profile_command(
     policy.save(out)
     for line in profiler.summary_lines(profiler.summarise(policy)):
         console.print(line, highlight=False)
-    console.print(f"profiled {policy.profile.prompt_count} prompts ({sum(policy.profile.token_counts)} tokens) "
-                  f"in {policy.profile.seconds:.0f} s; wrote {out}", soft_wrap=True, markup=False)
+    say(f"profiled {policy.profile.prompt_count} prompts ({sum(policy.profile.token_counts)} tokens) "
+        f"in {policy.profile.seconds:.0f} s; wrote {out}")
 
 
 @app.command("eval", rich_help_panel=RUN)
@@ -432,8 +439,7 @@ def run_evaluation(model, settings, policy_path, plan_path, json_out, png, devic
     progress = Progress.for_run(json_out, identity, settings)
     done, seconds = progress.earlier()
     if done:
-        console.print(f"resuming: {len(done)} record{'s' * (len(done) != 1)} of an earlier run read from {progress.path}",
-                      soft_wrap=True, markup=False)
+        say(f"resuming: {len(done)} record{'s' * (len(done) != 1)} of an earlier run read from {progress.path}")
     elif differences := progress.differences():  # its records would be lost: the user decides
         raise KvcError(f"--json {progress.path} holds the records of another run ({'; '.join(differences)}); "
                        "run that one's command to resume it, or give another --json (or remove the file) to start afresh")
@@ -448,7 +454,7 @@ def run_evaluation(model, settings, policy_path, plan_path, json_out, png, devic
             report.draw(results, png)
     for path in (json_out, png):
         if path is not None:
-            console.print(f"wrote {path}", soft_wrap=True, markup=False)
+            say(f"wrote {path}")
 
 
 @app.command("serve", rich_help_panel=DEPLOY, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -479,8 +485,7 @@ def default_policy(loaded):
     """Without --policy: the demo's policy of this model on the built-in prompts, profiled once and cached."""
     from kvc.demo import cached_policy, cached_policy_path
 
-    console.print(f"no --policy given: using the policy of {loaded.source.name} on the built-in prompts "
-                  "(as `make demo` does)", highlight=False, markup=False)
+    say(f"no --policy given: using the policy of {loaded.source.name} on the built-in prompts (as `make demo` does)")
     return cached_policy(loaded, console), recorded_path(cached_policy_path(loaded))
 
 

@@ -58,7 +58,8 @@ def cached_policy(loaded, console: Console) -> Policy:
         task = progress.add_task("", total=progress_steps(len(prompts.prompts), layers))
         policy = profile_model(loaded, prompts, progress=lambda name: progress.update(task, advance=1, description=name))
     save_policy(policy, path)
-    console.print(f"profiled {len(prompts.prompts)} prompts in {policy.profile.seconds:.0f} s; policy saved to {path}", soft_wrap=True, markup=False)
+    console.print(f"profiled {len(prompts.prompts)} prompts in {policy.profile.seconds:.0f} s; policy saved to {path}",
+                  soft_wrap=True, markup=False)
     return load_policy(path)  # as every later run reads it (whole numbers read back as floats): one run identity
 
 
