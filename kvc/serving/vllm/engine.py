@@ -176,11 +176,11 @@ def check_engine(plan: Plan, vllm_config) -> None:
     """Refuse, in one line each, an engine the plan does not fit."""
     from transformers import AutoTokenizer
 
+    if vllm_config.speculative_config is not None:  # an engine made without `llm()` or `kvc serve`
+        raise KvcError(f"kvc does not support {REFUSED['speculative_config']}")
     model = vllm_config.model_config
     tokenizer = AutoTokenizer.from_pretrained(model.tokenizer)
     check_fit(plan, fingerprint(model.hf_config, tokenizer), model.max_model_len, vllm_config.cache_config.cache_dtype)
-    if vllm_config.speculative_config is not None:  # an engine made without `llm()` or `kvc serve`
-        raise KvcError(f"kvc does not support {REFUSED['speculative_config']}")
     tensor_parallel = vllm_config.parallel_config.tensor_parallel_size
     if plan.num_kv_heads % tensor_parallel:
         raise KvcError(f"--tensor-parallel-size {tensor_parallel} does not divide the plan's "
