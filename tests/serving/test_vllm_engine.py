@@ -13,7 +13,6 @@ from dataclasses import replace
 import pytest
 import torch
 
-import kvc
 from kvc.compiler.compile import MERGE_SIMILARITY
 from kvc.eval.fidelity import fidelity_sample
 from kvc.eval.passkey import passkey_correct, passkey_sample
@@ -22,6 +21,8 @@ from kvc.runtime.generate import generate
 from kvc.serving.vllm.engine import engine_settings
 from kvc.serving.vllm.plans import PLAN_ENV
 from kvc.serving.vllm.server import user_budget
+
+from served_logprobs import own_logprobs, top_logprobs
 
 pytestmark = pytest.mark.vllm
 CHUNK = 512
@@ -65,16 +66,6 @@ def test_greedy_tokens_equal_kvcs_own_runtime(engine, smollm, merging_plan):
     assert passkey_correct(sample, served.text), served.text
 
 
-def own_logprobs(smollm, plan, ids, answer) -> torch.Tensor:
-    """(len(answer), vocab) kvc's own runtime's log-probabilities of each answer token, read through
-    `plan` along `answer` (the first from the prefill, whose attention is exact)."""
-    with kvc.apply(smollm, plan) as applied, torch.no_grad():
-        cache, steps = applied.cache(), [ids, *([token] for token in answer[:-1])]
-        logits = [smollm.model(input_ids=torch.tensor([step]), **{applied.cache_keyword: cache},
-                               logits_to_keep=1).logits[0, -1] for step in steps]
-    return torch.log_softmax(torch.stack(logits).float(), -1)
-
-
 def test_the_engine_merges_evicted_tokens_as_kvcs_own_runtime_does(engine, smollm, served_plan, merging_plan):
     """An essay's request answered for 8 tokens: the engine's top log-probabilities are kvc's runtime's
     with merging, five times closer to them than to the same plan's without (the greedy answer is
@@ -87,8 +78,7 @@ def test_the_engine_merges_evicted_tokens_as_kvcs_own_runtime_does(engine, smoll
     output = engine.generate(prompts([ids]), SamplingParams(max_tokens=8, temperature=0, logprobs=5),
                              use_tqdm=False)[0].outputs[0]
     answer = list(output.token_ids)
-    tokens = torch.tensor([sorted(position) for position in output.logprobs])  # (8, 5): each top 5, the greedy pick in it
-    served = torch.tensor([[position[int(t)].logprob for t in row] for position, row in zip(output.logprobs, tokens)])
+    tokens, served = top_logprobs(output)  # (8, 5): each top 5, the greedy pick in it
     merged, dropped = (own_logprobs(smollm, plan, ids, answer) for plan in (merging_plan, served_plan))
     assert answer == merged.argmax(-1).tolist()
     merged, dropped = merged.gather(-1, tokens), dropped.gather(-1, tokens)

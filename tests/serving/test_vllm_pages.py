@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvc.runtime.store import LayerStore
-from kvc.serving.vllm.pages import PAGE_ALIGNMENT, PageViews, page_bytes, page_fields, used_bytes
+from kvc.serving.vllm.pages import PAGE_ALIGNMENT, PageViews, block_pages, page_bytes, page_fields, used_bytes
 
 
 @pytest.fixture(scope="module", params=[0, 8], ids=["bf16", "8-bit"])
@@ -32,7 +32,7 @@ def test_the_spec_page_is_the_layer_page(plan):
 
     engine_spec = FullAttentionSpec(block_size=128, num_kv_heads=3, head_size=64, dtype=torch.float32)
     for layer in (0, plan.num_layers - 1):
-        spec = plan_spec(plan, layer, engine_spec)
+        spec = plan_spec(plan, block_pages([plan]), layer, engine_spec)
         assert spec.page_size_bytes == page_bytes(plan, layer)
         assert spec.max_memory_usage_bytes(None) == spec.page_size_bytes  # one page whatever the length
         assert spec.max_num_blocks_per_req(None, 100_000) == 1

@@ -23,7 +23,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from kvc.runtime.store import LayerStore
-from kvc.serving.vllm.pages import PageViews
+from kvc.serving.vllm.pages import PageViews, layer_offsets, page_bytes
 from kvc.serving.vllm.plans import rank_plan, token_classes
 
 _token_ids: dict[str, torch.Tensor] = {}
@@ -121,7 +121,8 @@ class KvcAttentionImpl(AttentionImpl):
             plan = rank_plan()
             index = extract_layer_index(layer.layer_name)
             self.store = LayerStore(plan, index)
-            self.pages = PageViews(plan, index, kv_cache[:, 0, 0])
+            start = layer_offsets(plan)[index]  # this rank's layout of the block, not the engine's page of the layer
+            self.pages = PageViews(plan, index, whole_blocks(kv_cache)[:, start:start + page_bytes(plan, index)])
             self.raw = kv_cache
 
     def _chunk(self, request: int, query, key, value, classes, output, metadata: KvcMetadata) -> None:
@@ -155,6 +156,19 @@ class KvcAttentionImpl(AttentionImpl):
                                    classes[rows, None], self.scale)
         self.pages.scatter(blocks, state)
         output[rows] = result[:, :, 0].to(output.dtype)
+
+
+def whole_blocks(kv_cache: torch.Tensor) -> torch.Tensor:
+    """(blocks, block bytes) uint8: every layer's pages of each block, from a layer's view of them.
+
+    vLLM places the blocks of one cache group back to back in one buffer, each layer's page at its
+    offset inside the block (a block-outer layout: the view's first stride is the block's bytes); a
+    plan's layers are the only group, so block b is bytes [b * stride, (b + 1) * stride) of the buffer."""
+    raw = kv_cache[:, 0, 0]  # (blocks, page bytes), the pages of this layer
+    blocks, block = raw.shape[0], raw.stride(0)
+    assert raw.storage_offset() + raw.shape[1] <= block <= kv_cache.untyped_storage().nbytes() // max(blocks, 1), \
+        "kvc's pages need one cache group of block-outer pages"
+    return raw.as_strided((blocks, block), (block, 1), 0).view(torch.uint8)
 
 
 def _heads_first(x: torch.Tensor) -> torch.Tensor:

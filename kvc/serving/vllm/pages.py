@@ -4,12 +4,15 @@ A page packs the layer's `sequence_fields` (slot positions, frequency scores, ri
 seen, padding start, then the key/value rows) back to back, padded to PAGE_ALIGNMENT bytes. A block
 of the engine's cache is one page per layer, so each request holds exactly its plan's bytes.
 `PageViews` turns an engine's raw pages of a layer, (blocks, page bytes) however strided, into the
-typed tensors a `LayerStore` runs on, for any set of blocks. No vLLM here.
+typed tensors a `LayerStore` runs on, for any set of blocks. Under tensor parallelism every rank
+holds its own heads' share of each layer, and lays its layers out across the block itself
+(`block_pages`, `layer_offsets`). No vLLM here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 
@@ -50,6 +53,24 @@ def used_bytes(plan: Plan, layer: int) -> int:
 def page_bytes(plan: Plan, layer: int) -> int:
     """`used_bytes` rounded up to PAGE_ALIGNMENT."""
     return -(-used_bytes(plan, layer) // PAGE_ALIGNMENT) * PAGE_ALIGNMENT
+
+
+def layer_offsets(plan: Plan) -> list[int]:
+    """Where each layer's page begins in a request's block on a rank holding `plan` (its share of the
+    heads): the layers' pages back to back, in layer order."""
+    return list(accumulate((page_bytes(plan, layer) for layer in range(plan.num_layers)), initial=0))[:-1]
+
+
+def block_pages(rank_plans: list[Plan]) -> list[int]:
+    """Each layer's page in the engine's KV-cache spec, the same on every tensor-parallel rank (as an
+    engine needs): the pages of the rank whose layers take the most bytes. rank_plans: every rank's
+    slice of the plan (`Plan.rank_slice`), the whole plan alone without parallelism. The ranks' heads
+    keep different numbers of slots, layer by layer, so another rank's layer may need more than its
+    spec's page: each rank lays its layers out across the whole block (`layer_offsets`), which holds
+    the largest rank's bytes, not a page per layer sized for the largest rank of that layer."""
+    totals = [sum(page_bytes(plan, layer) for layer in range(plan.num_layers)) for plan in rank_plans]
+    largest = rank_plans[totals.index(max(totals))]
+    return [page_bytes(largest, layer) for layer in range(largest.num_layers)]
 
 
 class PageViews:

@@ -36,7 +36,15 @@ def rank_plan() -> Plan:
     return _rank_slice(os.environ[PLAN_ENV], get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
 
 
-@lru_cache(maxsize=4)
+def all_rank_plans() -> list[Plan]:
+    """The served plan's slice of every tensor-parallel rank, in rank order."""
+    from vllm.distributed import get_tensor_model_parallel_world_size
+
+    ranks = get_tensor_model_parallel_world_size()
+    return [_rank_slice(os.environ[PLAN_ENV], rank, ranks) for rank in range(ranks)]
+
+
+@lru_cache(maxsize=16)
 def _rank_slice(path: str, rank: int, ranks: int) -> Plan:
     return _load(path).rank_slice(rank, ranks)
 

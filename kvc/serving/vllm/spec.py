@@ -3,7 +3,7 @@ manager that gives each request one block for its whole life.
 
 Every layer's spec has its own page size (`pages.page_bytes`), so vLLM groups the layers as one
 `UniformTypeKVCacheSpecs`: a block is one page per layer, side by side, exactly a request's share of
-the plan. The manager hands a request one block at admission, whatever its length, and returns it
+the plan (under tensor parallelism, the share of the rank whose heads take the most bytes). The manager hands a request one block at admission, whatever its length, and returns it
 when the request finishes or is aborted; prefix caching has nothing to share (a page holds a
 sequence's keep-sets, not a token range).
 """
@@ -18,7 +18,7 @@ from vllm.v1.kv_cache_interface import AttentionSpec, KVCacheSpec
 from vllm.v1.kv_cache_spec_registry import KVCacheSpecRegistry
 
 from kvc.plan import Plan
-from kvc.serving.vllm.pages import PAGE_ALIGNMENT, page_bytes
+from kvc.serving.vllm.pages import PAGE_ALIGNMENT
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,11 +61,13 @@ class OnePageManager(CircularBufferManager):
     (vLLM's ring-buffer manager already does exactly this, for any spec.)"""
 
 
-def plan_spec(plan: Plan, layer: int, like: AttentionSpec) -> PlanPageSpec:
+def plan_spec(plan: Plan, pages: list[int], layer: int, like: AttentionSpec) -> PlanPageSpec:
     """The spec of `layer`, replacing the engine's own spec `like` (its block size is kept: it sets
-    only the scheduler's granularity, not the memory)."""
+    only the scheduler's granularity, not the memory). plan: this rank's slice of the served plan;
+    pages: every layer's page, the same on all tensor-parallel ranks (`pages.block_pages`), as vLLM
+    requires."""
     return PlanPageSpec(block_size=like.block_size, num_kv_heads=plan.num_kv_heads, head_size=plan.head_dim,
-                        dtype=torch.int8, num_head_slots=1, state_content_bytes=page_bytes(plan, layer),
+                        dtype=torch.int8, num_head_slots=1, state_content_bytes=pages[layer],
                         tokens_per_state=like.block_size, block_stride_alignment=PAGE_ALIGNMENT, layer=layer)
 
 

@@ -11,7 +11,8 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from kvc.serving.vllm.backend import watch_token_ids
-from kvc.serving.vllm.plans import rank_plan
+from kvc.serving.vllm.pages import block_pages
+from kvc.serving.vllm.plans import all_rank_plans, rank_plan
 from kvc.serving.vllm.spec import plan_spec
 
 
@@ -21,6 +22,6 @@ class KvcCPUWorker(CPUWorker):
         watch_token_ids(self.model_runner.input_ids.gpu)
 
     def get_kv_cache_spec(self):
-        plan = rank_plan()
-        return {name: plan_spec(plan, extract_layer_index(name), spec)
+        pages = block_pages(all_rank_plans())  # the same on every rank
+        return {name: plan_spec(rank_plan(), pages, extract_layer_index(name), spec)
                 for name, spec in super().get_kv_cache_spec().items()}
