@@ -121,7 +121,7 @@ class KvcAttentionImpl(AttentionImpl):
             plan = rank_plan()
             index = extract_layer_index(layer.layer_name)
             self.store = LayerStore(plan, index)
-            start = layer_offsets(plan)[index]  # this rank's layout of the block, not the engine's page of the layer
+            start = layer_offsets(plan)[index]  # where this rank puts the layer, not the engine's page of it
             self.pages = PageViews(plan, index, whole_blocks(kv_cache)[:, start:start + page_bytes(plan, index)])
             self.raw = kv_cache
 

@@ -1,11 +1,12 @@
 """vLLM's view of a plan's memory: a KV-cache spec whose page is one sequence's bytes of a layer, and a
 manager that gives each request one block for its whole life.
 
-Every layer's spec has its own page size (`pages.page_bytes`), so vLLM groups the layers as one
+Every layer's spec has its own page size (`pages.block_pages`), so vLLM groups the layers as one
 `UniformTypeKVCacheSpecs`: a block is one page per layer, side by side, exactly a request's share of
-the plan (under tensor parallelism, the share of the rank whose heads take the most bytes). The manager hands a request one block at admission, whatever its length, and returns it
-when the request finishes or is aborted; prefix caching has nothing to share (a page holds a
-sequence's keep-sets, not a token range).
+the plan (under tensor parallelism, the share of the rank whose heads take the most bytes). The
+manager hands a request one block at admission, whatever its length, and returns it when the
+request finishes or is aborted; prefix caching has nothing to share (a page holds a sequence's
+keep-sets, not a token range).
 """
 
 from __future__ import annotations
