@@ -23,8 +23,8 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from kvc.runtime.store import LayerStore
-from kvc.serving.vllm.pages import PageViews, layer_offsets, page_bytes
-from kvc.serving.vllm.plans import rank_plan, token_classes
+from kvc.serving.vllm.pages import PageViews, page_bytes
+from kvc.serving.vllm.plans import rank_layer_offsets, rank_plan, token_classes
 
 _token_ids: dict[str, torch.Tensor] = {}
 
@@ -121,7 +121,7 @@ class KvcAttentionImpl(AttentionImpl):
             plan = rank_plan()
             index = extract_layer_index(layer.layer_name)
             self.store = LayerStore(plan, index)
-            start = layer_offsets(plan)[index]  # where this rank puts the layer, not the engine's page of it
+            start = rank_layer_offsets()[index]  # where this rank puts the layer, not the engine's page of it
             self.pages = PageViews(plan, index, whole_blocks(kv_cache)[:, start:start + page_bytes(plan, index)])
             self.raw = kv_cache
 

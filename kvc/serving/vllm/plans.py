@@ -44,9 +44,24 @@ def all_rank_plans() -> list[Plan]:
     return [_rank_slice(os.environ[PLAN_ENV], rank, ranks) for rank in range(ranks)]
 
 
+def rank_layer_offsets() -> list[int]:
+    """Where this rank puts each layer's page in a request's block (`pages.layer_offsets`): every
+    layer's attention asks once, the answer is worked out once per process."""
+    from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+    return _layer_offsets(os.environ[PLAN_ENV], get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size())
+
+
 @lru_cache(maxsize=16)
 def _rank_slice(path: str, rank: int, ranks: int) -> Plan:
     return _load(path).rank_slice(rank, ranks)
+
+
+@lru_cache(maxsize=16)
+def _layer_offsets(path: str, rank: int, ranks: int) -> list[int]:
+    from kvc.serving.vllm.pages import layer_offsets  # the runtime's store: not before an engine runs
+
+    return layer_offsets(_rank_slice(path, rank, ranks))
 
 
 @lru_cache(maxsize=4)
