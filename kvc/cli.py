@@ -287,6 +287,7 @@ def compile_command(
     retrieval_threshold: Optional[float] = typer.Option(None, "--retrieval-threshold", help="Least retrieval score of a head the retrieval strategy keeps whole \\[default: 0.02]; higher keeps fewer whole and gives the others more."),
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Store keys and values as 8, 4 or 2-bit codes (float16 step and minimum per 32 channels), so the same memory holds more tokens; 0 keeps --dtype \\[default: 8]."),
     merge_similarity: str = typer.Option("auto", "--merge-similarity", help="SnapKV-style heads fold each prompt token they evict into the heavy hitter whose key is most like its own (in a context prefilled before its questions, --context-probe: the most like it of any kept token but the sinks), when the keys' cosine similarity is at least this (-1: every one); off drops them; auto merges at 0.5 in a retrieval plan for 10% of the full cache or less, where it measured better, and drops them above."),
+    tensor_parallel_size: int = typer.Option(1, "--tensor-parallel-size", help="Tensor-parallel ranks the plan will be served over (`kvc serve --tensor-parallel-size N`): each rank's KV heads get an equal share of the budget, so no rank holds more than its share."),
     out: Optional[Path] = typer.Option(None, "--out", help="Where to write the plan \\[default: POLICY with suffix .plan]."),
     json_report: Optional[Path] = typer.Option(None, "--json", help="Also write the compile report here as JSON."),
 ):
@@ -306,7 +307,7 @@ def compile_command(
     started = time.perf_counter()
     plan = compile_policy(loaded, target, memory=memory, max_len=max_len, batch=batch, dtype=dtype, strategy=strategy,
                           retrieval_threshold=retrieval_threshold, kv_bits=kv_bits,
-                          merge_similarity=merge_similarity)
+                          merge_similarity=merge_similarity, tensor_parallel_size=tensor_parallel_size)
     seconds = time.perf_counter() - started
     report = plan_report(plan)
     write_outputs(plan, report, out, json_report)

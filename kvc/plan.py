@@ -210,6 +210,11 @@ class Plan:
         tables = {name: getattr(self, name)[:, heads].clone() for name in (*HEAD_TABLES, "expected_recovery")}
         return replace(self, num_kv_heads=count, num_attention_heads=count * group, **tables)
 
+    @property
+    def tensor_parallel_size(self) -> int:
+        """The ranks the plan's budget was balanced over (`kvc compile --tensor-parallel-size`; 1: none)."""
+        return int(self.notes.get("tensor_parallel", {}).get("ranks", 1))
+
     def rank_slice(self, rank: int, ranks: int) -> "Plan":
         """The heads tensor-parallel rank `rank` of `ranks` holds (vLLM gives each rank a contiguous range)."""
         if self.num_kv_heads % ranks:

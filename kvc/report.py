@@ -154,6 +154,7 @@ def render_plan(plan: Plan, console) -> None:
     console.print(
         f"[bold]{escape(plan.model_name)}[/] plan · strategy {plan.strategy or '-'} · max len {target.max_len} · "
         f"batch {target.batch} · {target.dtype}{f' · K/V {plan.kv_bits}-bit' if plan.kv_bits else ''} · "
+        f"{f'{plan.tensor_parallel_size} tensor-parallel ranks · ' if plan.tensor_parallel_size > 1 else ''}"
         f"fingerprint {plan.fingerprint}"
     )
     table = Table()

@@ -15,6 +15,7 @@ import torch
 
 from kvc.compiler.deployment import Deployment
 from kvc.compiler.knapsack import BudgetTooSmall
+from kvc.compiler.ranks import check_ranks, plan_by_rank
 from kvc.compiler.retrieval import plan_retrieval
 from kvc.compiler.schedules import plan_pyramid, plan_uniform
 from kvc.compiler.sizes import format_size, parse_dtype, parse_size
@@ -48,6 +49,7 @@ def compile_policy(
     retrieval_threshold: float | None = None,
     kv_bits: int | None = None,
     merge_similarity: float | str | None = "auto",
+    tensor_parallel_size: int = 1,
 ) -> Plan:
     """Compile `policy` (or a policy file) into a plan for one deployment.
 
@@ -65,7 +67,10 @@ def compile_policy(
     when the keys' cosine similarity is at least this (`kvc.runtime.merging`); None or 'off' drops
     evicted tokens, as the published methods do; 'auto' (default) merges at MERGE_SIMILARITY for the
     retrieval strategy at MERGE_BY_DEFAULT_AT of the full cache or less, where it measured better, and
-    drops them otherwise.
+    drops them otherwise;
+    tensor_parallel_size: the ranks a serving engine splits each layer's KV heads over: the strategy
+    runs once per rank's heads with an equal share of the budget, so that every rank holds the same
+    bytes (`kvc.compiler.ranks`); 1 (default) chooses over all heads at once.
     """
     if not isinstance(policy, Policy):
         policy = load_policy(policy)
@@ -78,6 +83,8 @@ def compile_policy(
         if not 0.0 <= retrieval_threshold <= 1.0:
             raise KvcError(f"--retrieval-threshold: {retrieval_threshold:g} is outside [0, 1] (a share of attention)")
         plan_heads = functools.partial(plan_retrieval, threshold=retrieval_threshold)
+    if check_ranks(tensor_parallel_size, policy.model.num_kv_heads) > 1:
+        plan_heads = functools.partial(plan_by_rank, plan_heads, ranks=tensor_parallel_size)
     kv_bits = DEFAULT_KV_BITS if kv_bits is None else kv_bits
     deployment = deployment_for(policy, max_len, batch, parse_dtype(dtype), kv_bits)
     goal = target_for(deployment, target, memory)

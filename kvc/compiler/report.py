@@ -53,8 +53,19 @@ def plan_report(plan: Plan) -> dict:
         "expected_recovery": round(float(plan.expected_recovery.mean()), 6),
         "kinds": dict(sorted(Counter(kind for row in kinds for kind in row).items())),
         "notes": plan.notes,
+        **({"tensor_parallel": rank_bytes(plan)} if plan.tensor_parallel_size > 1 else {}),
         "layers": layers,
     }
+
+
+def rank_bytes(plan: Plan) -> dict:
+    """The slot bytes each tensor-parallel rank the plan was compiled for holds (its contiguous range of
+    every layer's KV heads), and the largest over the mean."""
+    ranks = plan.tensor_parallel_size
+    per_head = plan.head_bytes().sum(dim=0)
+    count = plan.num_kv_heads // ranks
+    totals = [int(per_head[rank * count:(rank + 1) * count].sum()) for rank in range(ranks)]
+    return {"ranks": ranks, "rank_bytes": totals, "largest_over_mean": round(max(totals) * ranks / sum(totals), 6)}
 
 
 def summary_lines(report: dict) -> list[str]:
@@ -100,6 +111,12 @@ def summary_lines(report: dict) -> list[str]:
     if "pyramid" in notes:
         lines.append(f"pyramid: PyramidKV schedule, β = {notes['pyramid']['beta']}, "
                      f"{notes['pyramid']['alpha']} recent tokens kept per head")
+    if "tensor_parallel" in report:
+        parallel = report["tensor_parallel"]
+        low, high = min(parallel["rank_bytes"]), max(parallel["rank_bytes"])
+        lines.append(f"compiled for {parallel['ranks']} tensor-parallel ranks, each with its share of the budget over "
+                     f"its KV heads: {format_size(low)}" + (f" to {format_size(high)}" if high != low else "")
+                     + f" of slots per rank (largest over mean {parallel['largest_over_mean']:.3f}x)")
     lines.append("heads per kind: " + ", ".join(f"{kind} {count}" for kind, count in report["kinds"].items()))
     return lines
 

@@ -74,6 +74,18 @@ def test_compile_low_bit_rows(tmp_path, policy_file, capsys):
     assert Plan.load(plan_path).kv_bits == json.loads(report_path.read_text())["kv_bits"] == 4
 
 
+def test_compile_for_tensor_parallel_ranks(tmp_path, policy_file, capsys):
+    plan_path, report_path = tmp_path / "tp.plan", tmp_path / "tp.json"
+    assert run("compile", str(policy_file), "--tensor-parallel-size", "2", "--out", str(plan_path),
+               "--json", str(report_path)) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    report = json.loads(report_path.read_text())
+    assert Plan.load(plan_path).tensor_parallel_size == report["tensor_parallel"]["ranks"] == 2
+    low, high = min(report["tensor_parallel"]["rank_bytes"]), max(report["tensor_parallel"]["rank_bytes"])
+    assert "2 tensor-parallel ranks · " in printed and "compiled for 2 tensor-parallel ranks, each with its share of " \
+        "the budget over its KV heads: " in printed and high - low < 0.01 * high
+
+
 def test_compile_merges_evicted_tokens_at_tight_budgets_or_when_asked(tmp_path, policy_file, capsys):
     assert run("compile", str(policy_file), "--out", str(tmp_path / "a.plan")) == 0  # 25%: dropped
     assert "merged" not in capsys.readouterr().out
@@ -128,6 +140,7 @@ def test_show_renders_and_draws_a_compiled_plan(tmp_path, policy_file, capsys, s
     (["--kv-bits", "3"], "--kv-bits: expected one of 2, 4, 8"),
     (["--merge-similarity", "1.5"], "--merge-similarity: 1.5 is outside [-1.0, 1.0]"),
     (["--target", "0.1", "--memory", "1GiB"], "not both"),
+    (["--tensor-parallel-size", "4"], "--tensor-parallel-size 4 does not divide the model's 2 KV heads"),
     (["--json", "/no/such/folder/report.json"], "does not exist"),
 ])
 def test_bad_requests_exit_2_with_one_line_and_write_nothing(tmp_path, policy_file, capsys, args, message):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -185,3 +186,18 @@ def check_engine(plan: Plan, vllm_config) -> None:
     if plan.num_kv_heads % tensor_parallel:
         raise KvcError(f"--tensor-parallel-size {tensor_parallel} does not divide the plan's "
                        f"{plan.num_kv_heads} KV heads")
+    warn_unbalanced(plan, tensor_parallel)
+
+
+def warn_unbalanced(plan: Plan, ranks: int, tolerance: float = 1.01) -> float:
+    """Warn when the ranks' shares of the plan differ (compiled for another rank count), so that every
+    rank holds more than its own share: returns the largest rank's bytes over the mean's."""
+    from kvc.serving.vllm.pages import rank_imbalance
+
+    imbalance = rank_imbalance(plan, ranks) if ranks > 1 else 1.0
+    if imbalance > tolerance and plan.tensor_parallel_size != ranks:
+        logging.getLogger(__name__).warning(
+            "kvc: the plan was compiled for %d tensor-parallel rank(s) and is served over %d: every rank's blocks "
+            "hold the largest rank's share, %.2fx the mean rank's; `kvc compile POLICY --tensor-parallel-size %d` "
+            "balances them", plan.tensor_parallel_size, ranks, imbalance, ranks)
+    return imbalance

@@ -73,6 +73,14 @@ def block_pages(rank_plans: list[Plan]) -> list[int]:
     return [page_bytes(largest, layer) for layer in range(largest.num_layers)]
 
 
+def rank_imbalance(plan: Plan, ranks: int) -> float:
+    """A request's bytes per rank when `plan` is served over `ranks` (the largest rank's, `block_pages`)
+    over the mean rank's own: 1.0 for a plan compiled for those ranks."""
+    slices = [plan.rank_slice(rank, ranks) for rank in range(ranks)]
+    own = [sum(page_bytes(part, layer) for layer in range(part.num_layers)) for part in slices]
+    return sum(block_pages(slices)) * ranks / sum(own)
+
+
 class PageViews:
     """Typed views of one layer's pages. raw: (blocks, page bytes) int8/uint8, each row one page (rows
     may be strided: other layers' pages lie between them)."""
