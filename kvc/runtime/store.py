@@ -175,8 +175,7 @@ class LayerStore:
             values = merge_evicted(layout, keys, values, groups, index, start, self.plan.merge_similarity,
                                    questions_later)
         for side, vectors in enumerate((keys, values)):
-            for source, buffer in zip(self._as_rows(vectors), self._buffers(self._side(side))):
-                self.kernels.gather_slots(source, index, layout.segments, buffer, layout.table)
+            self._store_slots(vectors, index, self._buffers(self._side(side)))
         self.scores.zero_()
         positions = index.to(torch.int32)
         if scores is not None:  # every slot's prompt score, 0 in empty slots
@@ -191,12 +190,19 @@ class LayerStore:
         self.start.copy_(start)
         self.prefilled = True
 
-    def _as_rows(self, vectors: torch.Tensor) -> list[torch.Tensor]:
-        """(batch, heads, length, head_dim) vectors as the buffers' row tensors, each (batch, heads, length, width)."""
+    def _store_slots(self, vectors: torch.Tensor, index: torch.Tensor, buffers: list[torch.Tensor]) -> None:
+        """Write the prompt's rows that `index` keeps into the slot buffers. vectors (batch, heads,
+        length, head_dim); index as `gather_slots` takes it. Low-bit rows are encoded after the
+        gather, each row alone (an empty slot's zero row encodes to zeros), so only the kept tokens
+        are turned and quantised, not the whole prompt."""
+        layout = self.layout
         if not self.bits:
-            return [self._rounded(vectors)]
-        codes, params = quantize.encode(vectors, self.bits, self.rotation)
-        return [codes, params.flatten(-2)]
+            self.kernels.gather_slots(self._rounded(vectors), index, layout.segments, buffers[0], layout.table)
+            return
+        kept = self.kernels.gather_slots(vectors, index, layout.segments, None, layout.table)
+        codes, params = quantize.encode(kept, self.bits, self.rotation)
+        buffers[0].copy_(codes)
+        buffers[1].copy_(params.flatten(-2))
 
     def _rounded(self, vectors: torch.Tensor) -> torch.Tensor:
         """Vectors as the rows hold them: values of the plan's dtype, in `dtype`."""

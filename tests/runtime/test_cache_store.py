@@ -151,6 +151,30 @@ def test_new_tokens_follow_each_kind_by_its_rule(generator):
     assert (store.positions[:, heavy["heavy_base"]:heavy["heavy_base"] + heavy["heavy_quota"]] >= 0).all()
 
 
+@pytest.mark.parametrize("kv_bits", [8, 4, 2])
+def test_prefill_stores_each_kept_row_as_encoding_it_alone_would_and_zeros_in_empty_slots(generator, kv_bits):
+    """Low-bit rows are encoded after the kept tokens are gathered (only those are quantised): each
+    slot holds exactly the codes and parameters of its own prompt row, an empty slot zeros."""
+    plan = tiny_plan([PREFILL_KINDS], kv_bits=kv_bits, max_len=64)
+    store = LayerStore(plan, 0)
+    length, start = 40, torch.tensor([0, 9])
+    keys, values, queries, classes = prompt(generator, 2, len(PREFILL_KINDS), length)
+    store.prefill(keys, values, classes, start, queries[:, :, -8:])
+    kinds_of_slot = set()
+    for side, vectors in enumerate((keys, values)):
+        codes, params = store._side(side)
+        for b in range(2):
+            for head, (offset, capacity) in enumerate(store.layout.segments):
+                slots = slice(offset, offset + capacity)
+                filled = store.positions[b, slots] >= 0
+                kinds_of_slot.update(filled.tolist())
+                rows = encode(vectors[b, head, store.positions[b, slots][filled].long()], kv_bits, store.rotation)
+                assert torch.equal(codes[b, slots][filled], rows.codes)
+                assert torch.equal(params[b, slots][filled], rows.params)
+                assert not codes[b, slots][~filled].any() and not params[b, slots][~filled].any()
+    assert kinds_of_slot == {True, False}  # filled and empty slots were both checked
+
+
 EXTEND_KINDS = [["special+punct+frequency+local", "local", "punct+frequency", "full", "frequency"]]
 
 

@@ -166,6 +166,27 @@ def test_gather_triton_matches_reference(generator, case):
     assert torch.equal(actual, expected)
 
 
+@pytest.mark.parametrize("case", [*GATHER_CASES, (2, 9, 16, [0, 0], torch.float32)], ids=case_id)
+@pytest.mark.parametrize("implementation", [gather_slots_reference, gather_slots_triton])
+def test_gather_without_a_buffer_returns_the_rows_the_buffer_would_hold(generator, case, implementation):
+    """A prefill that quantises only the kept rows gathers them into a new tensor first."""
+    batch, seq_len, width, capacities, dtype = case
+    source, index, segments = make_selection(generator, *case)
+    expected = sentinel_buffer(batch, sum(capacities), width, dtype)
+    gather_slots_reference(source, index, segments, expected)
+    returned = implementation(source, index, segments)
+    assert returned.shape == expected.shape and returned.dtype == dtype and torch.equal(returned, expected)
+
+
+@pytest.mark.parametrize("implementation", [gather_slots_reference, gather_slots_triton])
+def test_gather_without_a_buffer_needs_segments_in_head_order(generator, implementation):
+    source, index, _ = make_selection(generator, 2, 20, 48, [6, 3], torch.float32)
+    with pytest.raises(ValueError, match="do not tile a buffer in head order"):
+        implementation(source, index, [(3, 6), (0, 3)])
+    with pytest.raises(ValueError, match="do not tile a buffer in head order"):
+        implementation(source, index, [(0, 6), (7, 3)])
+
+
 @pytest.mark.parametrize("case", GATHER_CASES, ids=case_id)
 def test_gather_reference_matches_a_loop(generator, case):
     batch, seq_len, width, capacities, dtype = case

@@ -263,36 +263,50 @@ def _gather_kernel(
 
 
 def _check_gather_inputs(source, index, segments, out):
-    if source.dim() != 4 or out.dim() != 3 or index.dim() != 3:
+    """Shapes that fit; without `out`, segments that tile (batch, total_slots) in head order."""
+    if out is None:
+        filled = [(offset, capacity) for offset, capacity in segments if capacity]
+        if [offset for offset, _ in filled] != [sum(c for _, c in filled[:i]) for i in range(len(filled))]:
+            raise ValueError(f"segments {segments} do not tile a buffer in head order; pass `out`")
+    shape = tuple(out.shape) if out is not None else (*source.shape[:1], sum(c for _, c in segments), *source.shape[3:])
+    if source.dim() != 4 or len(shape) != 3 or index.dim() != 3:
         raise ValueError("source must be (batch, kv_heads, seq_len, width), index (batch, kv_heads, slots) and "
-                         f"out (batch, total_slots, width), got {tuple(source.shape)}, {tuple(index.shape)}, "
-                         f"{tuple(out.shape)}")
-    if (source.shape[0], source.shape[3]) != (out.shape[0], out.shape[2]) or source.dtype != out.dtype:
-        raise ValueError(f"source {tuple(source.shape)} {source.dtype} does not fit out {tuple(out.shape)} {out.dtype}")
+                         f"out (batch, total_slots, width), got {tuple(source.shape)}, {tuple(index.shape)}, {shape}")
+    if (source.shape[0], source.shape[3]) != (shape[0], shape[2]) or (out is not None and source.dtype != out.dtype):
+        raise ValueError(f"source {tuple(source.shape)} {source.dtype} does not fit out {shape} {out.dtype}")
     if index.shape[:2] != source.shape[:2] or len(segments) != source.shape[1]:
         raise ValueError(f"index {tuple(index.shape)} and {len(segments)} segments do not match source "
                          f"{tuple(source.shape)}")
-    if any(offset + capacity > out.shape[1] or capacity > index.shape[2] for offset, capacity in segments):
-        raise ValueError(f"a segment ends beyond total_slots={out.shape[1]} or the index's {index.shape[2]} slots")
+    if any(offset + capacity > shape[1] or capacity > index.shape[2] for offset, capacity in segments):
+        raise ValueError(f"a segment ends beyond total_slots={shape[1]} or the index's {index.shape[2]} slots")
 
 
-def gather_slots_reference(source, index, segments, out, table=None):
+def gather_slots_reference(source, index, segments, out=None, table=None):
     """Plain-PyTorch gather: out[b, offset_h + j] = source[b, h, index[b, h, j]], zeros where index < 0.
 
     Every head's rows in one gather, up to the longest segment, then one copy per head: a traced
-    prefill (an exported graph, a compiled one) holds a few operations per head, not a dozen."""
+    prefill (an exported graph, a compiled one) holds a few operations per head, not a dozen. Without
+    `out`, the heads' rows are concatenated into a new tensor (no buffer made first: in a traced
+    graph, nothing computed from constants alone) and returned."""
     _check_gather_inputs(source, index, segments, out)
     longest = max((capacity for _, capacity in segments), default=0)
     slot_index = index[..., :longest]  # (batch, kv_heads, longest)
     rows = source.gather(2, slot_index.clamp(min=0)[..., None].expand(-1, -1, -1, source.shape[3]))
     rows = torch.where(slot_index[..., None] >= 0, rows, torch.zeros_like(rows))
+    if out is None:
+        parts = [rows[:, kv_head, :capacity] for kv_head, (_, capacity) in enumerate(segments) if capacity]
+        return torch.cat(parts, 1) if parts else rows.flatten(1, 2)
     for kv_head, (offset, capacity) in enumerate(segments):
         out[:, offset:offset + capacity] = rows[:, kv_head, :capacity]
+    return out
 
 
-def gather_slots_triton(source, index, segments, out, table=None):
-    """Triton gather of every (batch, kv_head)'s slot rows into the flat out buffer, in place."""
+def gather_slots_triton(source, index, segments, out=None, table=None):
+    """Triton gather of every (batch, kv_head)'s slot rows into the flat out buffer, in place (or a new
+    one, returned)."""
     _check_gather_inputs(source, index, segments, out)
+    if out is None:
+        out = source.new_empty(source.shape[0], sum(capacity for _, capacity in segments), source.shape[3])
     assert source.stride(3) == 1 and out.stride(2) == 1 and index.stride(2) == 1
     if table is None:
         table = torch.tensor(segments, dtype=torch.int32, device=out.device).reshape(len(segments), 2)
@@ -303,14 +317,16 @@ def gather_slots_triton(source, index, segments, out, table=None):
         *source.stride()[:3], *index.stride()[:2], *out.stride()[:2],
         BLOCK_N=block_n, BLOCK_W=max(16, triton.next_power_of_2(source.shape[3])),
     )
+    return out
 
 
-def gather_slots(source, index, segments, out, table=None):
-    """Write each KV head's slots of the flat cache from the prompt's rows (in place).
+def gather_slots(source, index, segments, out=None, table=None):
+    """Write each KV head's slots of the flat cache from the prompt's rows (in place), and return them.
 
     source (batch, kv_heads, seq_len, width) rows of any dtype; index (batch, kv_heads, >= capacity)
     int64: the prompt position each slot takes, -1 for a slot left empty (zeroed); segments: per KV
-    head (offset, capacity); out (batch, total_slots, width); table: the segments on the device.
+    head (offset, capacity); out (batch, total_slots, width), or None for a new tensor (the segments
+    then tile it in head order); table: the segments on the device.
     """
     implementation = gather_slots_triton if use_triton(source) else gather_slots_reference
-    implementation(source, index, segments, out, table)
+    return implementation(source, index, segments, out, table)
