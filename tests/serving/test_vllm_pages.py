@@ -114,14 +114,16 @@ def test_ranks_must_divide_the_kv_heads(plan):
         plan.rank_slice(0, 2)
 
 
-def test_a_plan_compiled_for_its_ranks_needs_no_more_than_its_share_and_others_are_warned_about(caplog):
+def test_a_plan_compiled_for_its_ranks_needs_no_more_than_its_share_and_others_are_warned_about(caplog, monkeypatch):
     """Served over N ranks, every rank's blocks hold the largest rank's bytes: a plan compiled over all
     heads at once wastes the difference (warned, with the command that fixes it), one compiled for
     the N ranks does not."""
     from kvc.compiler import compile_policy
     from kvc.policies.synthetic import synthetic_policy
-    from kvc.serving.vllm.engine import warn_unbalanced
+    from kvc.serving.vllm.engine import WARNED_ENV, warn_unbalanced
     from kvc.serving.vllm.pages import rank_imbalance
+
+    monkeypatch.setenv(WARNED_ENV, "")  # restored (unset) after the test
 
     policy = synthetic_policy(24, 16, 4, 64, seed=2, max_position_embeddings=8192, vocab_size=5000)
     unbalanced = compile_policy(policy, 0.1, max_len=8192)
@@ -130,6 +132,7 @@ def test_a_plan_compiled_for_its_ranks_needs_no_more_than_its_share_and_others_a
         assert warn_unbalanced(balanced, 4) == rank_imbalance(balanced, 4) < 1.001
         assert not caplog.records
         assert warn_unbalanced(unbalanced, 4) == rank_imbalance(unbalanced, 4) > 1.1
+        warn_unbalanced(unbalanced, 4)  # the engine's own process checks again: warned once
     assert [record.getMessage() for record in caplog.records] == [
         f"kvc: the plan was compiled for 1 tensor-parallel rank(s) and is served over 4: every rank's blocks hold the "
         f"largest rank's share, {rank_imbalance(unbalanced, 4):.2f}x the mean rank's; `kvc compile POLICY "

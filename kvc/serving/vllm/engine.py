@@ -31,6 +31,7 @@ from kvc.serving.vllm.plans import PLAN_ENV
 from kvc.serving.vllm.plugins import general_plugin
 
 RPC_ENV = "VLLM_RPC_BASE_PATH"
+WARNED_ENV = "KVC_VLLM_RANKS_WARNED"  # the plan whose unbalanced ranks were warned about (`warn_unbalanced`)
 SOCKET_PATH_MAX = 103  # bytes in a unix socket's path (macOS; Linux allows 107)
 SOCKET_NAME = 36  # vLLM names each socket file by a uuid4
 REFUSED = {"enable_prefix_caching": "prefix caching: a kvc page holds a sequence's keep-sets, not a token range "
@@ -191,11 +192,15 @@ def check_engine(plan: Plan, vllm_config) -> None:
 
 def warn_unbalanced(plan: Plan, ranks: int, tolerance: float = 1.01) -> float:
     """Warn when the ranks' shares of the plan differ (compiled for another rank count), so that every
-    rank holds more than its own share: returns the largest rank's bytes over the mean's."""
+    rank holds more than its own share: returns the largest rank's bytes over the mean's. vLLM checks
+    its config in the process that starts the engine and again in the engine's own: the first to warn
+    notes it in WARNED_ENV, which the engine's processes inherit, so the warning is read once."""
     from kvc.serving.vllm.pages import rank_imbalance
 
     imbalance = rank_imbalance(plan, ranks) if ranks > 1 else 1.0
-    if imbalance > tolerance and plan.tensor_parallel_size != ranks:
+    served = f"{plan.fingerprint} {plan.target.budget_bytes} {ranks}"
+    if imbalance > tolerance and plan.tensor_parallel_size != ranks and os.environ.get(WARNED_ENV) != served:
+        os.environ[WARNED_ENV] = served
         logging.getLogger(__name__).warning(
             "kvc: the plan was compiled for %d tensor-parallel rank(s) and is served over %d: every rank's blocks "
             "hold the largest rank's share, %.2fx the mean rank's; `kvc compile POLICY --tensor-parallel-size %d` "
