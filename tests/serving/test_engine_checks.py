@@ -21,6 +21,7 @@ from kvc.serving.vllm.plans import PLAN_ENV
     ({"max_model_len": 2048}, "the engine serves sequences of up to 2048 tokens but the plan was compiled for "
                               "--max-len 1040; pass --max-model-len 1040"),
     ({"kv_cache_dtype": "fp8"}, "--kv-cache-dtype fp8: the plan stores its cache as bfloat16"),
+    ({"tensor_parallel_size": 2}, "--tensor-parallel-size 2 does not divide the plan's 3 KV heads"),
 ])
 def test_settings_the_plan_cannot_serve_are_refused_before_vllm_starts(served_plan_file, monkeypatch, engine_args,
                                                                       message):
@@ -59,6 +60,8 @@ def test_a_plan_of_another_model_is_refused_before_vllm_starts(policy_factory, t
 @pytest.mark.parametrize("options, line", [
     (["--kv-cache-dtype=fp8"], "--kv-cache-dtype fp8: the plan stores its cache as bfloat16; leave --kv-cache-dtype "
                                "at auto or recompile with `kvc compile POLICY --dtype ...`"),
+    (["--tensor-parallel-size", "2"], "--tensor-parallel-size 2 does not divide the plan's 3 KV heads"),
+    (["-tp=2"], "--tensor-parallel-size 2 does not divide the plan's 3 KV heads"),
     (["--speculative-config", '{"method": "ngram", "num_speculative_tokens": 2}'],
      "kvc does not support speculative decoding: a kvc cache admits every token it attends (evicting for it), so "
      "it cannot take back the draft tokens the model rejects; leave --speculative-config off"),

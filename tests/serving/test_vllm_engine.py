@@ -155,3 +155,5 @@ def test_kvc_serve_reads_the_users_budget_from_the_vllm_options():
         {"max_num_batched_tokens": 2048, "max_model_len": 900, "enable_chunked_prefill": False}
     assert user_budget(["--enable-chunked-prefill", "--max-num-seqs", "4"]) == {"enable_chunked_prefill": True}
     assert user_budget(["--kv-cache-dtype", "fp8"]) == user_budget(["--kv-cache-dtype=fp8"]) == {"kv_cache_dtype": "fp8"}
+    assert user_budget(["--tensor-parallel-size", "3"]) == user_budget(["-tp", "3"]) == user_budget(["-tp=3"]) == \
+        {"tensor_parallel_size": 3}

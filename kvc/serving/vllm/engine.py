@@ -5,9 +5,10 @@ do not, so the served folder is then a copy in the kvc cache (links to the weigh
 a config with `architectures`; made once, then found without transformers' model table). `engine_settings`
 fills the engine arguments a plan needs (kvc's backend, no prefix caching, eager mode, the plan's
 max length) and refuses, before vLLM is even imported, longer sequences than the plan was compiled
-for or another cache dtype (`check_settings`, before the model is read) and a plan of another
-model, each as one line; `check_engine` (run by kvc's platform when vLLM builds its config,
-whoever started it) checks the engine vLLM actually built the same way (`check_fit`: all three).
+for, another cache dtype or tensor-parallel ranks that do not split its KV heads (`check_settings`,
+before the model is read) and a plan of another model, each as one line; `check_engine` (run by
+kvc's platform when vLLM builds its config, whoever started it) checks the engine vLLM actually
+built the same way (`check_fit`: all of them).
 vLLM's processes talk through socket files it leaves in the system's temporary folder; a kvc engine
 puts them in a folder of its own, removed when the process ends (`private_rpc_folder`).
 """
@@ -115,7 +116,8 @@ def engine_settings(model: str | None, plan: Plan | str | Path, engine_args: dic
     plan, path = plan_file(plan)
     settings = {"attention_backend": "CUSTOM", "enable_prefix_caching": False, "enforce_eager": True,
                 "max_model_len": plan.target.max_len, "max_num_batched_tokens": plan.target.max_len, **engine_args}
-    check_settings(plan, settings["max_model_len"], settings.get("kv_cache_dtype", "auto"))  # before the model: quick
+    check_settings(plan, settings["max_model_len"], settings.get("kv_cache_dtype", "auto"),  # before the model: quick
+                   settings.get("tensor_parallel_size", 1))
     folder = served_folder(model)
     plan.check_model(_folder_fingerprint(folder))
     os.environ[PLAN_ENV] = str(path)
@@ -156,14 +158,15 @@ def _folder_fingerprint(folder: Path) -> str:
     return fingerprint(AutoConfig.from_pretrained(folder), AutoTokenizer.from_pretrained(folder))
 
 
-def check_fit(plan: Plan, model_fingerprint: str, max_model_len: int, cache_dtype: str = "auto") -> None:
+def check_fit(plan: Plan, model_fingerprint: str, max_model_len: int, cache_dtype: str = "auto",
+              tensor_parallel: int = 1) -> None:
     """Refuse, in one line each, a plan of another model, longer sequences than the plan was compiled
-    for, or a cache dtype other than the plan's."""
-    check_settings(plan, max_model_len, cache_dtype)
+    for, a cache dtype other than the plan's, or tensor-parallel ranks that do not split its KV heads."""
+    check_settings(plan, max_model_len, cache_dtype, tensor_parallel)
     plan.check_model(model_fingerprint)
 
 
-def check_settings(plan: Plan, max_model_len: int, cache_dtype: str) -> None:
+def check_settings(plan: Plan, max_model_len: int, cache_dtype: str, tensor_parallel: int = 1) -> None:
     """The engine settings `check_fit` refuses, checked without the model (it takes seconds to load)."""
     if max_model_len > plan.target.max_len:
         raise KvcError(f"the engine serves sequences of up to {max_model_len} tokens but the plan was compiled "
@@ -172,6 +175,9 @@ def check_settings(plan: Plan, max_model_len: int, cache_dtype: str) -> None:
     if cache_dtype not in ("auto", plan.target.dtype):
         raise KvcError(f"--kv-cache-dtype {cache_dtype}: the plan stores its cache as {plan.target.dtype}; leave "
                        "--kv-cache-dtype at auto or recompile with `kvc compile POLICY --dtype ...`")
+    if plan.num_kv_heads % tensor_parallel:
+        raise KvcError(f"--tensor-parallel-size {tensor_parallel} does not divide the plan's "
+                       f"{plan.num_kv_heads} KV heads")
 
 
 def check_engine(plan: Plan, vllm_config) -> None:
@@ -182,11 +188,9 @@ def check_engine(plan: Plan, vllm_config) -> None:
         raise KvcError(f"kvc does not support {REFUSED['speculative_config']}")
     model = vllm_config.model_config
     tokenizer = AutoTokenizer.from_pretrained(model.tokenizer)
-    check_fit(plan, fingerprint(model.hf_config, tokenizer), model.max_model_len, vllm_config.cache_config.cache_dtype)
     tensor_parallel = vllm_config.parallel_config.tensor_parallel_size
-    if plan.num_kv_heads % tensor_parallel:
-        raise KvcError(f"--tensor-parallel-size {tensor_parallel} does not divide the plan's "
-                       f"{plan.num_kv_heads} KV heads")
+    check_fit(plan, fingerprint(model.hf_config, tokenizer), model.max_model_len, vllm_config.cache_config.cache_dtype,
+              tensor_parallel)
     warn_unbalanced(plan, tensor_parallel)
 
 

@@ -21,12 +21,15 @@ def option(name: str) -> str:
 
 def user_budget(vllm_args: list[str]) -> dict:
     """The user's options among `vllm_args` that kvc's settings and checks depend on, as engine
-    arguments: the step's token budget, the longest sequence, chunked prefill, the cache dtype."""
+    arguments: the step's token budget, the longest sequence, chunked prefill, the cache dtype, the
+    tensor-parallel ranks."""
     found = {}
     for index, arg in enumerate(vllm_args):
         name, given, value = arg.partition("=")
         value = value if given else "".join(vllm_args[index + 1:index + 2])
-        if name in (option("max_num_batched_tokens"), option("max_model_len")):
+        if name == "-tp":  # vLLM's short name
+            name = option("tensor_parallel_size")
+        if name in (option("max_num_batched_tokens"), option("max_model_len"), option("tensor_parallel_size")):
             if value.isdigit():
                 found[name[2:].replace("-", "_")] = int(value)
         elif name == option("kv_cache_dtype") and value:
