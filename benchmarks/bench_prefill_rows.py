@@ -21,6 +21,7 @@ from rich.table import Table
 
 import kvc
 from kvc.compiler import compile_policy
+from kvc.demo import embedded_policy
 from kvc.outputs import recorded_path
 from kvc.runtime import quantize
 from kvc.runtime.store import LayerStore
@@ -64,10 +65,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     console = Console()
-    from kvc.demo import cached_policy
-    from kvc.models import load
-
-    policy = cached_policy(load("smollm2-135m", dtype="float32", device="cpu"), Console(stderr=True))
+    policy = embedded_policy()
     table = Table(title=f"the 30 stores' prefill, {args.target:.0%} plan, 8-bit rows, {args.threads} thread(s)")
     for column in ("tokens", "round", "kept rows encoded (ms)", "every row encoded (ms)", "ratio", "same state"):
         table.add_column(column, justify="right")

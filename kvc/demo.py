@@ -63,6 +63,11 @@ def cached_policy(loaded, console: Console) -> Policy:
     return load_policy(path)  # as every later run reads it (whole numbers read back as floats): one run identity
 
 
+def embedded_policy() -> Policy:
+    """The embedded model's policy on the built-in prompts (`cached_policy`; progress on stderr)."""
+    return cached_policy(models.load("smollm2-135m", dtype="float32", device="cpu"), Console(stderr=True))
+
+
 def run(console: Console) -> int:
     console.print("[bold]kvc demo[/]: SmolLM2-135M-Instruct, plan at 25% of the full cache, passkey retrieval")
     loaded = models.load(models.DEFAULT_MODEL, dtype="float32", device="cpu")

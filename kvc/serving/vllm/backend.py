@@ -4,10 +4,12 @@ request's block.
 For every request of a batch the block's pages (`pages.PageViews`) become a `LayerStore`'s buffers.
 A request's first chunk runs causal attention over itself and stores each head's keep-set
 (prefill); every later chunk, one token (decode) or many (the rest of a prompt longer than the
-scheduler's chunk), attends to the slots and to itself and is admitted (extend). Decoding requests
-run as one batch (their pages gathered and written back); prefills and multi-token chunks one by
-one. Token classes need the batch's token ids, which attention metadata lacks: kvc's worker
-publishes the model runner's input-id buffer (`watch_token_ids`), laid out as the batch's tokens.
+scheduler's chunk), attends to the slots and to itself and is admitted (extend). Two or more
+decoding requests run as one batch (their pages gathered and written back); a lone one, prefills
+and multi-token chunks one by one, on the block's own pages (no copies: a lone request's decode
+step takes about 0.9 of the time, the same outputs and pages: `benchmarks/bench_decode_pages.py`).
+Token classes need the batch's token ids, which attention metadata lacks: kvc's worker publishes
+the model runner's input-id buffer (`watch_token_ids`), laid out as the batch's tokens.
 """
 
 from __future__ import annotations
@@ -110,8 +112,10 @@ class KvcAttentionImpl(AttentionImpl):
         self._bind(layer, kv_cache)
         classes = token_classes()(attn_metadata.token_ids[None])[0]
         decoding = attn_metadata.decoding
-        if decoding:
+        if len(decoding) > 1:  # a batch over copies of their pages; a lone request runs on its own page
             self._decode(decoding, query, key, value, classes, output, attn_metadata)
+        else:
+            decoding = []
         for request in sorted(set(range(len(attn_metadata.held))) - set(decoding)):
             self._chunk(request, query, key, value, classes, output, attn_metadata)
         return output
