@@ -61,9 +61,8 @@ def plan_by_rank(plan_heads: Strategy, policy: Policy, deployment: Deployment, b
         for allocation in allocations:
             heads += allocation.heads[layer * count:(layer + 1) * count]
             recovery += allocation.recovery[layer * count:(layer + 1) * count]
-    rank_bytes = [sum(map(part.cost, allocation.heads)) for allocation in allocations]
     notes = merged_notes([allocation.notes for allocation in allocations], count)
-    notes["tensor_parallel"] = {"ranks": ranks, "slot_bytes": rank_bytes}
+    notes["tensor_parallel"] = {"ranks": ranks}
     return Allocation(heads, recovery, notes)
 
 
@@ -90,4 +89,3 @@ def merged_notes(rank_notes: list[dict], count: int) -> dict:
         thresholds = [n["fastgen"]["threshold"] for n in rank_notes]
         notes["fastgen"] = {"threshold": min(thresholds), "rank_thresholds": thresholds}
     return notes
-

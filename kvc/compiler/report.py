@@ -62,9 +62,7 @@ def rank_bytes(plan: Plan) -> dict:
     """The slot bytes each tensor-parallel rank the plan was compiled for holds (its contiguous range of
     every layer's KV heads), and the largest over the mean."""
     ranks = plan.tensor_parallel_size
-    per_head = plan.head_bytes().sum(dim=0)
-    count = plan.num_kv_heads // ranks
-    totals = [int(per_head[rank * count:(rank + 1) * count].sum()) for rank in range(ranks)]
+    totals = [int(plan.rank_slice(rank, ranks).head_bytes().sum()) for rank in range(ranks)]
     return {"ranks": ranks, "rank_bytes": totals, "largest_over_mean": round(max(totals) * ranks / sum(totals), 6)}
 
 

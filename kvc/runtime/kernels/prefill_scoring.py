@@ -273,7 +273,8 @@ def _check_gather_inputs(source, index, segments, out):
         raise ValueError("source must be (batch, kv_heads, seq_len, width), index (batch, kv_heads, slots) and "
                          f"out (batch, total_slots, width), got {tuple(source.shape)}, {tuple(index.shape)}, {shape}")
     if (source.shape[0], source.shape[3]) != (shape[0], shape[2]) or (out is not None and source.dtype != out.dtype):
-        raise ValueError(f"source {tuple(source.shape)} {source.dtype} does not fit out {shape} {out.dtype}")
+        raise ValueError(f"source {tuple(source.shape)} {source.dtype} does not fit out {shape} "
+                         f"{source.dtype if out is None else out.dtype}")
     if index.shape[:2] != source.shape[:2] or len(segments) != source.shape[1]:
         raise ValueError(f"index {tuple(index.shape)} and {len(segments)} segments do not match source "
                          f"{tuple(source.shape)}")
