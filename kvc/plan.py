@@ -215,10 +215,15 @@ class Plan:
         """The ranks the plan's budget was balanced over (`kvc compile --tensor-parallel-size`; 1: none)."""
         return int(self.notes.get("tensor_parallel", {}).get("ranks", 1))
 
-    def rank_slice(self, rank: int, ranks: int) -> "Plan":
-        """The heads tensor-parallel rank `rank` of `ranks` holds (vLLM gives each rank a contiguous range)."""
+    def check_ranks(self, ranks: int) -> None:
+        """Refuse tensor-parallel ranks that do not split the KV heads evenly (vLLM gives each rank an
+        equal, contiguous range of them)."""
         if self.num_kv_heads % ranks:
-            raise KvcError(f"{ranks} tensor-parallel ranks do not divide the plan's {self.num_kv_heads} KV heads")
+            raise KvcError(f"--tensor-parallel-size {ranks} does not divide the plan's {self.num_kv_heads} KV heads")
+
+    def rank_slice(self, rank: int, ranks: int) -> "Plan":
+        """The heads tensor-parallel rank `rank` of `ranks` holds."""
+        self.check_ranks(ranks)
         count = self.num_kv_heads // ranks
         return self if ranks == 1 else self.slice_heads(rank * count, count)
 

@@ -81,6 +81,9 @@ class LayerStore:
         self.rows = None
         self.prefilled = False
         self.admit_chunks = True  # eagerly, a chunk's tokens are admitted all at once (False: one by one, as traced)
+        # A list: every admission appends the slots it wrote, (batch, n) indices into the rows and
+        # positions (`take_writes`), so an engine running on copies of its pages writes back only those.
+        self.writes: list[torch.Tensor] | None = None
 
     # ------------------------------------------------------------ allocation
     @property
@@ -303,6 +306,9 @@ class LayerStore:
         owners = layout.column("capacity") > 0
         first, some_idle = self.writers
         writer = (owners, first) if some_idle else None
+        if self.writes is not None:
+            moved_to = [] if admission.moved is None else [admission.move_to]
+            self.writes.extend(_owned(slot, writer) for slot in (admission.slot, *moved_to))
         scored = owners & (layout.column("frequency") > 0)
         scorer = (scored, layout.frequency_heads[0]) if layout.has_frequency else None
         if admission.moved is not None:
@@ -323,6 +329,8 @@ class LayerStore:
         token by token, with a few tensor operations per head instead of per token."""
         rows = list(self.rows) if self.bits else [self.rows]
         new_rows = list(chunk_rows) if self.bits else [chunk_rows]
+        if self.writes is not None:  # not tracked slot by slot: every slot counts as written
+            self.writes.append(torch.arange(self.positions.shape[1], device=classes.device).expand(classes.shape[0], -1))
         for sequence in range(classes.shape[0]):
             tokens = self.seen[sequence] + torch.arange(classes.shape[1], device=classes.device)  # their positions
             for head in self.layout.stored_heads:
@@ -342,6 +350,13 @@ class LayerStore:
                     mask = copied.view(-1, *[1] * (held.dim() - 1))
                     held[writes.target] = torch.where(mask, held[source], fresh[token].to(held.dtype))
                 self.counts[sequence, head] = torch.tensor(writes.counts, dtype=self.counts.dtype)
+
+    def take_writes(self) -> torch.Tensor:
+        """(batch, n) int64 the slots written since `writes` was set to a list (repeats possible; none
+        on a layer without slots), and stop recording."""
+        writes, self.writes = self.writes, None
+        assert writes is not None, "set store.writes = [] before the steps whose writes you want"
+        return torch.cat(writes, 1) if writes else self.positions.new_zeros(self.positions.shape[0], 0, dtype=torch.long)
 
     # ------------------------------------------------------------ bookkeeping
     def reorder(self, sequences: torch.Tensor) -> None:
@@ -379,12 +394,19 @@ def _write(buffer, sequences, slot, mask, value, owners=None):
     """buffer[b, slot[b, h]] = value[b, h] where mask[b, h], in fixed shapes: unmasked entries write
     their slot's own row back. With owners = (heads (heads,) bool, first): only those heads own an
     index; the others repeat the first owner's write, so no index is written twice with two rows."""
-    if owners is not None:
-        heads, first = owners
-        slot = torch.where(heads, slot, slot[:, first:first + 1])
+    slot = _owned(slot, owners)
     current = buffer[sequences, slot]
     shape = (*mask.shape, *([1] * (current.dim() - mask.dim())))
     written = torch.where(mask.view(shape), value.to(buffer.dtype), current)
     if owners is not None:
+        heads, first = owners
         written = torch.where(heads.view(1, -1, *shape[2:]), written, written[:, first:first + 1])
     buffer[sequences, slot] = written
+
+
+def _owned(slot, owners):
+    """The slots `_write` writes: with owners = (heads, first), the heads that own none repeat the first owner's."""
+    if owners is None:
+        return slot
+    heads, first = owners
+    return torch.where(heads, slot, slot[:, first:first + 1])

@@ -69,6 +69,57 @@ def test_a_store_on_pages_writes_into_the_pages(plan):
     assert torch.equal(pages.fields["positions"][2], reference.positions[0])
 
 
+@pytest.mark.parametrize("kv_bits", [0, 8])
+@pytest.mark.parametrize("class_slots", [0, 3], ids=["a starved head", "class rings"])
+def test_a_batch_writes_back_the_slots_it_wrote_and_leaves_the_pages_as_whole_pages_would(kv_bits, class_slots):
+    """A batch of decoding requests runs on copies of their pages; writing back only the slots the
+    steps wrote (`LayerStore.take_writes`) must leave every page as writing back the whole pages
+    does: sinks, class rings, windows, window tokens moving into the heavy hitters, heavy-only heads
+    replacing their weakest, and a head without slots that repeats another's writes."""
+    from kvc.policies.kinds import Budget
+    from kvc.policies.tokens import PUNCT_BIT, SPECIAL_BIT
+    from tests.runtime.test_cache_store import GROUP, HEAD_DIM, prompt, tiny_plan
+
+    generator = torch.Generator().manual_seed(3)
+    kinds = ["special+punct+frequency+local", "punct", "frequency", "local", "full"]
+    plan = tiny_plan([kinds], batch=1, class_slots=class_slots, kv_bits=kv_bits, max_len=64,
+                     budget=Budget(sinks=2, window=3, heavy=4))
+    assert (int(plan.capacity[0, 1]) == 0) == (class_slots == 0)
+    blocks, heads = torch.tensor([4, 0, 2]), len(kinds)
+    store = LayerStore(plan, 0)
+    whole, written = (PageViews(plan, 0, torch.zeros(5, page_bytes(plan, 0), dtype=torch.uint8)) for _ in range(2))
+    for block in blocks.tolist():
+        keys, values, queries, classes = prompt(generator, 1, heads, 12)
+        store.attach(whole.block(block))
+        store.prefill(keys, values, classes, torch.zeros(1, dtype=torch.int32), queries[:, :, -4:])
+    for name, view in written.fields.items():
+        view.copy_(whole.fields[name])
+    moved = False
+    for _ in range(30):
+        query = torch.randn(3, heads * GROUP, 1, HEAD_DIM, generator=generator)
+        key, value = (torch.randn(3, heads, 1, HEAD_DIM, generator=generator) for _ in range(2))
+        draw = torch.rand(3, 1, generator=generator)
+        classes = torch.where(draw < 0.2, SPECIAL_BIT, torch.where(draw < 0.5, PUNCT_BIT, 0)).to(torch.uint8)
+        outputs = []
+        for pages, track in ((whole, False), (written, True)):
+            state = pages.gather(blocks)
+            store.attach(state, prefilled=True)
+            store.writes = [] if track else None
+            outputs.append(store.extend(query, key, value, classes))
+            slots = store.take_writes() if track else None
+            moved = moved or (slots is not None and slots.shape[1] > heads)  # a window token joined the heavy hitters
+            pages.scatter(blocks, state, slots)
+        assert torch.equal(*outputs)
+        for name, view in whole.fields.items():
+            assert torch.equal(view, written.fields[name]), name
+    assert moved
+    store.attach(written.gather(blocks), prefilled=True)  # a chunk of several tokens: every slot counts as written
+    store.writes = []
+    store.extend(query.expand(-1, -1, 2, -1), key.expand(-1, -1, 2, -1), value.expand(-1, -1, 2, -1),
+                 classes.expand(-1, 2))
+    assert torch.equal(store.take_writes(), torch.arange(store.positions.shape[1]).expand(3, -1))
+
+
 @pytest.mark.vllm
 def test_the_manager_gives_a_request_one_block_and_takes_it_back():
     from vllm.v1.core.block_pool import BlockPool
@@ -110,7 +161,7 @@ def test_a_rank_holds_exactly_its_heads(plan, ranks):
 def test_ranks_must_divide_the_kv_heads(plan):
     from kvc.policies.errors import KvcError
 
-    with pytest.raises(KvcError, match="do not divide"):
+    with pytest.raises(KvcError, match="^--tensor-parallel-size 2 does not divide the plan's 3 KV heads$"):
         plan.rank_slice(0, 2)
 
 

@@ -5,9 +5,9 @@ For every request of a batch the block's pages (`pages.PageViews`) become a `Lay
 A request's first chunk runs causal attention over itself and stores each head's keep-set
 (prefill); every later chunk, one token (decode) or many (the rest of a prompt longer than the
 scheduler's chunk), attends to the slots and to itself and is admitted (extend). Two or more
-decoding requests run as one batch (their pages gathered and written back); a lone one, prefills
-and multi-token chunks one by one, on the block's own pages (no copies: a lone request's decode
-step takes about 0.9 of the time, the same outputs and pages: `benchmarks/bench_decode_pages.py`).
+decoding requests run as one batch over copies of their pages, of which only the slots the step
+wrote are written back (`LayerStore.take_writes`); a lone one, prefills and multi-token chunks one
+by one, on the block's own pages, no copies (`benchmarks/bench_decode_pages.py` times the ways).
 Token classes need the batch's token ids, which attention metadata lacks: kvc's worker publishes
 the model runner's input-id buffer (`watch_token_ids`), laid out as the batch's tokens.
 """
@@ -156,9 +156,10 @@ class KvcAttentionImpl(AttentionImpl):
         blocks = metadata.blocks[requests]
         state = self.pages.gather(blocks)
         self.store.attach(state, prefilled=True)
+        self.store.writes = []
         result = self.store.extend(query[rows, :, None], key[rows, :, None], value[rows, :, None],
                                    classes[rows, None], self.scale)
-        self.pages.scatter(blocks, state)
+        self.pages.scatter(blocks, state, self.store.take_writes())
         output[rows] = result[:, :, 0].to(output.dtype)
 
 

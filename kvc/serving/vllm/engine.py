@@ -175,9 +175,7 @@ def check_settings(plan: Plan, max_model_len: int, cache_dtype: str, tensor_para
     if cache_dtype not in ("auto", plan.target.dtype):
         raise KvcError(f"--kv-cache-dtype {cache_dtype}: the plan stores its cache as {plan.target.dtype}; leave "
                        "--kv-cache-dtype at auto or recompile with `kvc compile POLICY --dtype ...`")
-    if plan.num_kv_heads % tensor_parallel:
-        raise KvcError(f"--tensor-parallel-size {tensor_parallel} does not divide the plan's "
-                       f"{plan.num_kv_heads} KV heads")
+    plan.check_ranks(tensor_parallel)
 
 
 def check_engine(plan: Plan, vllm_config) -> None:

@@ -20,6 +20,7 @@ from kvc.plan import Plan
 from kvc.runtime.store import sequence_fields
 
 PAGE_ALIGNMENT = 16  # bytes: pages (and so the blocks made of them) keep every field aligned
+SLOT_FIELDS = ("positions", "rows", "params", "codes")  # the fields with a row per slot (`sequence_fields`)
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,16 @@ class PageViews:
         """Copies of the given blocks' fields, batched in that order."""
         return {name: view.index_select(0, blocks) for name, view in self.fields.items()}
 
-    def scatter(self, blocks: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        """Write gathered (and since changed) fields back into their blocks."""
+    def scatter(self, blocks: torch.Tensor, state: dict[str, torch.Tensor], slots: torch.Tensor | None = None) -> None:
+        """Write gathered (and since changed) fields back into their blocks. slots (requests, n): the
+        only slots written since the gather (`LayerStore.take_writes`): the rows and positions are
+        written back there alone (most of a page's bytes), the small fields whole."""
+        requests = torch.arange(len(blocks), device=blocks.device)[:, None]
         for name, view in self.fields.items():
-            view.index_copy_(0, blocks, state[name])
+            if slots is None or name not in SLOT_FIELDS:
+                view.index_copy_(0, blocks, state[name])
+            else:
+                view[blocks[:, None], slots] = state[name][requests, slots]
 
     def block(self, block: int) -> dict[str, torch.Tensor]:
         """One block's fields as views (a batch of one): writes land in the page itself."""
