@@ -26,6 +26,7 @@ from served_logprobs import own_logprobs, top_logprobs
 
 pytestmark = pytest.mark.vllm
 CHUNK = 512
+BLOCKS = 6
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +38,11 @@ def merging_plan(served_plan):
 def engine(merging_plan, tmp_path_factory):
     from kvc.serving.vllm import llm
 
+    from kvc.serving.vllm.pages import block_pages
+
     path = merging_plan.save(tmp_path_factory.mktemp("plans") / "quarter-merging.plan")
-    engine = llm(None, path, dtype="float32", kv_cache_memory_bytes=64 << 20,
+    # room for BLOCKS requests' blocks (one of them vLLM's null block), fewer than it may schedule at once
+    engine = llm(None, path, dtype="float32", kv_cache_memory_bytes=BLOCKS * sum(block_pages([merging_plan])),
                  max_num_batched_tokens=CHUNK, max_num_seqs=8)
     yield engine
     engine.llm_engine.engine_core.shutdown()
@@ -88,7 +92,9 @@ def test_the_engine_merges_evicted_tokens_as_kvcs_own_runtime_does(engine, smoll
 
 def test_concurrent_requests_of_different_lengths_all_answer(engine, smollm):
     """Eight prompts at once, 120 to 1,000 tokens: the long ones prefill their first chunk and extend
-    by the rest while the short ones already decode, in the same batches."""
+    by the rest while the short ones already decode, in the same batches; the engine holds fewer
+    blocks than prompts, so the last wait for a block an earlier request frees."""
+    assert engine.llm_engine.vllm_config.cache_config.num_gpu_blocks == BLOCKS
     samples = [passkey_sample(smollm.tokenizer, length, 0.5, seed=20 + i)
                for i, length in enumerate((120, 200, 300, 420, 550, 700, 850, 1000))]
     outputs = engine.generate(prompts([smollm.tokenizer(s.text).input_ids for s in samples]), greedy(8), use_tqdm=False)
