@@ -1,5 +1,5 @@
-"""The plan as vLLM sees it, without starting an engine: pages, the KV-cache spec, the one-block
-manager, and the plan sliced for tensor-parallel ranks. The tests that import vLLM carry the `vllm`
+"""The plan as vLLM sees it, without starting an engine: pages (and what a batch over copies of them
+writes back), the KV-cache spec, the one-block manager, and the plan sliced for tensor-parallel ranks. The tests that import vLLM carry the `vllm`
 marker and run in the environment that has it (the Makefile's .venv-vllm); the rest run in both."""
 
 import pytest
@@ -118,6 +118,29 @@ def test_a_batch_writes_back_the_slots_it_wrote_and_leaves_the_pages_as_whole_pa
     store.extend(query.expand(-1, -1, 2, -1), key.expand(-1, -1, 2, -1), value.expand(-1, -1, 2, -1),
                  classes.expand(-1, 2))
     assert torch.equal(store.take_writes(), torch.arange(store.positions.shape[1]).expand(3, -1))
+
+
+def test_a_batch_on_a_layer_without_slots_writes_back_its_counters():
+    from kvc.policies.kinds import Budget
+    from tests.runtime.test_cache_store import HEAD_DIM, prompt, tiny_plan
+
+    generator = torch.Generator().manual_seed(0)
+    plan = tiny_plan([["punct", "punct"]], batch=1, class_slots=0, budget=Budget(sinks=0))
+    pages, store = PageViews(plan, 0, torch.zeros(3, page_bytes(plan, 0), dtype=torch.uint8)), LayerStore(plan, 0)
+    for block in (0, 2):
+        keys, values, queries, classes = prompt(generator, 1, 2, 5)
+        store.attach(pages.block(block))
+        store.prefill(keys, values, classes, torch.zeros(1, dtype=torch.int32), queries[:, :, -2:])
+    blocks = torch.tensor([2, 0])
+    state = pages.gather(blocks)
+    store.attach(state, prefilled=True)
+    store.writes = []
+    store.extend(*(torch.randn(2, heads, 1, HEAD_DIM, generator=generator) for heads in (4, 2, 2)),
+                 torch.zeros(2, 1, dtype=torch.uint8))
+    slots = store.take_writes()
+    assert slots.shape == (2, 0) and store.writes is None
+    pages.scatter(blocks, state, slots)
+    assert pages.fields["seen"].tolist() == [6, 0, 6]
 
 
 @pytest.mark.vllm
