@@ -47,6 +47,7 @@ def plan_report(plan: Plan) -> dict:
         "position_bytes": plan.position_bytes,
         "overhead_bytes": plan.overhead_bytes,
         "full_cache_bytes": plan.full_cache_bytes,
+        **sequence_bytes(plan),
         "fraction_of_full": round(plan.compression, 6),
         "compression_ratio": round(1 / plan.compression, 4),
         "budget_used": round(plan.cache_bytes / target.budget_bytes, 6) if target.budget_bytes else None,
@@ -56,6 +57,14 @@ def plan_report(plan: Plan) -> dict:
         **({"tensor_parallel": rank_bytes(plan)} if plan.tensor_parallel_size > 1 else {}),
         "layers": layers,
     }
+
+
+def sequence_bytes(plan: Plan) -> dict:
+    """What one sequence holds (its slots, counters and scores: the plan is static, so at any length)
+    and the length at which a full cache holds as much: shorter sequences take less uncompressed."""
+    held = (plan.cache_bytes - plan.table_bytes) // plan.target.batch
+    full_per_token = plan.full_cache_bytes // (plan.target.max_len * plan.target.batch)
+    return {"sequence_bytes": held, "break_even_tokens": -(-held // full_per_token)}
 
 
 def rank_bytes(plan: Plan) -> dict:
@@ -73,6 +82,10 @@ def summary_lines(report: dict) -> list[str]:
         f"{report['strategy']} plan: {format_size(report['cache_bytes'])} against {format_size(report['full_cache_bytes'])} "
         f"for the full cache ({100 * report['fraction_of_full']:.2f}%, {report['compression_ratio']:.2f}x smaller) "
         f"at max length {target['max_len']}, batch {target['batch']}, {target['dtype']}"
+    ), (
+        f"a sequence holds {format_size(report['sequence_bytes'])} of it at any length (the plan is static), as much "
+        f"as a full cache of {report['break_even_tokens']:,} tokens: shorter sequences take less memory uncompressed "
+        "(--max-len near the longest you serve keeps that low)"
     )]
     if report["kv_bits"]:
         share = report["kept_tokens"]

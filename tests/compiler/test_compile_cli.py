@@ -32,6 +32,13 @@ def test_compile_writes_the_plan_and_the_report(tmp_path, policy_file, capsys):
     assert len(report["layers"]) == plan.num_layers
     assert sum(layer["bytes"] for layer in report["layers"]) + report["overhead_bytes"] == plan.cache_bytes
     assert report["expected_recovery"] == pytest.approx(float(plan.expected_recovery.mean()), abs=1e-6)
+    # what one sequence holds at any length, and the shortest full cache (fp16) that holds as much
+    assert report["sequence_bytes"] == plan.cache_bytes_at(1) - plan.table_bytes
+    full_per_token = plan.num_layers * plan.num_kv_heads * plan.head_dim * 2 * 2
+    tokens = report["break_even_tokens"]
+    assert (tokens - 1) * full_per_token < report["sequence_bytes"] <= tokens * full_per_token
+    assert tokens == pytest.approx(0.2 * 2048, rel=0.02)
+    assert f"as much as a full cache of {tokens:,} tokens: shorter sequences take less memory uncompressed" in printed
     assert "retrieval plan" in printed and "expected recovery" in printed and f"wrote {plan_path}" in printed
     chosen = report["notes"]["retrieval"]["heads"]
     assert chosen and f"retrieval: {len(chosen)} KV heads" in printed
