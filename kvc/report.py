@@ -148,7 +148,7 @@ def short_kind(kind: str) -> str:
 def render_plan(plan: Plan, console) -> None:
     from rich.table import Table
 
-    from kvc.compiler.report import plan_report
+    from kvc.compiler.report import plan_report, sequence_line
 
     report, target = plan_report(plan), plan.target
     console.print(
@@ -176,6 +176,7 @@ def render_plan(plan: Plan, console) -> None:
         f"against {human_bytes(plan.full_cache_bytes)} full: {100 * plan.compression:.1f}% · "
         f"expected recovery {report['expected_recovery']:.4f}"
     )
+    console.print(sequence_line(report))
 
 
 def draw_plan(plan: Plan, png) -> Path:

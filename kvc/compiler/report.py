@@ -67,6 +67,13 @@ def sequence_bytes(plan: Plan) -> dict:
     return {"sequence_bytes": held, "break_even_tokens": -(-held // full_per_token)}
 
 
+def sequence_line(report: dict) -> str:
+    """What a sequence holds at any length, said against the full cache (`kvc show`, `kvc compile`)."""
+    return (f"a sequence holds {format_size(report['sequence_bytes'])} at any length (the plan is static), as much as "
+            f"a full cache of {report['break_even_tokens']:,} tokens: shorter sequences take less memory uncompressed "
+            "(--max-len near the longest you serve keeps that low)")
+
+
 def rank_bytes(plan: Plan) -> dict:
     """The slot bytes each tensor-parallel rank the plan was compiled for holds (its contiguous range of
     every layer's KV heads), and the largest over the mean."""
@@ -82,10 +89,6 @@ def summary_lines(report: dict) -> list[str]:
         f"{report['strategy']} plan: {format_size(report['cache_bytes'])} against {format_size(report['full_cache_bytes'])} "
         f"for the full cache ({100 * report['fraction_of_full']:.2f}%, {report['compression_ratio']:.2f}x smaller) "
         f"at max length {target['max_len']}, batch {target['batch']}, {target['dtype']}"
-    ), (
-        f"a sequence holds {format_size(report['sequence_bytes'])} of it at any length (the plan is static), as much "
-        f"as a full cache of {report['break_even_tokens']:,} tokens: shorter sequences take less memory uncompressed "
-        "(--max-len near the longest you serve keeps that low)"
     )]
     if report["kv_bits"]:
         share = report["kept_tokens"]

@@ -38,7 +38,10 @@ def test_compile_writes_the_plan_and_the_report(tmp_path, policy_file, capsys):
     tokens = report["break_even_tokens"]
     assert (tokens - 1) * full_per_token < report["sequence_bytes"] <= tokens * full_per_token
     assert tokens == pytest.approx(0.2 * 2048, rel=0.02)
-    assert f"as much as a full cache of {tokens:,} tokens: shorter sequences take less memory uncompressed" in printed
+    line = f"as much as a full cache of {tokens:,} tokens: shorter sequences take less memory uncompressed"
+    assert printed.count(line) == 1
+    assert run("show", str(plan_path)) == 0
+    assert line in " ".join(capsys.readouterr().out.split())
     assert "retrieval plan" in printed and "expected recovery" in printed and f"wrote {plan_path}" in printed
     chosen = report["notes"]["retrieval"]["heads"]
     assert chosen and f"retrieval: {len(chosen)} KV heads" in printed
