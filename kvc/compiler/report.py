@@ -62,7 +62,7 @@ def plan_report(plan: Plan) -> dict:
 def sequence_bytes(plan: Plan) -> dict:
     """What one sequence holds (its slots, counters and scores: the plan is static, so at any length)
     and the length at which a full cache holds as much: shorter sequences take less uncompressed."""
-    held = (plan.cache_bytes - plan.table_bytes) // plan.target.batch
+    held = plan.cache_bytes_at(1) - plan.table_bytes
     full_per_token = plan.full_cache_bytes // (plan.target.max_len * plan.target.batch)
     return {"sequence_bytes": held, "break_even_tokens": -(-held // full_per_token)}
 
